@@ -1,0 +1,148 @@
+"""Timing, memory and ceiling measurement for the benchmarks (device/METHOD.md).
+
+Device work is asynchronous: GPU timings use CUDA events around each call, after warm-up, and
+report the median. Inputs larger than L2 are used at the benchmark shapes, so repeated calls do
+not measure the cache. Nothing here writes a figure it did not measure.
+"""
+from __future__ import annotations
+
+import importlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+# Modules under sdae_fast.bench that define cases; each issue adds its own.
+CASE_MODULES = ["masking", "ema", "attention", "losses", "end_to_end"]
+
+_GENERATORS: dict[str, Callable] = {}
+
+
+@dataclass
+class Case:
+    """One timed variant. ``make()`` builds inputs and returns the zero-argument callable to time."""
+
+    op: str  # e.g. "gather_tokens fwd+bwd"
+    shape: str  # e.g. "ViT-B B=256 bf16"
+    variant: str  # "fused", "naive", "compile(reference)", "_foreach_lerp_", "sdpa", ...
+    make: Callable[[], Callable[[], object]]
+    bytes: int = 0  # fewest bytes the op must move (each input read once, each output written once)
+    flops: int = 0  # floating-point operations the op must do
+    devices: tuple = ("cuda", "cpu")
+    note: str = ""
+
+
+@dataclass
+class Measurement:
+    case: Case
+    times_ms: list = field(default_factory=list)
+    peak_bytes: int | None = None
+    error: str | None = None
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms) if self.times_ms else float("nan")
+
+    @property
+    def gbps(self) -> float | None:
+        return self.case.bytes / self.median_ms / 1e6 if self.case.bytes and self.times_ms else None
+
+    @property
+    def tflops(self) -> float | None:
+        return self.case.flops / self.median_ms / 1e9 if self.case.flops and self.times_ms else None
+
+
+def register(name: str):
+    """Decorator for a generator ``fn(device, quick) -> list[Case]``."""
+
+    def deco(fn):
+        _GENERATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def cases(device: str, quick: bool, only: list[str] | None = None) -> list[Case]:
+    for module in CASE_MODULES:
+        try:
+            importlib.import_module(f"{__package__}.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{module}":
+                raise
+    out = []
+    for name, gen in _GENERATORS.items():
+        if only and not any(o in name for o in only):
+            continue
+        out.extend(c for c in gen(device, quick) if device in c.devices)
+    return out
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_calls(fn: Callable[[], object], device: str, *, warmup: int = 5, reps: int = 30) -> list[float]:
+    """Per-call times in ms: CUDA events on the GPU, ``perf_counter`` around a synchronised call on the CPU."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    if device == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def measure(case: Case, device: str, *, warmup: int = 5, reps: int = 30) -> Measurement:
+    result = Measurement(case)
+    try:
+        fn = case.make()
+        if device == "cuda":
+            fn()  # compile / autotune outside the memory and time window
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            result.peak_bytes = torch.cuda.max_memory_allocated() - base
+        result.times_ms = time_calls(fn, device, warmup=warmup, reps=reps)
+    except Exception as exc:  # one failing variant must not hide the others
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth, bytes read plus written (the memory ceiling)."""
+    n = nbytes // 4 if device == "cuda" else (64 << 20) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    times = time_calls(lambda: dst.copy_(src), device, warmup=3, reps=20)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e6
+
+
+def matmul_tflops(device: str, n: int = 8192) -> float:
+    """Measured bf16 (GPU) or fp32 (CPU) matrix-product rate on random data (the compute ceiling)."""
+    if device != "cuda":
+        n = 1024
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = time_calls(lambda: a @ b, device, warmup=3, reps=10)
+    return 2 * n**3 / statistics.median(times) / 1e9

@@ -1,0 +1,102 @@
+"""``sdae-fast bench``: run the cases, write a markdown table and the raw timings as JSON."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from . import harness
+
+
+def environment(device: str) -> dict:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": _git_commit(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, cuda=torch.version.cuda, sms=props.multi_processor_count,
+                   memory_gib=round(props.total_memory / 2**30, 1))
+    else:
+        env.update(cpu=platform.processor() or platform.machine())
+    return env
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _fmt(x, spec):
+    return "—" if x is None else format(x, spec)
+
+
+def run(device: str, quick: bool, only: list[str] | None, out_dir: str | None, reps: int) -> list[harness.Measurement]:
+    env = environment(device)
+    env["copy_gbps"] = harness.copy_bandwidth_gbps(device)
+    env["matmul_tflops"] = harness.matmul_tflops(device)
+    measurements = []
+    for case in harness.cases(device, quick, only):
+        m = harness.measure(case, device, reps=reps)
+        measurements.append(m)
+        status = m.error or f"{m.median_ms:.4f} ms"
+        print(f"  {case.op:<32} {case.shape:<28} {case.variant:<22} {status}", flush=True)
+    table = markdown(measurements, env)
+    print(table)
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"{env.get('gpu', 'cpu').replace(' ', '_')}-{env['date'][:10]}-{env['commit'][:12]}"
+        (out / f"{stem}.md").write_text(table)
+        raw = [dict(op=m.case.op, shape=m.case.shape, variant=m.case.variant, bytes=m.case.bytes, flops=m.case.flops,
+                    times_ms=m.times_ms, median_ms=m.median_ms if m.times_ms else None, peak_bytes=m.peak_bytes,
+                    error=m.error, note=m.case.note) for m in measurements]
+        (out / f"{stem}.json").write_text(json.dumps({"environment": env, "results": raw}, indent=1))
+        print(f"wrote {out / stem}.md and .json")
+    return measurements
+
+
+def markdown(measurements, env) -> str:
+    lines = [
+        f"# sdae_fast benchmark — {env.get('gpu', env.get('cpu'))}",
+        "",
+        ", ".join(f"{k}: {env[k]}" for k in ("date", "torch", "triton", "cuda", "commit") if env.get(k)),
+        f"Measured ceilings: copy {env['copy_gbps']:.0f} GB/s (read + write), "
+        f"matmul {env['matmul_tflops']:.1f} TFLOP/s.",
+        "",
+        "| op | shape | variant | median ms | speed-up vs naive | GB/s | % copy BW | TFLOP/s | % matmul | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    naive = {(m.case.op, m.case.shape): m.median_ms for m in measurements if m.case.variant == "naive" and m.times_ms}
+    for m in measurements:
+        if m.error:
+            lines.append(f"| {m.case.op} | {m.case.shape} | {m.case.variant} | error: {m.error[:80]} | | | | | | |")
+            continue
+        base = naive.get((m.case.op, m.case.shape))
+        speedup = base / m.median_ms if base else None
+        frac_bw = 100 * m.gbps / env["copy_gbps"] if m.gbps else None
+        frac_mm = 100 * m.tflops / env["matmul_tflops"] if m.tflops else None
+        peak = m.peak_bytes / 2**20 if m.peak_bytes is not None else None
+        lines.append(f"| {m.case.op} | {m.case.shape} | {m.case.variant} | {m.median_ms:.4f} | {_fmt(speedup, '.2f')} | "
+                     f"{_fmt(m.gbps, '.0f')} | {_fmt(frac_bw, '.1f')} | {_fmt(m.tflops, '.1f')} | {_fmt(frac_mm, '.1f')} | "
+                     f"{_fmt(peak, '.1f')} |")
+    return "\n".join(lines) + "\n"

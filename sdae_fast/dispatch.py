@@ -1,0 +1,172 @@
+"""Backend selection (SPEC §5), xformers-style: every backend can say why it cannot serve an input.
+
+Each op is an :class:`Op` holding one implementation per backend:
+
+* ``torch``  — the plain-PyTorch reference (always available; the CPU path and the test oracle);
+* ``triton`` — Triton kernels from ``sdae_fast.kernels`` (GPU, or CPU under ``TRITON_INTERPRET=1``);
+* ``cuda``   — CUDA C++ from ``csrc/`` (GPU only, where it wins).
+
+Order of choice: the ``backend=`` argument, then the ``SDAE_FAST_BACKEND`` environment variable,
+then automatic (the op's fastest backend that can serve the input). A forced backend that cannot
+serve raises :class:`BackendUnavailable` listing every reason; the automatic choice falls back to
+the reference and says so once per op and reason. Nothing here probes a device at import time.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "SDAE_FAST_BACKEND"
+log = logging.getLogger("sdae_fast")
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot serve the given input; the message lists why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reasons common to every op of a backend. Each returns a list of human-readable reasons.
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    # Read at call time: tests switch it on before the kernels are first imported.
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tensors(args: Iterable) -> list[torch.Tensor]:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(_tensors(a))
+    return out
+
+
+def triton_why_not(tensors: Sequence[torch.Tensor]) -> list[str]:
+    reasons = []
+    if not triton_installed():
+        return ["triton is not installed (pip install triton)"]
+    devices = {t.device.type for t in tensors}
+    if "cpu" in devices:
+        if not triton_interpreting():
+            reasons.append("inputs are on the CPU and TRITON_INTERPRET=1 is not set")
+        elif any(t.dtype == torch.bfloat16 for t in tensors):
+            reasons.append("the Triton interpreter has no bf16 arithmetic")
+    other = devices - {"cpu", "cuda"}
+    if other:
+        reasons.append(f"Triton has no kernels for device type(s) {sorted(other)}")
+    return reasons
+
+
+def cuda_why_not(tensors: Sequence[torch.Tensor]) -> list[str]:
+    if any(t.device.type != "cuda" for t in tensors):
+        return ["the CUDA C++ backend needs every tensor on a CUDA device"]
+    from . import cuda_build  # deferred: importing it costs nothing, loading the extension does
+
+    reason = cuda_build.unavailable_reason()
+    return [reason] if reason else []
+
+
+_COMMON_WHY_NOT = {
+    "torch": lambda tensors: [],
+    "triton": triton_why_not,
+    "cuda": cuda_why_not,
+}
+
+
+@dataclass
+class Impl:
+    backend: str
+    fn: Callable
+    # Op-specific reasons (head dim unsupported, ...), on top of the backend's common ones.
+    why_not: Callable[..., list[str]] = lambda *a, **k: []
+
+
+@dataclass
+class Op:
+    """One op with its per-backend implementations. ``auto_order`` is fastest first."""
+
+    name: str
+    auto_order: tuple[str, ...] = ("cuda", "triton", "torch")
+    impls: dict[str, Impl] = field(default_factory=dict)
+    _said: set = field(default_factory=set)
+
+    def register(self, backend: str, why_not: Callable[..., list[str]] | None = None):
+        """Decorator: ``@OP.register("triton", why_not=...)`` over the backend's entry point."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
+
+        def deco(fn):
+            self.impls[backend] = Impl(backend, fn, why_not or (lambda *a, **k: []))
+            return fn
+
+        return deco
+
+    def reasons(self, backend: str, *args, **kwargs) -> list[str]:
+        """Why ``backend`` cannot serve these arguments; empty when it can."""
+        if backend not in BACKENDS:
+            return [f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}"]
+        impl = self.impls.get(backend)
+        if impl is None:
+            return [f"{self.name} has no {backend} implementation"]
+        tensors = _tensors(list(args) + list(kwargs.values()))
+        return _COMMON_WHY_NOT[backend](tensors) + list(impl.why_not(*args, **kwargs))
+
+    def select(self, backend: str | None, *args, **kwargs) -> Impl:
+        forced = backend or os.environ.get(ENV_VAR) or None
+        if forced and forced != "auto":
+            why = self.reasons(forced, *args, **kwargs)
+            if why:
+                source = "backend=" if backend else f"{ENV_VAR}="
+                raise BackendUnavailable(
+                    f"{self.name}: {source}{forced!r} cannot serve this input:\n  - " + "\n  - ".join(why)
+                )
+            return self.impls[forced]
+        tensors = _tensors(list(args) + list(kwargs.values()))
+        on_cuda = any(t.device.type == "cuda" for t in tensors)
+        skipped = []
+        for name in self.auto_order:
+            if name != "torch" and not on_cuda:
+                continue  # SPEC §5: without CUDA the automatic choice is the reference
+            why = self.reasons(name, *args, **kwargs)
+            if not why:
+                return self.impls[name]
+            skipped.append(f"{name}: {'; '.join(why)}")
+        if on_cuda and skipped:
+            self._say_once(skipped)
+        return self.impls["torch"]
+
+    def _say_once(self, skipped: list[str]) -> None:
+        key = tuple(skipped)
+        if key not in self._said:
+            self._said.add(key)
+            log.warning("%s falls back to the torch reference: %s", self.name, " | ".join(skipped))
+
+    def __call__(self, *args, backend: str | None = None, **kwargs):
+        return self.select(backend, *args, **kwargs).fn(*args, **kwargs)
+
+    def describe(self, *args, **kwargs) -> dict[str, str]:
+        """For ``sdae-fast info``: backend -> 'ok' or the reasons it cannot serve these inputs."""
+        return {b: ("ok" if not (why := self.reasons(b, *args, **kwargs)) else "; ".join(why)) for b in BACKENDS}
+
+
+OPS: dict[str, Op] = {}
+
+
+def op(name: str, auto_order: tuple[str, ...] = ("cuda", "triton", "torch")) -> Op:
+    """Create (once) and return the :class:`Op` called ``name``."""
+    if name not in OPS:
+        OPS[name] = Op(name, auto_order)
+    return OPS[name]

@@ -1,0 +1,1 @@
+"""Public ops: validate the input once, then dispatch to a backend (SPEC §5)."""

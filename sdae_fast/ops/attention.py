@@ -1,0 +1,29 @@
+"""Top-K homologous attention (SPEC §3): ``topk_attention``."""
+from __future__ import annotations
+
+from .. import reference
+from ..dispatch import op
+from ..validate import check_last_dim_contiguous, check_same_device, check_same_dtype, check_tensor
+
+TOPK_ATTENTION = op("topk_attention", auto_order=("triton", "torch"))
+TOPK_ATTENTION.register("torch")(reference.topk_attention)
+
+
+def topk_attention(q, k, v, topk: int, *, scale=None, backend=None):
+    """Softmax attention where each query keeps only its ``topk`` best keys (ties at the threshold kept).
+
+    q, k, v (B, H, N, d), one dtype and device, contiguous in d. ``topk >= N`` is dense attention.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4)
+        check_last_dim_contiguous(name, t)
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one shape (B, H, N, d), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    check_same_dtype(q=q, k=k, v=v)
+    check_same_device(q=q, k=k, v=v)
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise TypeError(f"topk must be an int, got {type(topk).__name__}")
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    return TOPK_ATTENTION(q, k, v, topk, scale=scale, backend=backend)

@@ -1,0 +1,25 @@
+"""MixedAE's homologous contrastive loss (SPEC §4): ``homologous_contrastive_loss``."""
+from __future__ import annotations
+
+from .. import reference
+from ..dispatch import op
+from ..validate import INDEX_DTYPES, check_positive, check_same_device, check_shape, check_tensor
+
+CONTRASTIVE_LOSS = op("homologous_contrastive_loss", auto_order=("triton", "torch"))
+CONTRASTIVE_LOSS.register("torch")(reference.homologous_contrastive_loss)
+
+
+def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True, backend=None):
+    """Within each mixed image, pull together tokens from the same source; fp32 scalar.
+
+    z (M, N, D) token features; labels (M, N) non-negative integer source ids. Anchors without a
+    positive are skipped; with none at all the loss is 0.
+    """
+    check_tensor("z", z, ndim=3)
+    check_tensor("labels", labels, ndim=2, dtypes=INDEX_DTYPES)
+    check_shape("labels", labels, z.shape[:2])
+    check_same_device(z=z, labels=labels)
+    check_positive("temperature", temperature)
+    if labels.numel() and int(labels.min()) < 0:
+        raise IndexError(f"labels must be non-negative source ids, found {int(labels.min())}")
+    return CONTRASTIVE_LOSS(z, labels, temperature=temperature, normalize=normalize, backend=backend)

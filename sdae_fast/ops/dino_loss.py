@@ -1,0 +1,45 @@
+"""DINO's centred cross-entropy (SPEC §4): ``dino_loss``."""
+from __future__ import annotations
+
+from .. import reference
+from ..dispatch import op
+from ..validate import check_positive, check_same_device, check_tensor
+
+DINO_LOSS = op("dino_loss", auto_order=("triton", "torch"))
+DINO_LOSS.register("torch")(reference.dino_loss)
+update_center_ = reference.update_center_
+
+
+def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_temp=0.04, num_global=2,
+              center_momentum=0.9, update_center=True, backend=None):
+    """Mean over view pairs g != v of ``mean_b(-sum_k softmax((t_g - c)/Tt) · log_softmax(s_v/Ts))``.
+
+    student_out (V·B, K) for V views; teacher_out (num_global·B, K), a constant; center (K,) or
+    (1, K), updated in place after the loss (all-reduced across processes) when ``update_center``.
+    Returns an fp32 scalar.
+    """
+    check_tensor("student_out", student_out, ndim=2)
+    check_tensor("teacher_out", teacher_out, ndim=2)
+    check_tensor("center", center, ndim=(1, 2))
+    width = teacher_out.shape[1]
+    if student_out.shape[1] != width or center.numel() != width or center.shape[-1] != width:
+        raise ValueError(f"student_out {tuple(student_out.shape)}, teacher_out {tuple(teacher_out.shape)} and "
+                         f"center {tuple(center.shape)} must share the output width K")
+    if not isinstance(num_global, int) or num_global < 1:
+        raise ValueError(f"num_global must be a positive int, got {num_global!r}")
+    if teacher_out.shape[0] == 0 or teacher_out.shape[0] % num_global:
+        raise ValueError(f"teacher_out has {teacher_out.shape[0]} rows, not a positive multiple of num_global={num_global}")
+    batch = teacher_out.shape[0] // num_global
+    if student_out.shape[0] % batch:
+        raise ValueError(f"student_out has {student_out.shape[0]} rows, not a multiple of the batch {batch}")
+    views = student_out.shape[0] // batch
+    if views < 2 and num_global <= views:
+        raise ValueError(f"{views} student view(s) and {num_global} teacher view(s) make no pair g != v")
+    check_positive("student_temp", student_temp)
+    check_positive("teacher_temp", teacher_temp)
+    if not 0.0 <= center_momentum <= 1.0:
+        raise ValueError(f"center_momentum must lie in [0, 1], got {center_momentum}")
+    check_same_device(student_out=student_out, teacher_out=teacher_out, center=center)
+    return DINO_LOSS(student_out, teacher_out, center, student_temp=student_temp, teacher_temp=teacher_temp,
+                     num_global=num_global, center_momentum=center_momentum, update_center=update_center,
+                     backend=backend)

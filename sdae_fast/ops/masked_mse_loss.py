@@ -1,0 +1,31 @@
+"""MAE's masked pixel loss (SPEC §4): ``masked_mse_loss``."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ..dispatch import op
+from ..validate import check_same_device, check_shape, check_tensor
+
+MASKED_MSE_LOSS = op("masked_mse_loss", auto_order=("triton", "torch"))
+MASKED_MSE_LOSS.register("torch")(reference.masked_mse_loss)
+
+MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8, torch.int32, torch.int64)
+
+
+def masked_mse_loss(pred, target, mask, *, norm_target=True, backend=None):
+    """Per-patch MSE against the (standardised) target, averaged over masked patches; fp32 scalar.
+
+    pred, target (B, L, P); mask (B, L) with 1 where the patch was removed. An all-zero mask is an
+    error (the mean over no patches is undefined); checking it costs one device->host sync.
+    """
+    check_tensor("pred", pred, ndim=3)
+    check_tensor("target", target, ndim=3)
+    check_tensor("mask", mask, ndim=2, dtypes=MASK_DTYPES)
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must share one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    check_shape("mask", mask, pred.shape[:2])
+    check_same_device(pred=pred, target=target, mask=mask)
+    if pred.shape[-1] == 0 or not bool(mask.any()):
+        raise ValueError("mask selects no patch (or patches are empty): the masked mean is undefined")
+    return MASKED_MSE_LOSS(pred, target, mask, norm_target=norm_target, backend=backend)

@@ -1,0 +1,71 @@
+"""Masked tokens (SPEC §1): ``random_masking``, ``gather_tokens``, ``unshuffle_tokens``."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ..dispatch import op
+from ..validate import (INDEX_DTYPES, check_index_range, check_same_device, check_shape, check_tensor)
+
+random_masking = reference.random_masking  # index generation is not the hot path (SPEC §1)
+
+GATHER = op("gather_tokens", auto_order=("triton", "torch"))
+UNSHUFFLE = op("unshuffle_tokens", auto_order=("triton", "torch"))
+GATHER.register("torch")(reference.gather_tokens)
+UNSHUFFLE.register("torch")(reference.unshuffle_tokens)
+
+
+def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, backend=None):
+    """``out[r, P + j] = x[r // groups, index[r, j]] + pos_embed[index[r, j]]``, rows ``:P`` = ``prefix``.
+
+    x (B, L, D); index (B·groups, M) int32/int64 positions into L; pos_embed (L, D) or None;
+    prefix (P, D) or None. Returns (B·groups, P + M, D) in x's dtype. Gradients flow to x
+    (scatter-add; rows may repeat across groups), pos_embed and prefix.
+    """
+    check_tensor("x", x, ndim=3)
+    check_tensor("index", index, ndim=2, dtypes=INDEX_DTYPES)
+    batch, length, dim = x.shape
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if index.shape[0] != batch * groups:
+        raise ValueError(f"index must have B·groups = {batch}·{groups} = {batch * groups} rows, "
+                         f"got {index.shape[0]} (index shape {tuple(index.shape)}, x shape {tuple(x.shape)})")
+    if pos_embed is not None:
+        check_tensor("pos_embed", pos_embed)
+        check_shape("pos_embed", pos_embed, (length, dim))
+    if prefix is not None:
+        check_tensor("prefix", prefix, ndim=2)
+        check_shape("prefix", prefix, (None, dim))
+    check_same_device(x=x, index=index, pos_embed=pos_embed, prefix=prefix)
+    check_index_range("index", index, length)
+    return GATHER(x, index, pos_embed=pos_embed, prefix=prefix, groups=groups, backend=backend)
+
+
+def unshuffle_tokens(x_vis, ids_restore, mask_token, *, pos_embed=None, num_prefix=0, backend=None):
+    """MAE's decoder input in one pass: visible tokens back in place, ``mask_token`` elsewhere.
+
+    x_vis (B, num_prefix + K, D); ids_restore (B, L) int32/int64 in [0, L); mask_token (D,) (a
+    (1, 1, D) parameter as MAE stores it is accepted); pos_embed (num_prefix + L, D) or None.
+    Returns (B, num_prefix + L, D) in x_vis's dtype.
+    """
+    check_tensor("x_vis", x_vis, ndim=3)
+    check_tensor("ids_restore", ids_restore, ndim=2, dtypes=INDEX_DTYPES)
+    check_tensor("mask_token", mask_token)
+    batch, rows, dim = x_vis.shape
+    if mask_token.numel() != dim:
+        raise ValueError(f"mask_token must hold D = {dim} values, got shape {tuple(mask_token.shape)}")
+    mask_token = mask_token.reshape(dim)
+    if not isinstance(num_prefix, int) or not 0 <= num_prefix <= rows:
+        raise ValueError(f"num_prefix must be an int in [0, {rows}], got {num_prefix!r}")
+    length = ids_restore.shape[1]
+    keep = rows - num_prefix
+    if ids_restore.shape[0] != batch:
+        raise ValueError(f"ids_restore must have B = {batch} rows, got shape {tuple(ids_restore.shape)}")
+    if keep > length:
+        raise ValueError(f"x_vis holds {keep} visible tokens, more than the L = {length} of ids_restore")
+    if pos_embed is not None:
+        check_tensor("pos_embed", pos_embed)
+        check_shape("pos_embed", pos_embed, (num_prefix + length, dim))
+    check_same_device(x_vis=x_vis, ids_restore=ids_restore, mask_token=mask_token, pos_embed=pos_embed)
+    check_index_range("ids_restore", ids_restore, length)
+    return UNSHUFFLE(x_vis, ids_restore, mask_token, pos_embed=pos_embed, num_prefix=num_prefix, backend=backend)

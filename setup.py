@@ -1,0 +1,58 @@
+"""Packaging for sdae_fast.
+
+The top-level ``kernels/`` folder (Triton kernels) installs as ``sdae_fast.kernels``: a top-level
+``kernels`` package would clash with another PyPI project. ``csrc/`` ships as package data so that
+just-in-time builds work from an installed copy; ``SDAE_FAST_BUILD_CUDA=1`` builds it ahead of time.
+"""
+import os
+
+from setuptools import setup
+
+PACKAGES = [
+    "sdae_fast",
+    "sdae_fast.reference",
+    "sdae_fast.ops",
+    "sdae_fast.bench",
+    "sdae_fast.models",
+    "sdae_fast.train",
+    "sdae_fast.kernels",
+    "sdae_fast.csrc",
+]
+
+
+def cuda_extensions():
+    """The CUDA extension, only when asked for: building it needs torch with CUDA at build time."""
+    if os.environ.get("SDAE_FAST_BUILD_CUDA") != "1":
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    from sdae_fast.cuda_build import extension_kwargs
+
+    return {
+        "ext_modules": [CUDAExtension(**extension_kwargs(os.path.dirname(os.path.abspath(__file__))))],
+        "cmdclass": {"build_ext": BuildExtension},
+    }
+
+
+setup(
+    name="sdae_fast",
+    version="0.1.0",
+    description="Triton and CUDA kernels for fast self-supervised ViT pretraining (SdAE, MAE, MixedAE, DINO)",
+    long_description=open(os.path.join(os.path.dirname(__file__), "README.md")).read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir={"sdae_fast.kernels": "kernels", "sdae_fast.csrc": "csrc"},
+    package_data={"sdae_fast.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "cuda": ["ninja"],
+        "data": ["scikit-learn"],
+        "test": ["triton>=3.0", "pytest", "pytest-benchmark", "scikit-learn", "ninja"],
+        "bench": ["triton>=3.0", "pytest-benchmark"],
+        "xformers": ["xformers"],
+        "flash-attn": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["sdae-fast=sdae_fast.cli:main"]},
+)
