@@ -3,6 +3,6 @@
 Each module here (one per op family) registers case generators with :func:`register`. A case is
 one variant (fused / naive / compiled / an existing alternative) of one op at one shape.
 """
-from .harness import CASE_MODULES, Case, Measurement, cases, measure, register
+from .harness import Case, Measurement, cases, measure, register
 
-__all__ = ["CASE_MODULES", "Case", "Measurement", "cases", "measure", "register"]
+__all__ = ["Case", "Measurement", "cases", "measure", "register"]

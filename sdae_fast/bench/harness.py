@@ -7,6 +7,7 @@ not measure the cache. Nothing here writes a figure it did not measure.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -14,8 +15,8 @@ from typing import Callable
 
 import torch
 
-# Modules under sdae_fast.bench that define cases; each issue adds its own.
-CASE_MODULES = ["masking", "ema", "attention", "losses", "end_to_end"]
+# Every other module of sdae_fast.bench defines cases (one module per op family).
+NOT_CASES = {"harness", "report", "samples"}
 
 _GENERATORS: dict[str, Callable] = {}
 
@@ -65,12 +66,10 @@ def register(name: str):
 
 
 def cases(device: str, quick: bool, only: list[str] | None = None) -> list[Case]:
-    for module in CASE_MODULES:
-        try:
-            importlib.import_module(f"{__package__}.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{module}":
-                raise
+    package = importlib.import_module(__package__)
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in NOT_CASES:
+            importlib.import_module(f"{__package__}.{info.name}")
     out = []
     for name, gen in _GENERATORS.items():
         if only and not any(o in name for o in only):
