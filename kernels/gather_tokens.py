@@ -1,0 +1,190 @@
+"""Triton ``gather_tokens`` (SPEC §1): token gather + pos_embed + prefix in one pass, and its backward.
+
+Every program owns ``BLOCK_R`` flattened output rows × ``BLOCK_D`` features. The index stays the
+(B·groups, M) int32/int64 tensor the caller gave: each program reads one index value per row, never
+an expanded (…, D) int64 index. Forward is a pure copy plus one fp32 add rounded once, so it matches
+the reference bit for bit. Backward scatters with fp32 atomics (rows may repeat across groups or
+within a row), then casts once to each input's own dtype.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from sdae_fast.alloc import empty
+
+_INT32_LIMIT = 2**31 - 1
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def feature_block(dim: int) -> int:
+    """Power-of-two tile over D wasting the fewest lanes (768 -> 256 ×3, 1024 -> 1024, 33 -> 64)."""
+    if interpreting():  # few, large programs: the interpreter pays per program instance
+        return triton.next_power_of_2(dim)
+    best = None
+    for block in (1024, 512, 256, 128):  # larger first: ties go to fewer programs
+        padded = triton.cdiv(dim, block) * block
+        if best is None or padded < best[0]:
+            best = (padded, block)
+    return min(best[1], triton.next_power_of_2(dim))
+
+
+def row_block(block_d: int, rows: int) -> int:
+    """Rows per program: ~4096 elements a program on the GPU (16 B vectors, several rows in flight)."""
+    target = 16384 if interpreting() else 4096
+    return max(1, min(target // block_d, triton.next_power_of_2(max(rows, 1))))
+
+
+def launch_options() -> dict:
+    return {} if interpreting() else {"num_warps": 4}
+
+
+def needs_wide_offsets(*tensors) -> bool:
+    """int64 address math only when some tensor could overflow int32 offsets."""
+    return any(t is not None and t.numel() > _INT32_LIMIT for t in tensors)
+
+
+def rows_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Features must be unit-stride for vector loads; row strides are passed to the kernels."""
+    if t is None or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+@triton.jit
+def _gather_fwd_kernel(x_ptr, index_ptr, pos_ptr, prefix_ptr, out_ptr,
+                       n_rows, seq_out, P, groups, D,
+                       stride_xb, stride_xl, stride_ir, stride_pos, stride_pre,
+                       HAS_POS: tl.constexpr, HAS_PREFIX: tl.constexpr, WIDE: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    row_ok = rows < n_rows
+    col_ok = cols < D
+    seq = rows // seq_out  # output sequence r
+    t = rows - seq * seq_out  # position inside it
+    is_patch = row_ok & (t >= P)
+    idx = tl.load(index_ptr + seq * stride_ir + tl.where(is_patch, t - P, 0), mask=is_patch, other=0)
+    idx = idx.to(tl.int64) if WIDE else idx.to(tl.int32)
+    src = (seq // groups) * stride_xb + idx * stride_xl
+    m_patch = is_patch[:, None] & col_ok[None, :]
+    val = tl.load(x_ptr + src[:, None] + cols[None, :], mask=m_patch, other=0.0).to(tl.float32)
+    if HAS_POS:
+        pos = tl.load(pos_ptr + idx[:, None] * stride_pos + cols[None, :], mask=m_patch, other=0.0)
+        val += pos.to(tl.float32)
+    if HAS_PREFIX:
+        is_pre = row_ok & (t < P)
+        t_pre = tl.where(is_pre, t, 0)
+        pre = tl.load(prefix_ptr + t_pre[:, None] * stride_pre + cols[None, :],
+                      mask=is_pre[:, None] & col_ok[None, :], other=0.0)
+        val = tl.where(is_pre[:, None], pre.to(tl.float32), val)
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], val.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _gather_bwd_kernel(grad_ptr, index_ptr, dx_ptr, dpos_ptr, dprefix_ptr,
+                       n_rows, seq_out, P, groups, L, D, stride_ir,
+                       NEED_X: tl.constexpr, NEED_POS: tl.constexpr, NEED_PREFIX: tl.constexpr,
+                       WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grad (n_rows, D) contiguous; dx (B, L, D), dpos (L, D), dprefix (P, D): fp32, zero-filled.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    row_ok = rows < n_rows
+    col_ok = cols < D
+    seq = rows // seq_out
+    t = rows - seq * seq_out
+    g = tl.load(grad_ptr + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0).to(tl.float32)
+    is_patch = row_ok & (t >= P)
+    m_patch = is_patch[:, None] & col_ok[None, :]
+    if NEED_X or NEED_POS:
+        idx = tl.load(index_ptr + seq * stride_ir + tl.where(is_patch, t - P, 0), mask=is_patch, other=0)
+        idx = idx.to(tl.int64) if WIDE else idx.to(tl.int32)
+        if NEED_X:
+            dst = ((seq // groups) * L + idx) * D
+            tl.atomic_add(dx_ptr + dst[:, None] + cols[None, :], g, mask=m_patch, sem="relaxed")
+        if NEED_POS:
+            tl.atomic_add(dpos_ptr + idx[:, None] * D + cols[None, :], g, mask=m_patch, sem="relaxed")
+    if NEED_PREFIX:
+        is_pre = row_ok & (t < P)
+        t_pre = tl.where(is_pre, t, 0)
+        tl.atomic_add(dprefix_ptr + t_pre[:, None] * D + cols[None, :], g,
+                      mask=is_pre[:, None] & col_ok[None, :], sem="relaxed")
+
+
+def _grid(n_rows: int, dim: int):
+    block_d = feature_block(dim)
+    block_r = row_block(block_d, n_rows)
+    return (triton.cdiv(n_rows, block_r), triton.cdiv(dim, block_d)), block_r, block_d
+
+
+def _cast(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return acc if acc.dtype == dtype else acc.to(dtype)
+
+
+class GatherTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, index, pos_embed, prefix, groups):
+        batch, length, dim = x.shape
+        n_seq, m = index.shape
+        p = 0 if prefix is None else prefix.shape[0]
+        x, pos_embed, prefix = rows_contiguous(x), rows_contiguous(pos_embed), rows_contiguous(prefix)
+        index = index if index.stride(-1) == 1 else index.contiguous()
+        out = empty(n_seq, p + m, dim, dtype=x.dtype, device=x.device)
+        n_rows = n_seq * (p + m)
+        wide = needs_wide_offsets(x, out, pos_embed)
+        if n_rows and dim:
+            grid, block_r, block_d = _grid(n_rows, dim)
+            _gather_fwd_kernel[grid](
+                x, index, x if pos_embed is None else pos_embed, x if prefix is None else prefix, out,
+                n_rows, p + m, p, groups, dim,
+                x.stride(0), x.stride(1), index.stride(0),
+                0 if pos_embed is None else pos_embed.stride(0), 0 if prefix is None else prefix.stride(0),
+                HAS_POS=pos_embed is not None, HAS_PREFIX=prefix is not None, WIDE=wide,
+                BLOCK_R=block_r, BLOCK_D=block_d, **launch_options())
+        ctx.save_for_backward(index)
+        ctx.meta = (batch, length, dim, p, groups, x.dtype,
+                    None if pos_embed is None else pos_embed.dtype, None if prefix is None else prefix.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (index,) = ctx.saved_tensors
+        batch, length, dim, p, groups, x_dtype, pos_dtype, pre_dtype = ctx.meta
+        need_x, _, need_pos, need_pre, _ = ctx.needs_input_grad
+        need_pos, need_pre = need_pos and pos_dtype is not None, need_pre and pre_dtype is not None
+        if not (need_x or need_pos or need_pre):
+            return None, None, None, None, None
+        grad_out = grad_out.contiguous()
+        device = grad_out.device
+        f32 = dict(dtype=torch.float32, device=device)
+        # Zero-filled fp32 accumulators: the atomics add into them (the dummies are never touched).
+        dx = torch.zeros(batch, length, dim, **f32) if need_x else grad_out
+        dpos = torch.zeros(length, dim, **f32) if need_pos else grad_out
+        dpre = torch.zeros(p, dim, **f32) if need_pre else grad_out
+        n_rows = grad_out.shape[0] * grad_out.shape[1]
+        if n_rows and dim:
+            grid, block_r, block_d = _grid(n_rows, dim)
+            _gather_bwd_kernel[grid](
+                grad_out, index, dx, dpos, dpre, n_rows, grad_out.shape[1], p, groups, length, dim,
+                index.stride(0), NEED_X=need_x, NEED_POS=need_pos, NEED_PREFIX=need_pre,
+                WIDE=needs_wide_offsets(grad_out, dx), BLOCK_R=block_r, BLOCK_D=block_d, **launch_options())
+        return (_cast(dx, x_dtype) if need_x else None, None,
+                _cast(dpos, pos_dtype) if need_pos else None,
+                _cast(dpre, pre_dtype) if need_pre else None, None)
+
+
+def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1):
+    """Triton backend of :func:`sdae_fast.ops.masking.gather_tokens` (inputs already validated)."""
+    return GatherTokens.apply(x, index, pos_embed, prefix, groups)
