@@ -225,3 +225,22 @@ def test_gpu_vit_shapes_bf16(D):
 def test_gpu_repeats_and_non_permutation_bf16():
     check_gather(8, 196, 512, 147, 3, 2, torch.bfloat16, torch.int64, repeat=True)
     check_unshuffle(8, 196, 49, 512, 1, torch.bfloat16, torch.int32, permutation=False)
+
+
+# ---------------------------------------------------------------- the GPU launch configuration
+@pytest.fixture
+def gpu_config(monkeypatch):
+    """Launch with the GPU's block sizes (several programs, D tiles, batch chunks) in the interpreter."""
+    import sdae_fast.kernels.gather_tokens as gather_module
+    import sdae_fast.kernels.unshuffle_tokens as unshuffle_module
+
+    monkeypatch.setattr(gather_module, "interpreting", lambda: False)
+    monkeypatch.setattr(unshuffle_module, "interpreting", lambda: False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on the GPU every test already uses this configuration")
+def test_gpu_configuration_in_interpreter(gpu_config):
+    check_gather(3, 7, 1100, 5, 2, 2, torch.float32, torch.int32, repeat=True)  # 9 D tiles of 128
+    check_gather(2, 9, 40, 300, 1, 1, torch.float16, torch.int64)  # several row blocks
+    check_unshuffle(5, 9, 3, 1100, 2, torch.float32, torch.int64)  # D tiles, 5 batch chunks
+    check_unshuffle(3, 12, 4, 20, 1, torch.float16, torch.int32, permutation=False)
