@@ -3,8 +3,11 @@
 Every program owns ``BLOCK_R`` flattened output rows × ``BLOCK_D`` features. The index stays the
 (B·groups, M) int32/int64 tensor the caller gave: each program reads one index value per row, never
 an expanded (…, D) int64 index. Forward is a pure copy plus one fp32 add rounded once, so it matches
-the reference bit for bit. Backward scatters with fp32 atomics (rows may repeat across groups or
-within a row), then casts once to each input's own dtype.
+the reference bit for bit. Backward sorts the grad rows by the (image, position) they feed (small
+integer work on the index) and each program sums its destinations' rows in fp32: dx is written once
+in x's dtype, deterministic and exact for repeated indices, with no fp32 (B, L, D) buffer and no
+atomics on dx. dpos / dprefix sum over the images in registers; one fp32 atomic per program adds
+the partial sums of its batch chunk.
 """
 from __future__ import annotations
 
@@ -91,36 +94,72 @@ def _gather_fwd_kernel(x_ptr, index_ptr, pos_ptr, prefix_ptr, out_ptr,
 
 
 @triton.jit
-def _gather_bwd_kernel(grad_ptr, index_ptr, dx_ptr, dpos_ptr, dprefix_ptr,
-                       n_rows, seq_out, P, groups, L, D, stride_ir,
-                       NEED_X: tl.constexpr, NEED_POS: tl.constexpr, NEED_PREFIX: tl.constexpr,
-                       WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # grad (n_rows, D) contiguous; dx (B, L, D), dpos (L, D), dprefix (P, D): fp32, zero-filled.
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _gather_bwd_kernel(grad_ptr, order_ptr, offsets_ptr, dx_ptr, dparam_ptr,
+                       B, U, P, L, D, batch_chunk,
+                       NEED_X: tl.constexpr, NEED_PARAM: tl.constexpr, WIDE: tl.constexpr,
+                       BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Destinations are (image b, slot u) with u < P a prefix row and u = P + l patch l; the grad rows
+    # feeding destination b·U + u are order[offsets[b·U + u] : offsets[b·U + u + 1]].
+    # dx (B, L, D) in x's dtype, written once (zeros where nothing was read); dparam (U, D) fp32,
+    # zero-filled: rows :P are dprefix, rows P: are dpos, summed over the images of this program.
+    u = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    if WIDE:
-        rows = rows.to(tl.int64)
-    row_ok = rows < n_rows
+    b_start = tl.program_id(2) * batch_chunk
+    if WIDE:  # an int64 loop start makes the image index (and all offsets from it) int64
+        b_start = b_start.to(tl.int64)
+    b_end = tl.minimum(b_start + batch_chunk, B)
+    u_ok = u < U
     col_ok = cols < D
-    seq = rows // seq_out
-    t = rows - seq * seq_out
-    g = tl.load(grad_ptr + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                other=0.0).to(tl.float32)
-    is_patch = row_ok & (t >= P)
-    m_patch = is_patch[:, None] & col_ok[None, :]
-    if NEED_X or NEED_POS:
-        idx = tl.load(index_ptr + seq * stride_ir + tl.where(is_patch, t - P, 0), mask=is_patch, other=0)
-        idx = idx.to(tl.int64) if WIDE else idx.to(tl.int32)
+    m_u = u_ok[:, None] & col_ok[None, :]
+    is_patch = u_ok & (u >= P)
+    l = tl.where(is_patch, u - P, 0)
+    acc_param = tl.zeros((BLOCK_U, BLOCK_D), dtype=tl.float32)
+    for b in range(b_start, b_end):
+        dest = b * U + u
+        start = tl.load(offsets_ptr + dest, mask=u_ok, other=0)
+        count = tl.load(offsets_ptr + dest + 1, mask=u_ok, other=0) - start
+        acc = tl.zeros((BLOCK_U, BLOCK_D), dtype=tl.float32)
+        # Usually 0 or 1 reads per destination (MAE), more with repeats: sum them in fp32, in order.
+        for c in range(0, tl.max(count, axis=0)):
+            has = u_ok & (c < count)
+            src = tl.load(order_ptr + start + c, mask=has, other=0)
+            src = src.to(tl.int64) if WIDE else src.to(tl.int32)
+            acc += tl.load(grad_ptr + src[:, None] * D + cols[None, :], mask=has[:, None] & col_ok[None, :],
+                           other=0.0).to(tl.float32)
         if NEED_X:
-            dst = ((seq // groups) * L + idx) * D
-            tl.atomic_add(dx_ptr + dst[:, None] + cols[None, :], g, mask=m_patch, sem="relaxed")
-        if NEED_POS:
-            tl.atomic_add(dpos_ptr + idx[:, None] * D + cols[None, :], g, mask=m_patch, sem="relaxed")
-    if NEED_PREFIX:
-        is_pre = row_ok & (t < P)
-        t_pre = tl.where(is_pre, t, 0)
-        tl.atomic_add(dprefix_ptr + t_pre[:, None] * D + cols[None, :], g,
-                      mask=is_pre[:, None] & col_ok[None, :], sem="relaxed")
+            tl.store(dx_ptr + (b * L + l)[:, None] * D + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
+                     mask=is_patch[:, None] & col_ok[None, :])
+        if NEED_PARAM:
+            acc_param += acc
+    if NEED_PARAM:
+        tl.atomic_add(dparam_ptr + u[:, None] * D + cols[None, :], acc_param, mask=m_u, sem="relaxed")
+
+
+def _readers_by_destination(index: torch.Tensor, batch: int, length: int, p: int, groups: int):
+    """Sort the grad rows by the (image, slot) they feed: ``order`` and CSR ``offsets`` (B·(P+L) + 1).
+
+    Small integer work on (B·groups, P+M) keys, no (…, D) index; searchsorted instead of bincount
+    so nothing waits on the device. A stable sort fixes the summation order (deterministic).
+    """
+    n_seq = index.shape[0]
+    slots = p + length
+    image = torch.arange(n_seq, device=index.device)[:, None] // groups
+    keys = image * slots + p + index.long()
+    if p:
+        keys = torch.cat([image * slots + torch.arange(p, device=index.device), keys], dim=1)
+    sorted_keys, order = torch.sort(keys.flatten(), stable=True)
+    offsets = torch.searchsorted(sorted_keys, torch.arange(batch * slots + 1, device=index.device))
+    if order.numel() <= _INT32_LIMIT:
+        order, offsets = order.to(torch.int32), offsets.to(torch.int32)
+    return order, offsets
+
+
+def _batch_chunk(batch: int, position_programs: int) -> int:
+    """Images per program: enough programs to fill a big GPU (~4096) while each sums several images."""
+    if interpreting():
+        return max(batch, 1)
+    chunks = max(1, min(batch, 4096 // max(position_programs, 1)))
+    return triton.cdiv(batch, chunks)
 
 
 def _grid(n_rows: int, dim: int):
@@ -167,22 +206,27 @@ class GatherTokens(torch.autograd.Function):
         if not (need_x or need_pos or need_pre):
             return None, None, None, None, None
         grad_out = grad_out.contiguous()
-        device = grad_out.device
-        f32 = dict(dtype=torch.float32, device=device)
-        # Zero-filled fp32 accumulators: the atomics add into them (the dummies are never touched).
-        dx = torch.zeros(batch, length, dim, **f32) if need_x else grad_out
-        dpos = torch.zeros(length, dim, **f32) if need_pos else grad_out
-        dpre = torch.zeros(p, dim, **f32) if need_pre else grad_out
-        n_rows = grad_out.shape[0] * grad_out.shape[1]
-        if n_rows and dim:
-            grid, block_r, block_d = _grid(n_rows, dim)
+        slots = p + length
+        dx = empty(batch, length, dim, dtype=x_dtype, device=grad_out.device) if need_x else grad_out
+        # fp32 sums of dprefix (rows :P) and dpos (rows P:), added to by every batch chunk
+        dparam = torch.zeros(slots, dim, dtype=torch.float32, device=grad_out.device) if need_pos or need_pre \
+            else grad_out
+        if batch and dim:
+            order, offsets = _readers_by_destination(index, batch, length, p, groups)
+            block_d = feature_block(dim)
+            block_u = triton.next_power_of_2(slots) if interpreting() else min(4, row_block(block_d, slots))
+            position_programs = triton.cdiv(slots, block_u) * triton.cdiv(dim, block_d)
+            chunk = _batch_chunk(batch, position_programs)
+            grid = (triton.cdiv(slots, block_u), triton.cdiv(dim, block_d), triton.cdiv(batch, chunk))
             _gather_bwd_kernel[grid](
-                grad_out, index, dx, dpos, dpre, n_rows, grad_out.shape[1], p, groups, length, dim,
-                index.stride(0), NEED_X=need_x, NEED_POS=need_pos, NEED_PREFIX=need_pre,
-                WIDE=needs_wide_offsets(grad_out, dx), BLOCK_R=block_r, BLOCK_D=block_d, **launch_options())
-        return (_cast(dx, x_dtype) if need_x else None, None,
-                _cast(dpos, pos_dtype) if need_pos else None,
-                _cast(dpre, pre_dtype) if need_pre else None, None)
+                grad_out, order, offsets, dx, dparam, batch, slots, p, length, dim, chunk,
+                NEED_X=need_x, NEED_PARAM=need_pos or need_pre, WIDE=needs_wide_offsets(grad_out, dx),
+                BLOCK_U=block_u, BLOCK_D=block_d, **launch_options())
+        elif need_x:
+            dx.zero_()
+        return (dx if need_x else None, None,
+                _cast(dparam[p:], pos_dtype) if need_pos else None,
+                _cast(dparam[:p], pre_dtype) if need_pre else None, None)
 
 
 def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1):

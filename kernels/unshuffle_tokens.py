@@ -62,6 +62,8 @@ def _unshuffle_bwd_kernel(grad_ptr, ids_ptr, dx_ptr, dmask_ptr, dpos_ptr,
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     b_start = tl.program_id(2) * batch_chunk
+    if WIDE:  # an int64 loop start makes the image index (and all offsets from it) int64
+        b_start = b_start.to(tl.int64)
     b_end = tl.minimum(b_start + batch_chunk, B)
     if WIDE:
         t = t.to(tl.int64)
@@ -72,8 +74,7 @@ def _unshuffle_bwd_kernel(grad_ptr, ids_ptr, dx_ptr, dmask_ptr, dpos_ptr,
     i = tl.where(is_body, t - P, 0)
     acc_pos = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     acc_mask = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for b_loop in range(b_start, b_end):
-        b = b_loop.to(tl.int64) if WIDE else b_loop
+    for b in range(b_start, b_end):
         g = tl.load(grad_ptr + (b * T + t)[:, None] * D + cols[None, :], mask=m_t, other=0.0).to(tl.float32)
         if NEED_POS:
             acc_pos += g

@@ -228,19 +228,21 @@ def test_gpu_repeats_and_non_permutation_bf16():
 
 
 # ---------------------------------------------------------------- the GPU launch configuration
-@pytest.fixture
-def gpu_config(monkeypatch):
-    """Launch with the GPU's block sizes (several programs, D tiles, batch chunks) in the interpreter."""
+@pytest.fixture(params=[False, True], ids=["int32-offsets", "int64-offsets"])
+def gpu_config(monkeypatch, request):
+    """Launch with the GPU's block sizes (several programs, D tiles, batch chunks) in the interpreter,
+    with int32 address math and with the int64 path that tensors over 2**31 elements take."""
     import sdae_fast.kernels.gather_tokens as gather_module
     import sdae_fast.kernels.unshuffle_tokens as unshuffle_module
 
-    monkeypatch.setattr(gather_module, "interpreting", lambda: False)
-    monkeypatch.setattr(unshuffle_module, "interpreting", lambda: False)
+    for module in (gather_module, unshuffle_module):
+        monkeypatch.setattr(module, "interpreting", lambda: False)
+        monkeypatch.setattr(module, "needs_wide_offsets", lambda *tensors: request.param)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on the GPU every test already uses this configuration")
 def test_gpu_configuration_in_interpreter(gpu_config):
-    check_gather(3, 7, 1100, 5, 2, 2, torch.float32, torch.int32, repeat=True)  # 9 D tiles of 128
+    check_gather(3, 7, 300, 5, 2, 2, torch.float32, torch.int32, repeat=True)  # 3 D tiles of 128
     check_gather(2, 9, 40, 300, 1, 1, torch.float16, torch.int64)  # several row blocks
-    check_unshuffle(5, 9, 3, 1100, 2, torch.float32, torch.int64)  # D tiles, 5 batch chunks
+    check_unshuffle(5, 9, 3, 300, 2, torch.float32, torch.int64)  # D tiles, 5 batch chunks
     check_unshuffle(3, 12, 4, 20, 1, torch.float16, torch.int32, permutation=False)
