@@ -94,7 +94,7 @@ def _gather_fwd_kernel(x_ptr, index_ptr, pos_ptr, prefix_ptr, out_ptr,
 
 
 @triton.jit
-def _gather_bwd_kernel(grad_ptr, order_ptr, offsets_ptr, dx_ptr, dparam_ptr,
+def _segment_sum_kernel(grad_ptr, order_ptr, offsets_ptr, dx_ptr, dparam_ptr,
                        B, U, P, L, D, batch_chunk,
                        NEED_X: tl.constexpr, NEED_PARAM: tl.constexpr, WIDE: tl.constexpr,
                        BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -135,26 +135,32 @@ def _gather_bwd_kernel(grad_ptr, order_ptr, offsets_ptr, dx_ptr, dparam_ptr,
         tl.atomic_add(dparam_ptr + u[:, None] * D + cols[None, :], acc_param, mask=m_u, sem="relaxed")
 
 
-def _readers_by_destination(index: torch.Tensor, batch: int, length: int, p: int, groups: int):
-    """Sort the grad rows by the (image, slot) they feed: ``order`` and CSR ``offsets`` (B·(P+L) + 1).
+def sort_rows_by_destination(keys: torch.Tensor, n_dest: int):
+    """``keys[row]`` names the destination grad row ``row`` feeds (``>= n_dest``: none). Returns the
+    rows sorted by destination and CSR ``offsets`` (n_dest + 1): destination d sums
+    ``order[offsets[d]:offsets[d + 1]]``.
 
-    Small integer work on (B·groups, P+M) keys, no (…, D) index; searchsorted instead of bincount
-    so nothing waits on the device. A stable sort fixes the summation order (deterministic).
+    Small integer work on one key per grad row, no (…, D) index; searchsorted instead of bincount so
+    nothing waits on the device; a stable sort fixes the summation order (deterministic).
     """
-    n_seq = index.shape[0]
-    slots = p + length
-    image = torch.arange(n_seq, device=index.device)[:, None] // groups
-    keys = image * slots + p + index.long()
-    if p:
-        keys = torch.cat([image * slots + torch.arange(p, device=index.device), keys], dim=1)
     sorted_keys, order = torch.sort(keys.flatten(), stable=True)
-    offsets = torch.searchsorted(sorted_keys, torch.arange(batch * slots + 1, device=index.device))
+    offsets = torch.searchsorted(sorted_keys, torch.arange(n_dest + 1, device=keys.device))
     if order.numel() <= _INT32_LIMIT:
         order, offsets = order.to(torch.int32), offsets.to(torch.int32)
     return order, offsets
 
 
-def _batch_chunk(batch: int, position_programs: int) -> int:
+def _gather_destination_keys(index: torch.Tensor, length: int, p: int, groups: int) -> torch.Tensor:
+    """Per grad row (r, t) of gather_tokens: image·(P+L) + t for prefix rows, image·(P+L) + P + index."""
+    slots = p + length
+    image = torch.arange(index.shape[0], device=index.device)[:, None] // groups
+    keys = image * slots + p + index.long()
+    if p:
+        keys = torch.cat([image * slots + torch.arange(p, device=index.device), keys], dim=1)
+    return keys
+
+
+def batch_chunk(batch: int, position_programs: int) -> int:
     """Images per program: enough programs to fill a big GPU (~4096) while each sums several images."""
     if interpreting():
         return max(batch, 1)
@@ -166,6 +172,26 @@ def _grid(n_rows: int, dim: int):
     block_d = feature_block(dim)
     block_r = row_block(block_d, n_rows)
     return (triton.cdiv(n_rows, block_r), triton.cdiv(dim, block_d)), block_r, block_d
+
+
+def segment_sums(grad: torch.Tensor, order, offsets, dx, dparam, *, batch: int, slots: int, p: int) -> None:
+    """dx[b, u - p] (u >= p) = Σ grad rows feeding (b, u); dparam[u] += Σ over the images of the same.
+
+    grad is contiguous with rows of D features; dx (B, slots - p, D) is written once in its own
+    dtype; dparam (slots, D) is fp32 and zero-filled (or None).
+    """
+    dim = grad.shape[-1]
+    block_d = feature_block(dim)
+    # A few slots per program on the GPU (the image loop gives the work); all of them in the interpreter.
+    block_u = triton.next_power_of_2(slots) if interpreting() else min(4, row_block(block_d, slots))
+    position_programs = triton.cdiv(slots, block_u) * triton.cdiv(dim, block_d)
+    chunk = batch_chunk(batch, position_programs)
+    grid = (triton.cdiv(slots, block_u), triton.cdiv(dim, block_d), triton.cdiv(batch, chunk))
+    _segment_sum_kernel[grid](
+        grad, order, offsets, grad if dx is None else dx, grad if dparam is None else dparam,
+        batch, slots, p, slots - p, dim, chunk,
+        NEED_X=dx is not None, NEED_PARAM=dparam is not None, WIDE=needs_wide_offsets(grad, dx),
+        BLOCK_U=block_u, BLOCK_D=block_d, **launch_options())
 
 
 def _cast(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -212,16 +238,10 @@ class GatherTokens(torch.autograd.Function):
         dparam = torch.zeros(slots, dim, dtype=torch.float32, device=grad_out.device) if need_pos or need_pre \
             else grad_out
         if batch and dim:
-            order, offsets = _readers_by_destination(index, batch, length, p, groups)
-            block_d = feature_block(dim)
-            block_u = triton.next_power_of_2(slots) if interpreting() else min(4, row_block(block_d, slots))
-            position_programs = triton.cdiv(slots, block_u) * triton.cdiv(dim, block_d)
-            chunk = _batch_chunk(batch, position_programs)
-            grid = (triton.cdiv(slots, block_u), triton.cdiv(dim, block_d), triton.cdiv(batch, chunk))
-            _gather_bwd_kernel[grid](
-                grad_out, order, offsets, dx, dparam, batch, slots, p, length, dim, chunk,
-                NEED_X=need_x, NEED_PARAM=need_pos or need_pre, WIDE=needs_wide_offsets(grad_out, dx),
-                BLOCK_U=block_u, BLOCK_D=block_d, **launch_options())
+            order, offsets = sort_rows_by_destination(_gather_destination_keys(index, length, p, groups),
+                                                      batch * slots)
+            segment_sums(grad_out, order, offsets, dx if need_x else None, dparam if need_pos or need_pre else None,
+                         batch=batch, slots=slots, p=p)
         elif need_x:
             dx.zero_()
         return (dx if need_x else None, None,

@@ -5,10 +5,12 @@ Forward: each program owns ``BLOCK_R`` flattened output rows × ``BLOCK_D`` feat
 pos_embed in fp32 (rounded once: bitwise equal to the reference). No (B, L, D) int64 index and no
 concatenation buffers.
 
-Backward: each program owns a block of positions × features and walks a chunk of the batch, so the
-pos_embed and mask-token sums stay in registers (one fp32 atomic per program at the end). The grad
-of a position goes to the visible token that position read, by an fp32 atomic: ids_restore need not
-be a permutation (duplicates sum).
+Backward, two passes over the grad: (1) d x_vis: the grad rows are sorted by the visible token
+they read (small integer work on ids_restore) and each token sums its readers in fp32 and is
+written once in x_vis's dtype: deterministic, no atomics, correct for any ids_restore (tokens read
+twice sum both, tokens nobody reads get zeros); (2) d pos_embed and d mask_token: each program owns
+a block of positions × features and walks a chunk of the batch, so the sums stay in registers
+(one fp32 atomic per program at the end).
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import triton.language as tl
 
 from sdae_fast.alloc import empty
 
-from .gather_tokens import (_cast, feature_block, interpreting, launch_options, needs_wide_offsets,
-                            row_block, rows_contiguous)
+from .gather_tokens import (_cast, batch_chunk, feature_block, interpreting, launch_options, needs_wide_offsets,
+                            row_block, rows_contiguous, segment_sums, sort_rows_by_destination)
 
 
 @triton.jit
@@ -54,19 +56,18 @@ def _unshuffle_fwd_kernel(x_ptr, ids_ptr, mask_ptr, pos_ptr, out_ptr,
 
 
 @triton.jit
-def _unshuffle_bwd_kernel(grad_ptr, ids_ptr, dx_ptr, dmask_ptr, dpos_ptr,
-                          B, T, P, K, R, D, stride_ib, batch_chunk,
-                          NEED_X: tl.constexpr, NEED_MASK: tl.constexpr, NEED_POS: tl.constexpr,
-                          WIDE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    # grad (B, T, D) contiguous; dx (B, R, D), dmask (D,), dpos (T, D): fp32, zero-filled.
+def _unshuffle_param_grads_kernel(grad_ptr, ids_ptr, dmask_ptr, dpos_ptr,
+                                  B, T, P, K, D, stride_ib, batch_chunk,
+                                  NEED_MASK: tl.constexpr, NEED_POS: tl.constexpr, WIDE: tl.constexpr,
+                                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grad (B, T, D) contiguous; dmask (D,) and dpos (T, D) fp32, zero-filled. Each program sums
+    # its positions over a chunk of images in registers, then adds them with one atomic each.
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     b_start = tl.program_id(2) * batch_chunk
     if WIDE:  # an int64 loop start makes the image index (and all offsets from it) int64
         b_start = b_start.to(tl.int64)
     b_end = tl.minimum(b_start + batch_chunk, B)
-    if WIDE:
-        t = t.to(tl.int64)
     t_ok = t < T
     col_ok = cols < D
     m_t = t_ok[:, None] & col_ok[None, :]
@@ -78,29 +79,25 @@ def _unshuffle_bwd_kernel(grad_ptr, ids_ptr, dx_ptr, dmask_ptr, dpos_ptr,
         g = tl.load(grad_ptr + (b * T + t)[:, None] * D + cols[None, :], mask=m_t, other=0.0).to(tl.float32)
         if NEED_POS:
             acc_pos += g
-        if NEED_X or NEED_MASK:
+        if NEED_MASK:
             k = tl.load(ids_ptr + b * stride_ib + i, mask=is_body, other=0)
-            k = k.to(tl.int64) if WIDE else k.to(tl.int32)
-            visible = is_body & (k < K)
-            if NEED_MASK:
-                acc_mask += tl.where((is_body & (k >= K))[:, None], g, 0.0)
-            if NEED_X:
-                to_x = t_ok & ((t < P) | visible)
-                dst_row = tl.where(is_body, P + k, t)
-                tl.atomic_add(dx_ptr + (b * R + dst_row)[:, None] * D + cols[None, :], g,
-                              mask=to_x[:, None] & col_ok[None, :], sem="relaxed")
+            acc_mask += tl.where((is_body & (k >= K))[:, None], g, 0.0)
     if NEED_POS:
         tl.atomic_add(dpos_ptr + t[:, None] * D + cols[None, :], acc_pos, mask=m_t, sem="relaxed")
     if NEED_MASK:
         tl.atomic_add(dmask_ptr + cols, tl.sum(acc_mask, axis=0), mask=col_ok, sem="relaxed")
 
 
-def _batch_chunk(batch: int, position_programs: int) -> int:
-    """Enough programs to fill the GPU (~4 per SM of a big part) while each sums several images."""
-    if interpreting():
-        return max(batch, 1)
-    chunks = max(1, min(batch, 1024 // max(position_programs, 1)))
-    return triton.cdiv(batch, chunks)
+def _x_vis_destination_keys(ids_restore: torch.Tensor, num_prefix: int, keep: int) -> torch.Tensor:
+    """Per grad row (b, t): the x_vis row b·(P+K) + s it came from; mask-token rows get B·(P+K) (none)."""
+    batch = ids_restore.shape[0]
+    rows_in = num_prefix + keep
+    image = torch.arange(batch, device=ids_restore.device)[:, None] * rows_in
+    ids = ids_restore.long()
+    body = torch.where(ids < keep, image + num_prefix + ids, batch * rows_in)
+    if num_prefix:
+        body = torch.cat([image + torch.arange(num_prefix, device=ids.device), body], dim=1)
+    return body
 
 
 class UnshuffleTokens(torch.autograd.Function):
@@ -140,24 +137,30 @@ class UnshuffleTokens(torch.autograd.Function):
             return None, None, None, None, None
         grad_out = grad_out.contiguous()
         seq = grad_out.shape[1]
+        keep = rows_in - num_prefix
+        dx = empty(batch, rows_in, dim, dtype=x_dtype, device=grad_out.device) if need_x else None
         f32 = dict(dtype=torch.float32, device=grad_out.device)
-        dx = torch.zeros(batch, rows_in, dim, **f32) if need_x else grad_out
         dmask = torch.zeros(dim, **f32) if need_mask else grad_out
         dpos = torch.zeros(seq, dim, **f32) if need_pos else grad_out
-        if batch and seq and dim:
+        if not (batch and seq and dim):
+            if need_x:
+                dx.zero_()
+        elif need_x:
+            # d x_vis: each visible token sums the grad rows that read it (any ids_restore, no atomics)
+            order, offsets = sort_rows_by_destination(_x_vis_destination_keys(ids_restore, num_prefix, keep),
+                                                      batch * rows_in)
+            segment_sums(grad_out, order, offsets, dx, None, batch=batch, slots=rows_in, p=0)
+        if (need_mask or need_pos) and batch and seq and dim:
             block_d = feature_block(dim)
-            # A few positions per program on the GPU (the batch loop gives the work); all of them in the interpreter.
+            # A few positions per program on the GPU (the image loop gives the work); all in the interpreter.
             block_t = triton.next_power_of_2(seq) if interpreting() else min(4, row_block(block_d, seq))
-            position_programs = triton.cdiv(seq, block_t) * triton.cdiv(dim, block_d)
-            chunk = _batch_chunk(batch, position_programs)
+            chunk = batch_chunk(batch, triton.cdiv(seq, block_t) * triton.cdiv(dim, block_d))
             grid = (triton.cdiv(seq, block_t), triton.cdiv(dim, block_d), triton.cdiv(batch, chunk))
-            _unshuffle_bwd_kernel[grid](
-                grad_out, ids_restore, dx, dmask, dpos, batch, seq, num_prefix, rows_in - num_prefix,
-                rows_in, dim, ids_restore.stride(0), chunk,
-                NEED_X=need_x, NEED_MASK=need_mask, NEED_POS=need_pos,
-                WIDE=needs_wide_offsets(grad_out, dx), BLOCK_T=block_t,
-                BLOCK_D=block_d, **launch_options())
-        return (_cast(dx, x_dtype) if need_x else None, None,
+            _unshuffle_param_grads_kernel[grid](
+                grad_out, ids_restore, dmask, dpos, batch, seq, num_prefix, keep, dim, ids_restore.stride(0),
+                chunk, NEED_MASK=need_mask, NEED_POS=need_pos, WIDE=needs_wide_offsets(grad_out),
+                BLOCK_T=block_t, BLOCK_D=block_d, **launch_options())
+        return (dx, None,
                 _cast(dmask, mask_dtype) if need_mask else None,
                 _cast(dpos, pos_dtype) if need_pos else None, None)
 

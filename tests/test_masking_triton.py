@@ -103,7 +103,8 @@ def test_gather_strided_inputs():
 
 
 # ---------------------------------------------------------------- unshuffle_tokens
-def check_unshuffle(B, L, K, D, P, dtype, index_dtype, *, permutation=True, param_dtype=None):
+def check_unshuffle(B, L, K, D, P, dtype, index_dtype, *, permutation=True, param_dtype=None,
+                    need=(True, True, True)):
     param_dtype = param_dtype or dtype
     if permutation:
         ids_restore = random_masking(B, L, 1 - K / L, device=DEVICE).ids_restore
@@ -111,9 +112,9 @@ def check_unshuffle(B, L, K, D, P, dtype, index_dtype, *, permutation=True, para
     else:  # any values in [0, L): duplicates, and visible tokens nobody reads
         ids_restore = torch.randint(0, L, (B, L), device=DEVICE)
     ids_restore = ids_restore.to(index_dtype)
-    x = leaf(torch.randn(B, P + K, D, device=DEVICE).to(dtype))
-    mask_token = leaf(torch.randn(D, device=DEVICE).to(param_dtype))
-    pos = leaf(torch.randn(P + L, D, device=DEVICE).to(param_dtype))
+    x = leaf(torch.randn(B, P + K, D, device=DEVICE).to(dtype), need[0])
+    mask_token = leaf(torch.randn(D, device=DEVICE).to(param_dtype), need[1])
+    pos = leaf(torch.randn(P + L, D, device=DEVICE).to(param_dtype), need[2])
 
     out = unshuffle_tokens(x, ids_restore, mask_token, pos_embed=pos, num_prefix=P, backend="triton")
     expected = reference.unshuffle_tokens(x, ids_restore, mask_token, pos_embed=pos, num_prefix=P)
@@ -122,11 +123,12 @@ def check_unshuffle(B, L, K, D, P, dtype, index_dtype, *, permutation=True, para
 
     g = torch.randn_like(out)
     got = grads(out, [x, mask_token, pos], g)
-    hi = [leaf(t.double()) for t in (x, mask_token, pos)]
+    hi = [leaf(t.double(), t.requires_grad) for t in (x, mask_token, pos)]
     want = grads(reference.unshuffle_tokens(hi[0], ids_restore, hi[1], pos_embed=hi[2], num_prefix=P), hi, g.double())
     reads = int(torch.bincount(ids_restore.long().flatten(), minlength=L).max())  # most reads of one token
     terms = {"dx_vis": reads, "dmask_token": B * L, "dpos": B}
-    for name, a, e, t in zip(terms, got, want, (x, mask_token, pos)):
+    named = [(n, t) for n, t in zip(terms, (x, mask_token, pos)) if t.requires_grad]
+    for (name, t), a, e in zip(named, got, want):
         assert a.dtype == t.dtype, f"{name} must come back in its input's dtype"
         assert_close(a, e, dtype=t.dtype, reduction=terms[name], name=name)
 
@@ -149,9 +151,12 @@ def test_unshuffle_non_permutation(index_dtype):
     check_unshuffle(3, 10, 4, 20, 1, torch.float32, index_dtype, permutation=False)
 
 
-def test_unshuffle_no_visible_tokens_and_mixed_dtype():
+def test_unshuffle_no_visible_tokens_mixed_dtype_and_partial_grads():
     check_unshuffle(2, 6, 0, 12, 1, torch.float32, torch.int64, permutation=False)  # all mask tokens
     check_unshuffle(2, 8, 2, 24, 1, torch.float16, torch.int32, param_dtype=torch.float32)
+    check_unshuffle(2, 8, 2, 24, 1, torch.float32, torch.int64, need=(True, False, False))
+    check_unshuffle(2, 8, 2, 24, 2, torch.float32, torch.int32, need=(False, True, False))
+    check_unshuffle(2, 8, 2, 24, 0, torch.float32, torch.int64, need=(False, False, True))
 
 
 def test_unshuffle_strided_inputs():
