@@ -161,10 +161,11 @@ def _gather_destination_keys(index: torch.Tensor, length: int, p: int, groups: i
 
 
 def batch_chunk(batch: int, position_programs: int) -> int:
-    """Images per program: enough programs to fill a big GPU (~4096) while each sums several images."""
+    """Images per program: ~2048 programs fill an H100/H200 (132 SMs, several resident each) while
+    each still sums several images, which keeps the per-program fp32 atomics for dpos few."""
     if interpreting():
         return max(batch, 1)
-    chunks = max(1, min(batch, 4096 // max(position_programs, 1)))
+    chunks = max(1, min(batch, 2048 // max(position_programs, 1)))
     return triton.cdiv(batch, chunks)
 
 
@@ -182,8 +183,8 @@ def segment_sums(grad: torch.Tensor, order, offsets, dx, dparam, *, batch: int, 
     """
     dim = grad.shape[-1]
     block_d = feature_block(dim)
-    # A few slots per program on the GPU (the image loop gives the work); all of them in the interpreter.
-    block_u = triton.next_power_of_2(slots) if interpreting() else min(4, row_block(block_d, slots))
+    # ~4096 elements a program on the GPU (several rows in flight per image); all slots in the interpreter.
+    block_u = triton.next_power_of_2(slots) if interpreting() else row_block(block_d, slots)
     position_programs = triton.cdiv(slots, block_u) * triton.cdiv(dim, block_d)
     chunk = batch_chunk(batch, position_programs)
     grid = (triton.cdiv(slots, block_u), triton.cdiv(dim, block_d), triton.cdiv(batch, chunk))

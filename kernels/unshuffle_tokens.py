@@ -152,8 +152,8 @@ class UnshuffleTokens(torch.autograd.Function):
             segment_sums(grad_out, order, offsets, dx, None, batch=batch, slots=rows_in, p=0)
         if (need_mask or need_pos) and batch and seq and dim:
             block_d = feature_block(dim)
-            # A few positions per program on the GPU (the image loop gives the work); all in the interpreter.
-            block_t = triton.next_power_of_2(seq) if interpreting() else min(4, row_block(block_d, seq))
+            # ~4096 elements a program on the GPU (several rows in flight per image); all in the interpreter.
+            block_t = triton.next_power_of_2(seq) if interpreting() else row_block(block_d, seq)
             chunk = batch_chunk(batch, triton.cdiv(seq, block_t) * triton.cdiv(dim, block_d))
             grid = (triton.cdiv(seq, block_t), triton.cdiv(dim, block_d), triton.cdiv(batch, chunk))
             _unshuffle_param_grads_kernel[grid](
