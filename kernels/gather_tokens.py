@@ -49,8 +49,11 @@ def launch_options() -> dict:
 
 
 def needs_wide_offsets(*tensors) -> bool:
-    """int64 address math only when some tensor could overflow int32 offsets."""
-    return any(t is not None and t.numel() > _INT32_LIMIT for t in tensors)
+    """int64 address math only when some element offset (strided views included) could pass int32."""
+    def last_offset(t):
+        return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+
+    return any(t is not None and max(t.numel(), last_offset(t) + 1) > _INT32_LIMIT for t in tensors)
 
 
 def rows_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
