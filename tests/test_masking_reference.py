@@ -172,3 +172,19 @@ def test_reference_gradients_against_autograd_of_mae_code():
     got = torch.autograd.grad(out, (x, mt, pos), g)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e)
+
+
+def test_benchmark_naive_variants_compute_the_op():
+    """The bench's "naive" variants (MAE's code) compute what the fused op computes."""
+    from sdae_fast.bench.masking import _mae_decoder_input as bench_decoder
+    from sdae_fast.bench.masking import _mae_encoder_input as bench_encoder
+
+    B, L, D = 3, 196, 8
+    ids = reference.random_masking(B, L, 0.75, noise=torch.rand(B, L))
+    x, pos, prefix = (torch.randn(*s, dtype=torch.float64) for s in ((B, L, D), (L, D), (1, D)))
+    torch.testing.assert_close(bench_encoder(x, ids.ids_keep, pos, prefix),
+                               reference.gather_tokens(x, ids.ids_keep, pos_embed=pos, prefix=prefix), rtol=0, atol=0)
+    xv, mt, dpos = (torch.randn(*s, dtype=torch.float64) for s in ((B, 50, D), (D,), (L + 1, D)))
+    torch.testing.assert_close(bench_decoder(xv, ids.ids_restore, mt, dpos),
+                               reference.unshuffle_tokens(xv, ids.ids_restore, mt, pos_embed=dpos, num_prefix=1),
+                               rtol=0, atol=0)
