@@ -13,6 +13,7 @@ from sdae_fast.ops.masking import gather_tokens, random_masking, unshuffle_token
 from sdae_fast.testing import assert_close, triton_device, triton_dtypes
 
 DEVICE = triton_device()
+pytestmark = pytest.mark.interpreter  # every test here runs the Triton kernels (interpreter on the CPU)
 
 
 def leaf(t, requires_grad=True):
