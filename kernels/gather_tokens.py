@@ -3,9 +3,10 @@
 Every program owns ``BLOCK_R`` flattened output rows × ``BLOCK_D`` features. The index stays the
 (B·groups, M) int32/int64 tensor the caller gave: each program reads one index value per row, never
 an expanded (…, D) int64 index. Forward is a pure copy plus one fp32 add rounded once, so it matches
-the reference bit for bit. Backward sorts the grad rows by the (image, position) they feed (small
-integer work on the index) and each program sums its destinations' rows in fp32: dx is written once
-in x's dtype, deterministic and exact for repeated indices, with no fp32 (B, L, D) buffer and no
+the reference bit for bit. Backward: a tiny kernel counts the grad rows feeding each (image,
+position) of x and notes one; the main kernel gives each position the row that feeds it (or walks
+the image's rows where an index repeats) and sums in fp32: dx is written once in x's dtype,
+deterministic and exact for repeated indices, with no fp32 (B, L, D) buffer, no sort and no
 atomics on dx. dpos / dprefix sum over the images in registers; one fp32 atomic per program adds
 the partial sums of its batch chunk.
 """
@@ -97,14 +98,43 @@ def _gather_fwd_kernel(x_ptr, index_ptr, pos_ptr, prefix_ptr, out_ptr,
 
 
 @triton.jit
-def _segment_sum_kernel(grad_ptr, order_ptr, offsets_ptr, dx_ptr, dparam_ptr,
-                       B, U, P, L, D, batch_chunk,
-                       NEED_X: tl.constexpr, NEED_PARAM: tl.constexpr, WIDE: tl.constexpr,
-                       BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Destinations are (image b, slot u) with u < P a prefix row and u = P + l patch l; the grad rows
-    # feeding destination b·U + u are order[offsets[b·U + u] : offsets[b·U + u + 1]].
-    # dx (B, L, D) in x's dtype, written once (zeros where nothing was read); dparam (U, D) fp32,
-    # zero-filled: rows :P are dprefix, rows P: are dpos, summed over the images of this program.
+def _row_key(row, index_ptr, stride_ir, seq_out, P, groups, U, K, WIDE: tl.constexpr):
+    """The destination slot a grad row feeds, or -1. Grad row ``row`` is position t of sequence
+    seq = row // seq_out, from image seq // groups; rows t < P feed slot t, the others slot
+    P + v with v = index[seq, t - P], none when v >= K (unshuffle's mask-token rows)."""
+    seq = row // seq_out
+    t = row - seq * seq_out
+    is_body = t >= P
+    v = tl.load(index_ptr + seq * stride_ir + tl.where(is_body, t - P, 0), mask=is_body, other=0)
+    v = v.to(tl.int64) if WIDE else v.to(tl.int32)
+    key = (seq // groups) * U + tl.where(is_body, P + v, t)
+    return tl.where(is_body & (v >= K), -1, key)
+
+
+@triton.jit
+def _count_readers_kernel(index_ptr, count_ptr, reader_ptr, n_rows, stride_ir, seq_out, P, groups, U, K,
+                          WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    # count (B·U,) int32 zero-filled: how many grad rows feed each slot; reader: one of them (the
+    # only one wherever count == 1, which is all the segment kernel reads it for).
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    ok = rows < n_rows
+    key = _row_key(rows, index_ptr, stride_ir, seq_out, P, groups, U, K, WIDE)
+    ok = ok & (key >= 0)
+    key = tl.where(ok, key, 0)
+    tl.atomic_add(count_ptr + key, 1, mask=ok, sem="relaxed")
+    tl.store(reader_ptr + key, rows.to(tl.int32) if not WIDE else rows, mask=ok)
+
+
+@triton.jit
+def _segment_sum_kernel(grad_ptr, index_ptr, count_ptr, reader_ptr, dx_ptr, dparam_ptr,
+                        B, U, X0, D, batch_chunk, stride_ir, seq_out, P, groups, K,
+                        NEED_X: tl.constexpr, NEED_PARAM: tl.constexpr, WIDE: tl.constexpr,
+                        BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Destinations are (image b, slot u); dx[b, u - X0] (u >= X0) = Σ of the grad rows feeding
+    # (b, u), written once in dx's dtype (zeros where nothing feeds it). dparam (U, D) fp32 zero-
+    # filled: += that sum over the images of this program (dprefix / dpos of gather_tokens).
     u = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     b_start = tl.program_id(2) * batch_chunk
@@ -114,53 +144,34 @@ def _segment_sum_kernel(grad_ptr, order_ptr, offsets_ptr, dx_ptr, dparam_ptr,
     u_ok = u < U
     col_ok = cols < D
     m_u = u_ok[:, None] & col_ok[None, :]
-    is_patch = u_ok & (u >= P)
-    l = tl.where(is_patch, u - P, 0)
+    to_x = u_ok & (u >= X0)
+    rows_per_image = groups * seq_out
     acc_param = tl.zeros((BLOCK_U, BLOCK_D), dtype=tl.float32)
     for b in range(b_start, b_end):
         dest = b * U + u
-        start = tl.load(offsets_ptr + dest, mask=u_ok, other=0)
-        count = tl.load(offsets_ptr + dest + 1, mask=u_ok, other=0) - start
-        acc = tl.zeros((BLOCK_U, BLOCK_D), dtype=tl.float32)
-        # Usually 0 or 1 reads per destination (MAE), more with repeats: sum them in fp32, in order.
-        for c in range(0, tl.max(count, axis=0)):
-            has = u_ok & (c < count)
-            src = tl.load(order_ptr + start + c, mask=has, other=0)
-            src = src.to(tl.int64) if WIDE else src.to(tl.int32)
-            acc += tl.load(grad_ptr + src[:, None] * D + cols[None, :], mask=has[:, None] & col_ok[None, :],
-                           other=0.0).to(tl.float32)
+        count = tl.load(count_ptr + dest, mask=u_ok, other=0)
+        single = count == 1
+        src = tl.load(reader_ptr + dest, mask=single, other=0)
+        src = src.to(tl.int64) if WIDE else src.to(tl.int32)
+        acc = tl.load(grad_ptr + src[:, None] * D + cols[None, :], mask=single[:, None] & col_ok[None, :],
+                      other=0.0).to(tl.float32)
+        if tl.max(count, axis=0) > 1:
+            # A slot read several times (repeated index): walk this image's grad rows in order and sum
+            # the ones feeding it, in fp32 (deterministic). Rare; MAE / SdAE read each slot once.
+            multi = count > 1
+            row0 = b * rows_per_image
+            for j in range(0, rows_per_image):
+                key = _row_key(row0 + j, index_ptr, stride_ir, seq_out, P, groups, U, K, WIDE)
+                hit = multi & (dest == key)
+                acc += tl.load(grad_ptr + (row0 + j) * D + cols[None, :], mask=hit[:, None] & col_ok[None, :],
+                               other=0.0).to(tl.float32)
         if NEED_X:
-            tl.store(dx_ptr + (b * L + l)[:, None] * D + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
-                     mask=is_patch[:, None] & col_ok[None, :])
+            tl.store(dx_ptr + (b * (U - X0) + u - X0)[:, None] * D + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
+                     mask=to_x[:, None] & col_ok[None, :])
         if NEED_PARAM:
             acc_param += acc
     if NEED_PARAM:
         tl.atomic_add(dparam_ptr + u[:, None] * D + cols[None, :], acc_param, mask=m_u, sem="relaxed")
-
-
-def sort_rows_by_destination(keys: torch.Tensor, n_dest: int):
-    """``keys[row]`` names the destination grad row ``row`` feeds (``>= n_dest``: none). Returns the
-    rows sorted by destination and CSR ``offsets`` (n_dest + 1): destination d sums
-    ``order[offsets[d]:offsets[d + 1]]``.
-
-    Small integer work on one key per grad row, no (…, D) index; searchsorted instead of bincount so
-    nothing waits on the device; a stable sort fixes the summation order (deterministic).
-    """
-    sorted_keys, order = torch.sort(keys.flatten(), stable=True)
-    offsets = torch.searchsorted(sorted_keys, torch.arange(n_dest + 1, device=keys.device))
-    if order.numel() <= _INT32_LIMIT:
-        order, offsets = order.to(torch.int32), offsets.to(torch.int32)
-    return order, offsets
-
-
-def _gather_destination_keys(index: torch.Tensor, length: int, p: int, groups: int) -> torch.Tensor:
-    """Per grad row (r, t) of gather_tokens: image·(P+L) + t for prefix rows, image·(P+L) + P + index."""
-    slots = p + length
-    image = torch.arange(index.shape[0], device=index.device)[:, None] // groups
-    keys = image * slots + p + index.long()
-    if p:
-        keys = torch.cat([image * slots + torch.arange(p, device=index.device), keys], dim=1)
-    return keys
 
 
 def batch_chunk(batch: int, position_programs: int) -> int:
@@ -178,13 +189,24 @@ def _grid(n_rows: int, dim: int):
     return (triton.cdiv(n_rows, block_r), triton.cdiv(dim, block_d)), block_r, block_d
 
 
-def segment_sums(grad: torch.Tensor, order, offsets, dx, dparam, *, batch: int, slots: int, p: int) -> None:
-    """dx[b, u - p] (u >= p) = Σ grad rows feeding (b, u); dparam[u] += Σ over the images of the same.
+def segment_sums(grad: torch.Tensor, index: torch.Tensor, dx, dparam, *, batch: int, slots: int, x0: int,
+                 seq_out: int, p: int, groups: int, keep: int) -> None:
+    """For every (image b, slot u): the fp32 sum of the grad rows feeding it (see ``_row_key``) goes
+    to dx[b, u - x0] (u >= x0; written once, in dx's dtype) and is added into dparam[u] (fp32).
 
-    grad is contiguous with rows of D features; dx (B, slots - p, D) is written once in its own
-    dtype; dparam (slots, D) is fp32 and zero-filled (or None).
+    Two launches and no sort: one counts the readers of each slot and notes one of them; the other
+    reads the single reader of each slot directly and walks the image's rows only where a slot has
+    several. grad is contiguous with rows of D features.
     """
     dim = grad.shape[-1]
+    n_rows = grad.numel() // dim
+    wide = needs_wide_offsets(grad, dx) or n_rows > _INT32_LIMIT
+    count = torch.zeros(batch * slots, dtype=torch.int32, device=grad.device)
+    reader = torch.empty(batch * slots, dtype=torch.int64 if wide else torch.int32, device=grad.device)
+    block = min(1024, triton.next_power_of_2(n_rows))
+    _count_readers_kernel[(triton.cdiv(n_rows, block),)](
+        index, count, reader, n_rows, index.stride(0), seq_out, p, groups, slots, keep,
+        WIDE=wide, BLOCK=block, **launch_options())
     block_d = feature_block(dim)
     # ~4096 elements a program on the GPU (several rows in flight per image); all slots in the interpreter.
     block_u = triton.next_power_of_2(slots) if interpreting() else row_block(block_d, slots)
@@ -192,9 +214,9 @@ def segment_sums(grad: torch.Tensor, order, offsets, dx, dparam, *, batch: int, 
     chunk = batch_chunk(batch, position_programs)
     grid = (triton.cdiv(slots, block_u), triton.cdiv(dim, block_d), triton.cdiv(batch, chunk))
     _segment_sum_kernel[grid](
-        grad, order, offsets, grad if dx is None else dx, grad if dparam is None else dparam,
-        batch, slots, p, slots - p, dim, chunk,
-        NEED_X=dx is not None, NEED_PARAM=dparam is not None, WIDE=needs_wide_offsets(grad, dx),
+        grad, index, count, reader, grad if dx is None else dx, grad if dparam is None else dparam,
+        batch, slots, x0, dim, chunk, index.stride(0), seq_out, p, groups, keep,
+        NEED_X=dx is not None, NEED_PARAM=dparam is not None, WIDE=wide,
         BLOCK_U=block_u, BLOCK_D=block_d, **launch_options())
 
 
@@ -242,10 +264,8 @@ class GatherTokens(torch.autograd.Function):
         dparam = torch.zeros(slots, dim, dtype=torch.float32, device=grad_out.device) if need_pos or need_pre \
             else grad_out
         if batch and dim:
-            order, offsets = sort_rows_by_destination(_gather_destination_keys(index, length, p, groups),
-                                                      batch * slots)
-            segment_sums(grad_out, order, offsets, dx if need_x else None, dparam if need_pos or need_pre else None,
-                         batch=batch, slots=slots, p=p)
+            segment_sums(grad_out, index, dx if need_x else None, dparam if need_pos or need_pre else None,
+                         batch=batch, slots=slots, x0=p, seq_out=grad_out.shape[1], p=p, groups=groups, keep=length)
         elif need_x:
             dx.zero_()
         return (dx if need_x else None, None,

@@ -5,9 +5,8 @@ Forward: each program owns ``BLOCK_R`` flattened output rows × ``BLOCK_D`` feat
 pos_embed in fp32 (rounded once: bitwise equal to the reference). No (B, L, D) int64 index and no
 concatenation buffers.
 
-Backward, two passes over the grad: (1) d x_vis: the grad rows are sorted by the visible token
-they read (small integer work on ids_restore) and each token sums its readers in fp32 and is
-written once in x_vis's dtype: deterministic, no atomics, correct for any ids_restore (tokens read
+Backward, two passes over the grad: (1) d x_vis: a tiny kernel counts the positions reading each
+visible token; each token then sums its readers in fp32 and is written once in x_vis's dtype: deterministic, no atomics, correct for any ids_restore (tokens read
 twice sum both, tokens nobody reads get zeros); (2) d pos_embed and d mask_token: each program owns
 a block of positions × features and walks a chunk of the batch, so the sums stay in registers
 (one fp32 atomic per program at the end).
@@ -21,7 +20,7 @@ import triton.language as tl
 from sdae_fast.alloc import empty
 
 from .gather_tokens import (_cast, batch_chunk, feature_block, interpreting, launch_options, needs_wide_offsets,
-                            row_block, rows_contiguous, segment_sums, sort_rows_by_destination)
+                            row_block, rows_contiguous, segment_sums)
 
 
 @triton.jit
@@ -88,18 +87,6 @@ def _unshuffle_param_grads_kernel(grad_ptr, ids_ptr, dmask_ptr, dpos_ptr,
         tl.atomic_add(dmask_ptr + cols, tl.sum(acc_mask, axis=0), mask=col_ok, sem="relaxed")
 
 
-def _x_vis_destination_keys(ids_restore: torch.Tensor, num_prefix: int, keep: int) -> torch.Tensor:
-    """Per grad row (b, t): the x_vis row b·(P+K) + s it came from; mask-token rows get B·(P+K) (none)."""
-    batch = ids_restore.shape[0]
-    rows_in = num_prefix + keep
-    image = torch.arange(batch, device=ids_restore.device)[:, None] * rows_in
-    ids = ids_restore.long()
-    body = torch.where(ids < keep, image + num_prefix + ids, batch * rows_in)
-    if num_prefix:
-        body = torch.cat([image + torch.arange(num_prefix, device=ids.device), body], dim=1)
-    return body
-
-
 class UnshuffleTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_vis, ids_restore, mask_token, pos_embed, num_prefix):
@@ -147,9 +134,8 @@ class UnshuffleTokens(torch.autograd.Function):
                 dx.zero_()
         elif need_x:
             # d x_vis: each visible token sums the grad rows that read it (any ids_restore, no atomics)
-            order, offsets = sort_rows_by_destination(_x_vis_destination_keys(ids_restore, num_prefix, keep),
-                                                      batch * rows_in)
-            segment_sums(grad_out, order, offsets, dx, None, batch=batch, slots=rows_in, p=0)
+            segment_sums(grad_out, ids_restore, dx, None, batch=batch, slots=rows_in, x0=0, seq_out=seq,
+                         p=num_prefix, groups=1, keep=keep)
         if (need_mask or need_pos) and batch and seq and dim:
             block_d = feature_block(dim)
             # ~4096 elements a program on the GPU (several rows in flight per image); all in the interpreter.
