@@ -15,6 +15,23 @@ GATHER.register("torch")(reference.gather_tokens)
 UNSHUFFLE.register("torch")(reference.unshuffle_tokens)
 
 
+# The Triton kernels take any row strides (a non-unit feature stride is made contiguous in the
+# launcher), every float dtype mix and int32/int64 indices, so they add no reasons of their own to
+# the common ones (triton missing, CPU without the interpreter, bf16 in the interpreter).
+@GATHER.register("triton")
+def _gather_triton(x, index, *, pos_embed=None, prefix=None, groups=1):
+    from ..kernels.gather_tokens import gather_tokens as triton_gather_tokens
+
+    return triton_gather_tokens(x, index, pos_embed=pos_embed, prefix=prefix, groups=groups)
+
+
+@UNSHUFFLE.register("triton")
+def _unshuffle_triton(x_vis, ids_restore, mask_token, *, pos_embed=None, num_prefix=0):
+    from ..kernels.unshuffle_tokens import unshuffle_tokens as triton_unshuffle_tokens
+
+    return triton_unshuffle_tokens(x_vis, ids_restore, mask_token, pos_embed=pos_embed, num_prefix=num_prefix)
+
+
 def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, backend=None):
     """``out[r, P + j] = x[r // groups, index[r, j]] + pos_embed[index[r, j]]``, rows ``:P`` = ``prefix``.
 
