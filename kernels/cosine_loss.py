@@ -19,7 +19,7 @@ from ..alloc import empty
 from ..dispatch import triton_interpreting
 from .row_stats import standardize_along
 
-COS_EPS = 1e-8  # F.cosine_similarity's clamp on each norm (sdae_fast.reference.cosine_loss.COS_EPS)
+COS_EPS = tl.constexpr(1e-8)  # F.cosine_similarity's clamp on each norm (sdae_fast.reference.cosine_loss.COS_EPS)
 MAX_BLOCK_N = 16384  # a whole vector lives in registers; longer ones are refused by the op's why_not
 
 

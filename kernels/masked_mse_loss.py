@@ -17,7 +17,7 @@ from ..dispatch import triton_interpreting
 from .cosine_loss import scale_saved_grad
 from .row_stats import standardize_along
 
-NORM_PIX_EPS = 1e-6  # MAE's norm_pix_loss: (t - mean) / (var + 1e-6) ** .5
+NORM_PIX_EPS = tl.constexpr(1e-6)  # MAE's norm_pix_loss: (t - mean) / (var + 1e-6) ** .5
 MAX_BLOCK_P = 16384  # a whole patch lives in registers; longer rows are refused by the op's why_not
 
 
