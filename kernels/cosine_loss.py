@@ -17,6 +17,7 @@ import triton.language as tl
 
 from ..alloc import empty
 from ..dispatch import triton_interpreting
+from .loss_grad import defers_mean_factor, scale_saved_grad
 from .row_stats import standardize_along
 
 COS_EPS = tl.constexpr(1e-8)  # F.cosine_similarity's clamp on each norm (sdae_fast.reference.cosine_loss.COS_EPS)
@@ -80,7 +81,10 @@ def _launch_config(n: int, inner: int, num_vectors: int):
 
 
 def cosine_loss_forward(pred, target, dim: int, standardize_target: bool, eps: float, write_grad: bool):
-    """(fp32 scalar loss, grad of the loss w.r.t. pred for a unit upstream gradient, or None)."""
+    """(fp32 scalar loss, grad w.r.t. pred or None, the mean's factor the grad still lacks or None).
+
+    The grad is for a unit upstream gradient; for fp16 pred it is V times that (see loss_grad).
+    """
     shape = pred.shape
     n = shape[dim]
     outer = math.prod(shape[:dim])
@@ -89,6 +93,7 @@ def cosine_loss_forward(pred, target, dim: int, standardize_target: bool, eps: f
     p = pred.contiguous()
     t = target.detach().contiguous()
     block_n, block_v, num_warps = _launch_config(n, inner, num_vectors)
+    deferred = write_grad and defers_mean_factor(pred.dtype)
     if inner == 1:
         num_inner_blocks = 1
         grid = triton.cdiv(num_vectors, block_v)
@@ -100,31 +105,20 @@ def cosine_loss_forward(pred, target, dim: int, standardize_target: bool, eps: f
     _cosine_loss_fwd_kernel[(grid,)](
         p, t, grad, partials,
         n, inner, num_inner_blocks, num_vectors,
-        1.0 / n, 1.0 / max(n - 1, 1), float(eps), -1.0 / num_vectors,
+        1.0 / n, 1.0 / max(n - 1, 1), float(eps), -1.0 if deferred else -1.0 / num_vectors,
         STANDARDIZE=bool(standardize_target), WRITE_GRAD=write_grad, INNER_ONE=inner == 1,
         BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps,
     )
     # Per-program partial sums reduced by torch: deterministic (no atomics), fp32.
     loss = 1.0 - partials.sum() / num_vectors
-    return loss, (grad if write_grad else None)
-
-
-def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """The saved unit-upstream gradient times ``grad_output``.
-
-    As Liger-Kernel does, skip the extra read+write of the gradient when the upstream gradient is
-    1 (``loss.backward()`` on the loss itself, the common case). The comparison costs one small
-    device->host sync; the multiply it saves costs two full passes over pred-sized memory.
-    """
-    if bool(grad_output == 1):
-        return grad
-    return grad * grad_output.to(grad.dtype)
+    return loss, (grad if write_grad else None), (1.0 / num_vectors if deferred else None)
 
 
 class CosineLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, target, dim, standardize_target, eps):
-        loss, grad = cosine_loss_forward(pred, target, dim, standardize_target, eps, ctx.needs_input_grad[0])
+        loss, grad, ctx.deferred_factor = cosine_loss_forward(
+            pred, target, dim, standardize_target, eps, ctx.needs_input_grad[0])
         if grad is not None:
             ctx.save_for_backward(grad)
         return loss
@@ -132,7 +126,7 @@ class CosineLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return scale_saved_grad(grad, grad_output), None, None, None, None
+        return scale_saved_grad(grad, grad_output, ctx.deferred_factor), None, None, None, None
 
 
 def cosine_loss(pred, target, *, dim: int, standardize_target: bool = True, eps: float = 1e-6):

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..alloc import empty
 from ..dispatch import triton_interpreting
-from .cosine_loss import scale_saved_grad
+from .loss_grad import defers_mean_factor, scale_saved_grad
 from .row_stats import standardize_along
 
 NORM_PIX_EPS = tl.constexpr(1e-6)  # MAE's norm_pix_loss: (t - mean) / (var + 1e-6) ** .5
@@ -25,7 +25,7 @@ MAX_BLOCK_P = 16384  # a whole patch lives in registers; longer rows are refused
 def _masked_mse_fwd_kernel(
     pred_ptr, target_ptr, mask_ptr, mask_sum_ptr, grad_ptr, partial_ptr,
     num_rows, P, inv_p, inv_p_minus_1,
-    NORM_TARGET: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    NORM_TARGET: tl.constexpr, WRITE_GRAD: tl.constexpr, DEFER_MASK_SUM: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -48,8 +48,10 @@ def _masked_mse_fwd_kernel(
 
     if WRITE_GRAD:
         # Every row is written, the skipped ones with zeros (diff is 0 there).
-        mask_sum = tl.load(mask_sum_ptr)
-        row_scale = (2.0 * inv_p / mask_sum) * weight
+        if DEFER_MASK_SUM:  # fp16: backward divides by Σmask (see loss_grad)
+            row_scale = (2.0 * inv_p) * weight
+        else:
+            row_scale = (2.0 * inv_p / tl.load(mask_sum_ptr)) * weight
         grad = diff * row_scale[:, None]
         tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -64,7 +66,10 @@ def _launch_config(num_rows: int, P: int):
 
 
 def masked_mse_forward(pred, target, mask, norm_target: bool, write_grad: bool):
-    """(fp32 scalar loss, grad w.r.t. pred for a unit upstream gradient, or None)."""
+    """(fp32 scalar loss, grad w.r.t. pred or None, the mean's factor the grad still lacks or None).
+
+    The grad is for a unit upstream gradient; for fp16 pred it is Σmask times that (see loss_grad).
+    """
     B, L, P = pred.shape
     num_rows = B * L
     p = pred.contiguous()
@@ -74,23 +79,24 @@ def masked_mse_forward(pred, target, mask, norm_target: bool, write_grad: bool):
         m = m.view(torch.uint8)  # same bytes; Triton loads uint8 portably
     mask_sum = m.sum(dtype=torch.float32)  # on the device: no sync; exact for 0/1 masks
     block_r, block_p, num_warps = _launch_config(num_rows, P)
+    deferred = write_grad and defers_mean_factor(pred.dtype)
     grid = triton.cdiv(num_rows, block_r)
     grad = empty(B, L, P, dtype=pred.dtype, device=pred.device) if write_grad else p
     partials = empty(grid, dtype=torch.float32, device=pred.device)
     _masked_mse_fwd_kernel[(grid,)](
         p, t, m, mask_sum, grad, partials,
         num_rows, P, 1.0 / P, 1.0 / max(P - 1, 1),
-        NORM_TARGET=bool(norm_target), WRITE_GRAD=write_grad,
+        NORM_TARGET=bool(norm_target), WRITE_GRAD=write_grad, DEFER_MASK_SUM=deferred,
         BLOCK_R=block_r, BLOCK_P=block_p, num_warps=num_warps,
     )
     loss = partials.sum() / mask_sum  # deterministic: per-program partials, no atomics
-    return loss, (grad if write_grad else None)
+    return loss, (grad if write_grad else None), (1.0 / mask_sum if deferred else None)
 
 
 class MaskedMSELossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, target, mask, norm_target):
-        loss, grad = masked_mse_forward(pred, target, mask, norm_target, ctx.needs_input_grad[0])
+        loss, grad, ctx.deferred_factor = masked_mse_forward(pred, target, mask, norm_target, ctx.needs_input_grad[0])
         if grad is not None:
             ctx.save_for_backward(grad)
         return loss
@@ -98,7 +104,7 @@ class MaskedMSELossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return scale_saved_grad(grad, grad_output), None, None, None
+        return scale_saved_grad(grad, grad_output, ctx.deferred_factor), None, None, None
 
 
 def masked_mse_loss(pred, target, mask, *, norm_target: bool = True):

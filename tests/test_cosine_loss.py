@@ -179,6 +179,19 @@ def test_triton_grad_scales_with_upstream_and_skips_target():
     assert target.grad is None
 
 
+def test_triton_fp16_small_gradients_survive_a_grad_scaler():
+    # V = 4096 vectors of 8: the unit-upstream gradient (~1/(V·|p|) ≈ 1e-4..1e-5) is largely in
+    # fp16's subnormals; GradScaler's 2^16 upstream must scale it before the fp16 rounding, as
+    # autograd of the reference does, not after.
+    device = triton_device()
+    pred = torch.randn(4096, 8, device=device).half().requires_grad_()
+    target = torch.randn(4096, 8, device=device).half()
+    (65536.0 * cosine_loss(pred, target, backend="triton")).backward()
+    pred64 = pred.detach().double().requires_grad_()
+    (65536.0 * reference.cosine_loss(pred64, target.double())).backward()
+    assert_close(pred.grad, pred64.grad, dtype=torch.float16, reduction=8)
+
+
 def test_triton_without_grad():
     device = triton_device()
     pred, target = torch.randn(5, 9, device=device), torch.randn(5, 9, device=device)

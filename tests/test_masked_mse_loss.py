@@ -159,6 +159,20 @@ def test_triton_grad_scales_with_upstream_and_skips_target():
     assert target.grad is None
 
 
+def test_triton_fp16_small_gradients_survive_a_grad_scaler():
+    # Σmask = 1024 patches of 48: the unit-upstream gradient 2(p - t)/(P·Σmask) ≈ 4e-5 is in
+    # fp16's subnormals; GradScaler's 2^16 upstream must scale it before the fp16 rounding, as
+    # autograd of the reference does, not after.
+    device = triton_device()
+    pred = torch.randn(16, 64, 48, device=device).half().requires_grad_()
+    target = torch.randn(16, 64, 48, device=device).half()
+    mask = torch.ones(16, 64, device=device)
+    (65536.0 * masked_mse_loss(pred, target, mask, backend="triton")).backward()
+    pred64 = pred.detach().double().requires_grad_()
+    (65536.0 * reference.masked_mse_loss(pred64, target.double(), mask)).backward()
+    assert_close(pred.grad, pred64.grad, dtype=torch.float16, reduction=48)
+
+
 def test_triton_without_grad():
     device = triton_device()
     pred, target = torch.randn(2, 5, 12, device=device), torch.randn(2, 5, 12, device=device)
