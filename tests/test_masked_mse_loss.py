@@ -197,8 +197,9 @@ def test_kernel_compiles_for_hopper():
     signature = {"pred_ptr": "*bf16", "target_ptr": "*bf16", "mask_ptr": "*u8", "mask_sum_ptr": "*fp32",
                  "grad_ptr": "*bf16", "partial_ptr": "*fp32", "num_rows": "i32", "P": "i32", "inv_p": "fp32",
                  "inv_p_minus_1": "fp32", "NORM_TARGET": "constexpr", "WRITE_GRAD": "constexpr",
-                 "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"}
-    variants = [{"NORM_TARGET": True, "WRITE_GRAD": True, "BLOCK_R": 4, "BLOCK_P": 1024}]
+                 "DEFER_MASK_SUM": "constexpr", "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"}
+    variants = [{"NORM_TARGET": True, "WRITE_GRAD": True, "DEFER_MASK_SUM": defer, "BLOCK_R": 4, "BLOCK_P": 1024}
+                for defer in (False, True)]
     compile_for_hopper("sdae_fast.kernels.masked_mse_loss", "_masked_mse_fwd_kernel", signature, variants, num_warps=8)
 
 
