@@ -192,6 +192,18 @@ def test_triton_fp16_small_gradients_survive_a_grad_scaler():
     assert_close(pred.grad, pred64.grad, dtype=torch.float16, reduction=8)
 
 
+def test_triton_mixed_dtypes_and_negative_dim():
+    # Under autocast the student output is fp16 while the teacher target may stay fp32.
+    device = triton_device()
+    pred = torch.randn(6, 7, 33, device=device).half().requires_grad_()
+    target = torch.randn(6, 7, 33, device=device)
+    cosine_loss(pred, target, dim=-2, backend="triton").backward()
+    pred64 = pred.detach().double().requires_grad_()
+    reference.cosine_loss(pred64, target.double(), dim=1).backward()
+    assert pred.grad.dtype == torch.float16
+    assert_close(pred.grad, pred64.grad, dtype=torch.float16, reduction=7)
+
+
 def test_triton_without_grad():
     device = triton_device()
     pred, target = torch.randn(5, 9, device=device), torch.randn(5, 9, device=device)

@@ -173,6 +173,14 @@ def test_triton_fp16_small_gradients_survive_a_grad_scaler():
     assert_close(pred.grad, pred64.grad, dtype=torch.float16, reduction=48)
 
 
+def test_triton_mixed_dtypes():
+    # MAE under autocast: fp16 decoder output against the fp32 patchified image.
+    device = triton_device()
+    pred = torch.randn(2, 8, 48, device=device).half().requires_grad_()
+    target = torch.rand(2, 8, 48, device=device)
+    _compare(pred, target, _mask(2, 8, "float", device), True)
+
+
 def test_triton_without_grad():
     device = triton_device()
     pred, target = torch.randn(2, 5, 12, device=device), torch.randn(2, 5, 12, device=device)
