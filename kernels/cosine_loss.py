@@ -131,4 +131,6 @@ class CosineLossFunction(torch.autograd.Function):
 
 def cosine_loss(pred, target, *, dim: int, standardize_target: bool = True, eps: float = 1e-6):
     """Triton backend of :func:`sdae_fast.ops.cosine_loss` (``dim`` already non-negative)."""
-    return CosineLossFunction.apply(pred, target, dim, standardize_target, eps)
+    # target is a constant (SPEC §4): detached here, so a target that requires grad neither makes
+    # the loss differentiable when pred is not, nor reaches the backward.
+    return CosineLossFunction.apply(pred, target.detach(), dim, standardize_target, eps)

@@ -109,4 +109,6 @@ class MaskedMSELossFunction(torch.autograd.Function):
 
 def masked_mse_loss(pred, target, mask, *, norm_target: bool = True):
     """Triton backend of :func:`sdae_fast.ops.masked_mse_loss`."""
-    return MaskedMSELossFunction.apply(pred, target, mask, norm_target)
+    # target is a constant (SPEC §4): detached here, so a target that requires grad neither makes
+    # the loss differentiable when pred is not, nor reaches the backward.
+    return MaskedMSELossFunction.apply(pred, target.detach(), mask.detach(), norm_target)

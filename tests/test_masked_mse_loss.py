@@ -185,8 +185,8 @@ def test_triton_without_grad():
     device = triton_device()
     pred, target = torch.randn(2, 5, 12, device=device), torch.randn(2, 5, 12, device=device)
     mask = _mask(2, 5, "bool", device)
-    loss = masked_mse_loss(pred, target, mask, backend="triton")
-    assert loss.grad_fn is None
+    loss = masked_mse_loss(pred, target.requires_grad_(), mask, backend="triton")
+    assert loss.grad_fn is None and not loss.requires_grad  # target is a constant
     assert_close(loss, reference.masked_mse_loss(pred.double(), target.double(), mask), dtype=torch.float32,
                  reduction=120)
 
