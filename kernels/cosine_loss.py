@@ -110,7 +110,7 @@ def cosine_loss_forward(pred, target, dim: int, standardize_target: bool, eps: f
         BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps,
     )
     # Per-program partial sums reduced by torch: deterministic (no atomics), fp32.
-    loss = 1.0 - partials.sum() / num_vectors
+    loss = torch.rsub(partials.sum(), 1.0, alpha=1.0 / num_vectors)  # 1 - Σcos / V in one launch
     return loss, (grad if write_grad else None), (1.0 / num_vectors if deferred else None)
 
 

@@ -24,10 +24,8 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, deferred_fac
     the multiply it saves two full passes over pred-sized memory. The scale stays an fp32 0-dim
     tensor, so the product is computed in fp32 and rounded once to grad's dtype.
     """
-    scale = grad_output.float()
     if deferred_factor is None:
-        if bool(scale == 1):
+        if grad_output.item() == 1.0:  # one 4-byte copy back; no comparison kernel to launch
             return grad
-    else:
-        scale = scale * deferred_factor
-    return grad * scale
+        return grad * grad_output.float()
+    return grad * (grad_output.float() * deferred_factor)
