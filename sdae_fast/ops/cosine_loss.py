@@ -29,7 +29,10 @@ def _triton(pred, target, *, dim, standardize_target=True, eps=1e-6):
 def cosine_loss(pred, target, *, dim=-1, standardize_target=True, eps=1e-6, backend=None):
     """``1 - mean(cos(pred, standardize(target)))`` along ``dim``; fp32 scalar; no gradient to target.
 
-    See :func:`sdae_fast.reference.cosine_loss` for the exact formula.
+    See :func:`sdae_fast.reference.cosine_loss` for the exact formula. The Triton backend reads
+    pred and target once and writes d loss / d pred in the same pass; its backward only scales that
+    buffer (and returns it as is for a unit upstream gradient, at the cost of one 4-byte
+    device->host copy).
     """
     check_tensor("pred", pred)
     check_tensor("target", target)

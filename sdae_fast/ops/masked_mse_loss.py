@@ -35,6 +35,8 @@ def masked_mse_loss(pred, target, mask, *, norm_target=True, backend=None):
 
     pred, target (B, L, P); mask (B, L) with 1 where the patch was removed. An all-zero mask is an
     error (the mean over no patches is undefined); checking it costs one device->host sync.
+    The Triton backend never reads pred/target of unmasked patches (their gradient is written as
+    zeros) and writes d loss / d pred in the forward pass; its backward only scales that buffer.
     """
     check_tensor("pred", pred, ndim=3)
     check_tensor("target", target, ndim=3)
