@@ -8,11 +8,31 @@ from ..validate import check_same_device, check_tensor
 COSINE_LOSS = op("cosine_loss", auto_order=("triton", "torch"))
 COSINE_LOSS.register("torch")(reference.cosine_loss)
 
+# Mirrors sdae_fast.kernels.cosine_loss.MAX_BLOCK_N without importing the kernel module.
+TRITON_MAX_VECTOR = 16384
+
+
+def _triton_why_not(pred, target, *, dim, standardize_target=True, eps=1e-6):
+    n = pred.shape[dim]
+    if n > TRITON_MAX_VECTOR:
+        return [f"the Triton kernel holds a whole vector in registers: size {n} along dim {dim} exceeds {TRITON_MAX_VECTOR}"]
+    return []
+
+
+@COSINE_LOSS.register("triton", why_not=_triton_why_not)
+def _triton(pred, target, *, dim, standardize_target=True, eps=1e-6):
+    from ..kernels.cosine_loss import cosine_loss as triton_cosine_loss
+
+    return triton_cosine_loss(pred, target, dim=dim, standardize_target=standardize_target, eps=eps)
+
 
 def cosine_loss(pred, target, *, dim=-1, standardize_target=True, eps=1e-6, backend=None):
     """``1 - mean(cos(pred, standardize(target)))`` along ``dim``; fp32 scalar; no gradient to target.
 
-    See :func:`sdae_fast.reference.cosine_loss` for the exact formula.
+    See :func:`sdae_fast.reference.cosine_loss` for the exact formula. The Triton backend reads
+    pred and target once and writes d loss / d pred in the same pass; its backward only scales that
+    buffer (and returns it as is for a unit upstream gradient, at the cost of one 4-byte
+    device->host copy).
     """
     check_tensor("pred", pred)
     check_tensor("target", target)

@@ -10,6 +10,23 @@ from ..validate import check_same_device, check_shape, check_tensor
 MASKED_MSE_LOSS = op("masked_mse_loss", auto_order=("triton", "torch"))
 MASKED_MSE_LOSS.register("torch")(reference.masked_mse_loss)
 
+# Mirrors sdae_fast.kernels.masked_mse_loss.MAX_BLOCK_P without importing the kernel module.
+TRITON_MAX_PATCH = 16384
+
+
+def _triton_why_not(pred, target, mask, *, norm_target=True):
+    if pred.shape[-1] > TRITON_MAX_PATCH:
+        return [f"the Triton kernel holds a whole patch in registers: {pred.shape[-1]} values exceed {TRITON_MAX_PATCH}"]
+    return []
+
+
+@MASKED_MSE_LOSS.register("triton", why_not=_triton_why_not)
+def _triton(pred, target, mask, *, norm_target=True):
+    from ..kernels.masked_mse_loss import masked_mse_loss as triton_masked_mse_loss
+
+    return triton_masked_mse_loss(pred, target, mask, norm_target=norm_target)
+
+
 MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8, torch.int32, torch.int64)
 
 
@@ -18,6 +35,8 @@ def masked_mse_loss(pred, target, mask, *, norm_target=True, backend=None):
 
     pred, target (B, L, P); mask (B, L) with 1 where the patch was removed. An all-zero mask is an
     error (the mean over no patches is undefined); checking it costs one device->host sync.
+    The Triton backend never reads pred/target of unmasked patches (their gradient is written as
+    zeros) and writes d loss / d pred in the forward pass; its backward only scales that buffer.
     """
     check_tensor("pred", pred, ndim=3)
     check_tensor("target", target, ndim=3)

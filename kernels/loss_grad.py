@@ -1,0 +1,31 @@
+"""The backward of a loss whose forward already wrote d loss / d pred (Liger-style): scale only.
+
+fp16 needs care. The gradient of a mean over many elements is tiny (~1/(V·|p|) for the cosine
+loss, 2(p - t)/(P·Σmask) for the masked MSE): for real batches it lands in fp16's subnormals, and
+GradScaler's upstream scale (often 2^16) applied afterwards cannot restore the lost bits, whereas
+autograd of the reference multiplies in fp32 and rounds once. So for fp16 the kernel stores the
+gradient WITHOUT the mean's 1/count factor (an O(1/|p|) or O(|p - t|/P) value, well inside fp16's
+normal range) and backward applies count⁻¹ · grad_output in one fp32-accurate multiply.
+bf16 shares fp32's exponent range and fp32 is fp32: they store the final unit gradient.
+"""
+import torch
+
+
+def defers_mean_factor(dtype: torch.dtype) -> bool:
+    """Whether the forward leaves the 1/count factor of the mean to the backward (fp16 only)."""
+    return dtype == torch.float16
+
+
+def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, deferred_factor=None) -> torch.Tensor:
+    """``grad · grad_output`` (· ``deferred_factor`` when the forward left the mean's factor out).
+
+    As Liger-Kernel does, a unit upstream gradient (``loss.backward()`` on the loss itself, the
+    common case) returns the saved buffer as is: the comparison costs one small device->host sync,
+    the multiply it saves two full passes over pred-sized memory. The scale stays an fp32 0-dim
+    tensor, so the product is computed in fp32 and rounded once to grad's dtype.
+    """
+    if deferred_factor is None:
+        if grad_output.item() == 1.0:  # one 4-byte copy back; no comparison kernel to launch
+            return grad
+        return grad * grad_output.float()
+    return grad * (grad_output.float() * deferred_factor)
