@@ -103,6 +103,7 @@ def _contrastive_bwd_kernel(
         cnt_j = tl.load(cnt_ptr + img * N + rows_j, mask=j_ok, other=0.0)
         sim = _sim_tile(z_base, rows_i, rows_j, i_ok, j_ok, D, stride_zn, BLOCK_M, BLOCK_N, BLOCK_D) * inv_t
         keep = i_ok[:, None] & j_ok[None, :] & (rows_i[:, None] != rows_j[None, :])
+        sim = tl.where(keep, sim, float("-inf"))  # the diagonal sim_ii may overflow exp(sim_ii - lse)
         pos = (keep & (lab_i[:, None] == lab_j[None, :])).to(tl.float32)
         # i as anchor (statistics of row i) and i as key of anchor j (statistics of row j; sim is symmetric).
         as_anchor = tl.where(keep & valid_i[:, None], tl.exp(sim - lse_i[:, None]) - pos * inv_cnt_i[:, None], 0.0)
