@@ -23,7 +23,7 @@ from sdae_fast.alloc import empty
 
 @triton.jit
 def _sim_tile(z_base, rows_i, rows_j, i_ok, j_ok, D, stride_n,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """z_i · z_jᵀ for one (anchor block, key block), fp32 accumulation over D-chunks."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -31,21 +31,32 @@ def _sim_tile(z_base, rows_i, rows_j, i_ok, j_ok, D, stride_n,
         d_ok = d < D
         a = tl.load(z_base + rows_i[:, None] * stride_n + d[None, :], mask=i_ok[:, None] & d_ok[None, :], other=0.0)
         b = tl.load(z_base + rows_j[:, None] * stride_n + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+        acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
     return acc
 
 
 @triton.jit
+def _inverse_norms(r_ptr, idx, ok, NORMALIZE: tl.constexpr):
+    """1/||z|| per token when normalising (fp32, from PyTorch), else ones."""
+    if NORMALIZE:
+        return tl.load(r_ptr + idx, mask=ok, other=1.0)
+    else:
+        return tl.full(idx.shape, 1.0, tl.float32)
+
+
+@triton.jit
 def _contrastive_fwd_kernel(
-    z_ptr, lab_ptr, lse_ptr, cnt_ptr, loss_ptr,
+    z_ptr, r_ptr, lab_ptr, lse_ptr, cnt_ptr, loss_ptr,
     N, D, stride_zm, stride_zn, stride_lm, inv_t,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     img = tl.program_id(0)
     rows_i = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     i_ok = rows_i < N
     z_base = z_ptr + img.to(tl.int64) * stride_zm
     lab_i = tl.load(lab_ptr + img * stride_lm + rows_i, mask=i_ok, other=-1)
+    r_i = _inverse_norms(r_ptr, img * N + rows_i, i_ok, NORMALIZE)
 
     m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_run = tl.zeros([BLOCK_M], tl.float32)
@@ -55,7 +66,9 @@ def _contrastive_fwd_kernel(
         rows_j = j0 + tl.arange(0, BLOCK_N)
         j_ok = rows_j < N
         lab_j = tl.load(lab_ptr + img * stride_lm + rows_j, mask=j_ok, other=-1)
-        sim = _sim_tile(z_base, rows_i, rows_j, i_ok, j_ok, D, stride_zn, BLOCK_M, BLOCK_N, BLOCK_D) * inv_t
+        r_j = _inverse_norms(r_ptr, img * N + rows_j, j_ok, NORMALIZE)
+        dots = _sim_tile(z_base, rows_i, rows_j, i_ok, j_ok, D, stride_zn, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        sim = dots * r_i[:, None] * r_j[None, :] * inv_t
         keep = j_ok[None, :] & (rows_i[:, None] != rows_j[None, :])
         pos = keep & (lab_i[:, None] == lab_j[None, :])
         x = tl.where(keep, sim, float("-inf"))
@@ -78,9 +91,10 @@ def _contrastive_fwd_kernel(
 
 @triton.jit
 def _contrastive_bwd_kernel(
-    z_ptr, lab_ptr, lse_ptr, cnt_ptr, scale_ptr, dz_ptr,
+    z_ptr, r_ptr, lab_ptr, lse_ptr, cnt_ptr, scale_ptr, dz_ptr, dr_ptr,
     N, D, stride_zm, stride_zn, stride_lm, stride_dm, stride_dn, inv_t,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    NORMALIZE: tl.constexpr, BLOCK_DO: tl.constexpr, SPLIT_W: tl.constexpr,
 ):
     img = tl.program_id(0)
     rows_i = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -93,15 +107,19 @@ def _contrastive_bwd_kernel(
     cnt_i = tl.load(cnt_ptr + img * N + rows_i, mask=i_ok, other=0.0)
     valid_i = cnt_i > 0
     inv_cnt_i = 1.0 / tl.maximum(cnt_i, 1.0)
+    r_i = _inverse_norms(r_ptr, img * N + rows_i, i_ok, NORMALIZE)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    dr_acc = tl.zeros([BLOCK_M], tl.float32)
     for j0 in range(0, N, BLOCK_N):
         rows_j = j0 + tl.arange(0, BLOCK_N)
         j_ok = rows_j < N
         lab_j = tl.load(lab_ptr + img * stride_lm + rows_j, mask=j_ok, other=-1)
         lse_j = tl.load(lse_ptr + img * N + rows_j, mask=j_ok, other=0.0)
         cnt_j = tl.load(cnt_ptr + img * N + rows_j, mask=j_ok, other=0.0)
-        sim = _sim_tile(z_base, rows_i, rows_j, i_ok, j_ok, D, stride_zn, BLOCK_M, BLOCK_N, BLOCK_D) * inv_t
+        r_j = _inverse_norms(r_ptr, img * N + rows_j, j_ok, NORMALIZE)
+        dots = _sim_tile(z_base, rows_i, rows_j, i_ok, j_ok, D, stride_zn, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        sim = dots * r_i[:, None] * r_j[None, :] * inv_t
         keep = i_ok[:, None] & j_ok[None, :] & (rows_i[:, None] != rows_j[None, :])
         sim = tl.where(keep, sim, float("-inf"))  # the diagonal sim_ii may overflow exp(sim_ii - lse)
         pos = (keep & (lab_i[:, None] == lab_j[None, :])).to(tl.float32)
@@ -111,61 +129,86 @@ def _contrastive_bwd_kernel(
         as_key = tl.where(keep & (cnt_j > 0)[None, :], tl.exp(sim - lse_j[None, :]) - pos * inv_cnt_j[None, :], 0.0)
         z_j = tl.load(z_base + rows_j[:, None] * stride_zn + d_out[None, :], mask=j_ok[:, None] & do_ok[None, :],
                       other=0.0)
-        acc += tl.dot((as_anchor + as_key).to(z_j.dtype), z_j, input_precision="ieee")
+        w = as_anchor + as_key
+        if NORMALIZE:
+            # sim_ij = r_i r_j z_i·z_j / T: dL/dr_i = Σ_j w_ij r_j z_i·z_j / T; dL/dz_i carries r_i r_j.
+            dr_acc += tl.sum(w * tl.where(keep, dots, 0.0) * r_j[None, :], axis=1)
+            w = w * r_j[None, :]
+        w_hi = w.to(z_j.dtype)
+        acc += tl.dot(w_hi, z_j, input_precision=PRECISION)
+        if SPLIT_W:
+            # 16-bit z: w rounded to 16 bits would lose ~3 digits, and Σ_j w_ij = 0 for an anchor
+            # (softmax minus positives) so dz cancels; a second product with the rounding
+            # remainder keeps w at ~fp32 precision on the tensor cores.
+            acc += tl.dot((w - w_hi.to(tl.float32)).to(z_j.dtype), z_j, input_precision=PRECISION)
 
-    scale = tl.load(scale_ptr)  # grad_output / (n_valid · T), kept on the device: no host sync
+    scale = tl.load(scale_ptr) * inv_t  # grad_output / (n_valid · T), kept on the device: no host sync
     dz = acc * scale
+    if NORMALIZE:
+        dz = dz * r_i[:, None]
+        if tl.program_id(2) == 0:  # every D-chunk program has dr; one writes it
+            tl.store(dr_ptr + img * N + rows_i, dr_acc * scale, mask=i_ok)
     tl.store(dz_ptr + img.to(tl.int64) * stride_dm + rows_i[:, None] * stride_dn + d_out[None, :],
              dz.to(dz_ptr.dtype.element_ty), mask=i_ok[:, None] & do_ok[None, :])
 
 
-def _blocks(n: int, d: int, device: torch.device):
-    if device.type == "cuda":
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64), 128, 4
+def _blocks(n: int, d: int, z: torch.Tensor):
+    # fp32 features: exact fp32 products (no tf32), as the reference computes.
+    precision = "ieee" if z.dtype == torch.float32 else "tf32"
+    if z.device.type == "cuda":
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, PRECISION=precision), 128, 4
     # Interpreter: few, large programs (each program costs Python time, not its width).
-    return dict(BLOCK_M=32 if n <= 32 else 64, BLOCK_N=32 if n <= 32 else 64, BLOCK_D=32 if d <= 32 else 64), 64, 1
+    return dict(BLOCK_M=32 if n <= 32 else 64, BLOCK_N=32 if n <= 32 else 64, BLOCK_D=32 if d <= 32 else 64,
+                PRECISION=precision), 64, 1
 
 
 class HomologousContrastiveFunction(torch.autograd.Function):
+    """Loss from raw z and fp32 inverse norms r (or None): normalising inside the products keeps
+    16-bit features exact instead of rounding z/||z|| back to 16 bits."""
+
     @staticmethod
-    def forward(ctx, z, labels, temperature):
+    def forward(ctx, z, inv_norm, labels, temperature):
         z = z.contiguous()
         labels = labels.contiguous()
         m, n, d = z.shape
-        blocks, block_do, warps = _blocks(n, d, z.device)
+        normalize = inv_norm is not None
+        r = inv_norm.contiguous() if normalize else z
+        blocks, block_do, warps = _blocks(n, d, z)
         lse = empty(m, n, dtype=torch.float32, device=z.device)
         cnt = empty(m, n, dtype=torch.float32, device=z.device)
         per_anchor = empty(m, n, dtype=torch.float32, device=z.device)
         grid = (m, triton.cdiv(n, blocks["BLOCK_M"]))
-        _contrastive_fwd_kernel[grid](z, labels, lse, cnt, per_anchor, n, d, z.stride(0), z.stride(1),
-                                      labels.stride(0), 1.0 / temperature, **blocks, num_warps=warps)
+        _contrastive_fwd_kernel[grid](z, r, labels, lse, cnt, per_anchor, n, d, z.stride(0), z.stride(1),
+                                      labels.stride(0), 1.0 / temperature, **blocks, NORMALIZE=normalize,
+                                      num_warps=warps)
         n_valid = (cnt > 0).sum().to(torch.float32).clamp(min=1.0)
-        ctx.save_for_backward(z, labels, lse, cnt, n_valid)
-        ctx.temperature = temperature
+        ctx.save_for_backward(z, r, labels, lse, cnt, n_valid)
+        ctx.temperature, ctx.normalize = temperature, normalize
         return per_anchor.sum() / n_valid
 
     @staticmethod
     def backward(ctx, grad_output):
-        z, labels, lse, cnt, n_valid = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
+        z, r, labels, lse, cnt, n_valid = ctx.saved_tensors
         m, n, d = z.shape
-        blocks, block_do, warps = _blocks(n, d, z.device)
-        scale = (grad_output.to(torch.float32) / (n_valid * ctx.temperature)).reshape(1)
+        blocks, block_do, warps = _blocks(n, d, z)
+        scale = (grad_output.to(torch.float32) / n_valid).reshape(1)
         dz = empty(m, n, d, dtype=z.dtype, device=z.device)
+        dr = empty(m, n, dtype=torch.float32, device=z.device) if ctx.normalize else None
         grid = (m, triton.cdiv(n, blocks["BLOCK_M"]), triton.cdiv(d, block_do))
-        _contrastive_bwd_kernel[grid](z, labels, lse, cnt, scale, dz, n, d, z.stride(0), z.stride(1),
-                                      labels.stride(0), dz.stride(0), dz.stride(1), 1.0 / ctx.temperature,
-                                      **blocks, BLOCK_DO=block_do, num_warps=warps)
-        return dz, None, None
+        _contrastive_bwd_kernel[grid](z, r, labels, lse, cnt, scale, dz, dr if dr is not None else scale,
+                                      n, d, z.stride(0), z.stride(1), labels.stride(0), dz.stride(0), dz.stride(1),
+                                      1.0 / ctx.temperature, **blocks, NORMALIZE=ctx.normalize, BLOCK_DO=block_do,
+                                      SPLIT_W=z.dtype != torch.float32, num_warps=warps)
+        return dz, dr, None, None
 
 
 def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True):
     """Fused homologous contrastive loss; same contract as the reference (fp32 scalar).
 
-    With ``normalize`` the L2 normalisation runs in PyTorch (fp32, then back to z's dtype for the
-    tensor-core products) and autograd carries the gradient through it.
+    With ``normalize`` the inverse norms ``1/max(||z||, 1e-12)`` (F.normalize's) are computed in
+    fp32 by PyTorch, whose autograd carries their gradient back to z.
     """
+    inv_norm = None
     if normalize:
-        z = F.normalize(z.to(torch.float32), dim=-1).to(z.dtype)
-    return HomologousContrastiveFunction.apply(z, labels, float(temperature))
+        inv_norm = torch.linalg.vector_norm(z.to(torch.float32), dim=-1).clamp_min(1e-12).reciprocal()
+    return HomologousContrastiveFunction.apply(z, inv_norm, labels, float(temperature))
