@@ -11,8 +11,8 @@ and writes them as partials. Splitting K fills the GPU when B is small (B=64, K=
 Sweep 2 (``_dino_grad_kernel``), same grid: each program combines the (few) partials of its batch
 element, writes the per-element loss (split 0 only) and the student gradient of its chunk,
 ``dL/ds_v = (n_v · softmax(s_v/Ts) − Σ_{g≠v} q_g) / (pairs · B · Ts)``. Backward only scales it.
-The centre update reuses the reference's ``update_center_`` (column mean, all-reduced across
-processes) after the loss, so the loss sees the old centre.
+The centre update runs after the loss (which sees the old centre): column sums of the teacher in
+fp32 without an fp32 copy of it, all-reduced across processes as the reference's ``update_center_``.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+import torch.distributed as dist
+
 from sdae_fast.alloc import empty
-from sdae_fast.reference.dino_loss import update_center_
 
 
 @triton.jit
@@ -231,5 +232,19 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
     loss = DinoLossFunction.apply(student_out, teacher_out, center, float(student_temp), float(teacher_temp),
                                   int(num_global), block_k, splits)
     if update_center:
-        update_center_(center, teacher_out.detach(), center_momentum)
+        _update_center_(center, teacher_out.detach(), center_momentum)
     return loss
+
+
+@torch.no_grad()
+def _update_center_(center, teacher, momentum):
+    """``center <- m·center + (1 - m)·mean(teacher rows over every process)``, as the reference
+    does, but summing in fp32 without materialising an fp32 copy of the teacher."""
+    acc = torch.promote_types(center.dtype, torch.float32)
+    batch_sum = teacher.sum(dim=0, dtype=acc)
+    count = teacher.shape[0]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(batch_sum)
+        count *= dist.get_world_size()
+    new = center.reshape(-1).to(acc) * momentum + batch_sum * ((1.0 - momentum) / count)
+    center.copy_(new.reshape(center.shape).to(center.dtype))
