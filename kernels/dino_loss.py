@@ -206,9 +206,12 @@ class DinoLossFunction(torch.autograd.Function):
     """Loss and student gradient in one forward; backward scales the stored gradient."""
 
     @staticmethod
-    def forward(ctx, student, teacher, center, student_temp, teacher_temp, num_global, block_k, splits):
+    def forward(ctx, student, teacher, center, student_temp, teacher_temp, num_global, block_k, splits, grad_mode):
+        # grad_mode: autograd was recording at the call (forward itself always runs without it),
+        # so evaluation under torch.no_grad() skips the gradient sweep.
+        write_grad = bool(grad_mode and ctx.needs_input_grad[0])
         loss, grad = _dino_forward(student, teacher.detach(), center.detach(), student_temp, teacher_temp,
-                                   num_global, ctx.needs_input_grad[0], block_k, splits)
+                                   num_global, write_grad, block_k, splits)
         ctx.save_for_backward(grad) if grad is not None else None
         return loss
 
@@ -220,7 +223,7 @@ class DinoLossFunction(torch.autograd.Function):
             # Liger's trick: the loss is usually the graph's root, so skip the scaling pass then.
             if not torch.equal(grad_output, torch.ones_like(grad_output)):
                 grad = grad * grad_output.to(grad.dtype)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_temp=0.04, num_global=2,
@@ -230,7 +233,7 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
     ``block_k``/``splits`` override the launch shape (tests use them to exercise the split combine).
     """
     loss = DinoLossFunction.apply(student_out, teacher_out, center, float(student_temp), float(teacher_temp),
-                                  int(num_global), block_k, splits)
+                                  int(num_global), block_k, splits, torch.is_grad_enabled())
     if update_center:
         _update_center_(center, teacher_out.detach(), center_momentum)
     return loss

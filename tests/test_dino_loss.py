@@ -173,6 +173,9 @@ def test_triton_without_student_grad():
     loss = sdae_fast.dino_loss(s, t, c, backend="triton", update_center=False)
     want = reference_dino_loss(s.double(), t.double(), c.double(), update_center=False)
     assert not loss.requires_grad
+    with torch.no_grad():  # evaluation: the gradient sweep is skipped, the loss is the same
+        s_leaf = s.clone().requires_grad_()
+        assert torch.equal(sdae_fast.dino_loss(s_leaf, t, c, backend="triton", update_center=False), loss)
     assert_close(loss, want, dtype=torch.float32, reduction=_reductions(s, t, c, 0.1, 0.04, 4, 2)[0])
 
 
