@@ -147,10 +147,19 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _launch_shape(batch: int, width: int, device: torch.device, block_k: int | None, splits: int | None):
-    """(BLOCK_K, chunk, splits): enough programs to fill the device, every chunk non-empty."""
+def _prev_pow2(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def _launch_shape(batch: int, width: int, rows: int, device: torch.device, block_k: int | None,
+                  splits: int | None):
+    """(BLOCK_K, chunk, splits): enough programs to fill the device, every chunk non-empty.
+
+    ``rows`` = padded global × padded views: the (rows, BLOCK_K) products live in registers, so
+    BLOCK_K shrinks as the view count grows (256 for DINO's 2 × 10 views).
+    """
     if block_k is None:
-        block_k = 256 if device.type == "cuda" else 512
+        block_k = max(64, min(512, _prev_pow2(8192 // rows))) if device.type == "cuda" else 512
     block_k = min(block_k, _next_pow2(width))
     tiles = triton.cdiv(width, block_k)
     if splits is None:
@@ -173,8 +182,8 @@ def _dino_forward(student, teacher, center, student_temp, teacher_temp, num_glob
     teacher = teacher if teacher.stride(1) == 1 else teacher.contiguous()
     center = center.reshape(-1).contiguous()
     dev = student.device
-    block_k, chunk, nsplit = _launch_shape(batch, width, dev, block_k, splits)
     vp, gp = max(2, _next_pow2(views)), max(2, _next_pow2(num_global))
+    block_k, chunk, nsplit = _launch_shape(batch, width, vp * gp, dev, block_k, splits)
     parts = batch * nsplit
     f32 = torch.float32
     m_s, l_s = empty(parts, vp, dtype=f32, device=dev), empty(parts, vp, dtype=f32, device=dev)
