@@ -26,6 +26,9 @@ def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True, 
 
     z (M, N, D) token features; labels (M, N) non-negative integer source ids. Anchors without a
     positive are skipped; with none at all the loss is 0.
+
+    Backends: ``torch`` (the reference) and ``triton`` (flash-style: similarities in tiles, never
+    an (M, N, N) tensor; the backward recomputes them).
     """
     check_tensor("z", z, ndim=3)
     check_tensor("labels", labels, ndim=2, dtypes=INDEX_DTYPES)

@@ -37,6 +37,9 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
     student_out (V·B, K) for V views; teacher_out (num_global·B, K), a constant; center (K,) or
     (1, K), updated in place after the loss (all-reduced across processes) when ``update_center``.
     Returns an fp32 scalar.
+
+    Backends: ``torch`` (the reference) and ``triton`` (two streaming sweeps over the logits that
+    also produce the student gradient; never a softmax of width K; up to 64 views, 8 global).
     """
     check_tensor("student_out", student_out, ndim=2)
     check_tensor("teacher_out", teacher_out, ndim=2)
