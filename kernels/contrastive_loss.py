@@ -6,7 +6,7 @@ Forward, grid (M, anchor blocks): stream key blocks of the same image, ``sim = z
 j ≠ i) similarities and their count. ``loss_i = lse_i − Σ_pos sim_ij / |P_i|``; anchors without a
 positive contribute nothing; loss = mean over the valid anchors (0 when there are none).
 
-Backward recomputes the similarity tiles. With ``dsim_ij = (softmax_ij − [j∈P_i]/|P_i|) / n_valid``
+Backward recomputes the similarity tiles (and, with normalisation, fuses its backward). With ``dsim_ij = (softmax_ij − [j∈P_i]/|P_i|) / n_valid``
 for valid anchors i and the symmetric ``sim``, ``dz_i = (1/T) Σ_j (dsim_ij + dsim_ji) z_j`` — each
 tile serves z_i both as anchor (row statistics of i) and as key (row statistics of j). Grid
 (M, anchor blocks, D-chunks of the output) keeps the accumulator small at D = 768.
@@ -91,7 +91,7 @@ def _contrastive_fwd_kernel(
 
 @triton.jit
 def _contrastive_bwd_kernel(
-    z_ptr, r_ptr, lab_ptr, lse_ptr, cnt_ptr, scale_ptr, dz_ptr, dr_ptr,
+    z_ptr, r_ptr, r3_ptr, lab_ptr, lse_ptr, cnt_ptr, scale_ptr, dz_ptr,
     N, D, stride_zm, stride_zn, stride_lm, stride_dm, stride_dn, inv_t,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     NORMALIZE: tl.constexpr, BLOCK_DO: tl.constexpr, SPLIT_W: tl.constexpr,
@@ -131,7 +131,8 @@ def _contrastive_bwd_kernel(
                       other=0.0)
         w = as_anchor + as_key
         if NORMALIZE:
-            # sim_ij = r_i r_j z_i·z_j / T: dL/dr_i = Σ_j w_ij r_j z_i·z_j / T; dL/dz_i carries r_i r_j.
+            # With zn = r·z, g_i = dL/dzn_i = Σ_j w_ij zn_j / T, the radial part zn_i·g_i / r_i is
+            # Σ_j w_ij r_j z_i·z_j / T: a row sum over the full-D dots this program already has.
             dr_acc += tl.sum(w * tl.where(keep, dots, 0.0) * r_j[None, :], axis=1)
             w = w * r_j[None, :]
         w_hi = w.to(z_j.dtype)
@@ -145,9 +146,12 @@ def _contrastive_bwd_kernel(
     scale = tl.load(scale_ptr) * inv_t  # grad_output / (n_valid · T), kept on the device: no host sync
     dz = acc * scale
     if NORMALIZE:
-        dz = dz * r_i[:, None]
-        if tl.program_id(2) == 0:  # every D-chunk program has dr; one writes it
-            tl.store(dr_ptr + img * N + rows_i, dr_acc * scale, mask=i_ok)
+        # dL/dz_i = r_i g_i − r_i³ (z_i·g_i) z_i: the normalisation's backward, fused so dz is
+        # rounded to its dtype once. r3 is 0 where the norm was clamped (F.normalize's eps).
+        r3_i = tl.load(r3_ptr + img * N + rows_i, mask=i_ok, other=0.0)
+        z_i = tl.load(z_base + rows_i[:, None] * stride_zn + d_out[None, :], mask=i_ok[:, None] & do_ok[None, :],
+                      other=0.0).to(tl.float32)
+        dz = (acc * r_i[:, None] - (r3_i * dr_acc)[:, None] * z_i) * scale
     tl.store(dz_ptr + img.to(tl.int64) * stride_dm + rows_i[:, None] * stride_dn + d_out[None, :],
              dz.to(dz_ptr.dtype.element_ty), mask=i_ok[:, None] & do_ok[None, :])
 
@@ -167,16 +171,20 @@ def _blocks(n: int, d: int, z: torch.Tensor):
 
 
 class HomologousContrastiveFunction(torch.autograd.Function):
-    """Loss from raw z and fp32 inverse norms r (or None): normalising inside the products keeps
-    16-bit features exact instead of rounding z/||z|| back to 16 bits."""
+    """Loss of z (M, N, D); with ``normalize`` the L2 normalisation happens inside the products
+    (fp32 inverse norms r scale the similarities), so 16-bit features stay exact, and its backward
+    is fused into the dz kernel."""
 
     @staticmethod
-    def forward(ctx, z, inv_norm, labels, temperature):
+    def forward(ctx, z, labels, temperature, normalize):
         z = z.contiguous()
         labels = labels.contiguous()
         m, n, d = z.shape
-        normalize = inv_norm is not None
-        r = inv_norm.contiguous() if normalize else z
+        r = r3 = z  # placeholders, never read without normalize
+        if normalize:
+            norm = torch.linalg.vector_norm(z, dim=-1, dtype=torch.float32)
+            r = norm.clamp_min(1e-12).reciprocal()  # F.normalize: z / max(||z||, 1e-12)
+            r3 = torch.where(norm > 1e-12, r * r * r, 0.0)  # d r / d z vanishes where clamped
         blocks, block_do, warps = _blocks(n, d, z)
         lse = empty(m, n, dtype=torch.float32, device=z.device)
         cnt = empty(m, n, dtype=torch.float32, device=z.device)
@@ -186,33 +194,25 @@ class HomologousContrastiveFunction(torch.autograd.Function):
                                       labels.stride(0), 1.0 / temperature, **blocks, NORMALIZE=normalize,
                                       num_warps=warps)
         n_valid = (cnt > 0).sum().to(torch.float32).clamp(min=1.0)
-        ctx.save_for_backward(z, r, labels, lse, cnt, n_valid)
+        ctx.save_for_backward(z, r, r3, labels, lse, cnt, n_valid)
         ctx.temperature, ctx.normalize = temperature, normalize
         return per_anchor.sum() / n_valid
 
     @staticmethod
     def backward(ctx, grad_output):
-        z, r, labels, lse, cnt, n_valid = ctx.saved_tensors
+        z, r, r3, labels, lse, cnt, n_valid = ctx.saved_tensors
         m, n, d = z.shape
         blocks, block_do, warps = _blocks(n, d, z)
         scale = (grad_output.to(torch.float32) / n_valid).reshape(1)
         dz = empty(m, n, d, dtype=z.dtype, device=z.device)
-        dr = empty(m, n, dtype=torch.float32, device=z.device) if ctx.normalize else None
         grid = (m, triton.cdiv(n, blocks["BLOCK_M"]), triton.cdiv(d, block_do))
-        _contrastive_bwd_kernel[grid](z, r, labels, lse, cnt, scale, dz, dr if dr is not None else scale,
-                                      n, d, z.stride(0), z.stride(1), labels.stride(0), dz.stride(0), dz.stride(1),
-                                      1.0 / ctx.temperature, **blocks, NORMALIZE=ctx.normalize, BLOCK_DO=block_do,
+        _contrastive_bwd_kernel[grid](z, r, r3, labels, lse, cnt, scale, dz, n, d, z.stride(0), z.stride(1),
+                                      labels.stride(0), dz.stride(0), dz.stride(1), 1.0 / ctx.temperature,
+                                      **blocks, NORMALIZE=ctx.normalize, BLOCK_DO=block_do,
                                       SPLIT_W=z.dtype != torch.float32, num_warps=warps)
-        return dz, dr, None, None
+        return dz, None, None, None
 
 
 def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True):
-    """Fused homologous contrastive loss; same contract as the reference (fp32 scalar).
-
-    With ``normalize`` the inverse norms ``1/max(||z||, 1e-12)`` (F.normalize's) are computed in
-    fp32 by PyTorch, whose autograd carries their gradient back to z.
-    """
-    inv_norm = None
-    if normalize:
-        inv_norm = torch.linalg.vector_norm(z.to(torch.float32), dim=-1).clamp_min(1e-12).reciprocal()
-    return HomologousContrastiveFunction.apply(z, inv_norm, labels, float(temperature))
+    """Fused homologous contrastive loss; same contract as the reference (fp32 scalar)."""
+    return HomologousContrastiveFunction.apply(z, labels, float(temperature), bool(normalize))
