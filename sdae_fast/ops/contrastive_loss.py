@@ -9,11 +9,26 @@ CONTRASTIVE_LOSS = op("homologous_contrastive_loss", auto_order=("triton", "torc
 CONTRASTIVE_LOSS.register("torch")(reference.homologous_contrastive_loss)
 
 
+def _triton_why_not(z, labels, **_):
+    # D is streamed in chunks, so any width works; an empty launch grid does not.
+    return [f"z {tuple(z.shape)} is empty"] if z.numel() == 0 else []
+
+
+@CONTRASTIVE_LOSS.register("triton", why_not=_triton_why_not)
+def _triton(*args, **kwargs):
+    from ..kernels.contrastive_loss import homologous_contrastive_loss as fused
+
+    return fused(*args, **kwargs)
+
+
 def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True, backend=None):
     """Within each mixed image, pull together tokens from the same source; fp32 scalar.
 
     z (M, N, D) token features; labels (M, N) non-negative integer source ids. Anchors without a
     positive are skipped; with none at all the loss is 0.
+
+    Backends: ``torch`` (the reference) and ``triton`` (flash-style: similarities in tiles, never
+    an (M, N, N) tensor; the backward recomputes them).
     """
     check_tensor("z", z, ndim=3)
     check_tensor("labels", labels, ndim=2, dtypes=INDEX_DTYPES)

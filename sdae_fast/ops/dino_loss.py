@@ -9,6 +9,26 @@ DINO_LOSS = op("dino_loss", auto_order=("triton", "torch"))
 DINO_LOSS.register("torch")(reference.dino_loss)
 update_center_ = reference.update_center_
 
+MAX_VIEWS, MAX_GLOBAL = 64, 8  # the fused kernel keeps a (global × views × BLOCK_K) tile in registers
+
+
+def _triton_why_not(student_out, teacher_out, center, *, num_global=2, **_):
+    batch = teacher_out.shape[0] // num_global
+    views = student_out.shape[0] // batch
+    reasons = []
+    if views > MAX_VIEWS:
+        reasons.append(f"{views} student views exceed the fused kernel's {MAX_VIEWS}")
+    if num_global > MAX_GLOBAL:
+        reasons.append(f"num_global={num_global} exceeds the fused kernel's {MAX_GLOBAL}")
+    return reasons
+
+
+@DINO_LOSS.register("triton", why_not=_triton_why_not)
+def _triton(*args, **kwargs):
+    from ..kernels.dino_loss import dino_loss as fused
+
+    return fused(*args, **kwargs)
+
 
 def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_temp=0.04, num_global=2,
               center_momentum=0.9, update_center=True, backend=None):
@@ -17,6 +37,9 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
     student_out (V·B, K) for V views; teacher_out (num_global·B, K), a constant; center (K,) or
     (1, K), updated in place after the loss (all-reduced across processes) when ``update_center``.
     Returns an fp32 scalar.
+
+    Backends: ``torch`` (the reference) and ``triton`` (two streaming sweeps over the logits that
+    also produce the student gradient; never a softmax of width K; up to 64 views, 8 global).
     """
     check_tensor("student_out", student_out, ndim=2)
     check_tensor("teacher_out", teacher_out, ndim=2)

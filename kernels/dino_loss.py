@@ -1,0 +1,262 @@
+"""Fused DINO loss (SPEC §4): one read of the student logits for the statistics, one for the gradient.
+
+With ``Σ_k q_g,k = 1`` the cross-entropy of a pair is ``lse_v − Σ_k q_g,k · s_v,k / Ts`` where
+``lse_v = logsumexp(s_v / Ts)`` and ``q_g = softmax((t_g − c) / Tt)``. So per batch element the loss
+needs only V student log-normalisers, G teacher normalisers and G×V dot products ``Σ_k e_g,k s_v,k``
+with ``e_g = exp(u_g − m_g)``: no softmax of width K is ever materialised.
+
+Sweep 1 (``_dino_stats_kernel``), grid (B, splits): each program streams one K-chunk of one batch
+element, keeping an online max/sum for every student and teacher row and the rescaled G×V dots,
+and writes them as partials. Splitting K fills the GPU when B is small (B=64, K=65536).
+Sweep 2 (``_dino_grad_kernel``), same grid: each program combines the (few) partials of its batch
+element, writes the per-element loss (split 0 only) and the student gradient of its chunk,
+``dL/ds_v = (n_v · softmax(s_v/Ts) − Σ_{g≠v} q_g) / (pairs · B · Ts)``. Backward only scales it.
+The centre update runs after the loss (which sees the old centre): column sums of the teacher in
+fp32 without an fp32 copy of it, all-reduced across processes as the reference's ``update_center_``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+import torch.distributed as dist
+
+from sdae_fast.alloc import empty
+
+
+@triton.jit
+def _dino_stats_kernel(
+    s_ptr, t_ptr, c_ptr,
+    ms_ptr, ls_ptr, mt_ptr, lt_ptr, dot_ptr,
+    B, K, CHUNK, NSPLIT,
+    stride_s, stride_t,
+    inv_ts, inv_tt,
+    V: tl.constexpr, G: tl.constexpr, VP: tl.constexpr, GP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    rows_v = tl.arange(0, VP)
+    rows_g = tl.arange(0, GP)
+    cols = tl.arange(0, BLOCK_K)
+    # Padded rows (v >= V, g >= G) read zeros: finite statistics that are never used.
+    s_rows = s_ptr + (rows_v * B + b).to(tl.int64) * stride_s
+    t_rows = t_ptr + (rows_g * B + b).to(tl.int64) * stride_t
+    v_ok = rows_v < V
+    g_ok = rows_g < G
+
+    m_s = tl.full([VP], float("-inf"), tl.float32)
+    l_s = tl.zeros([VP], tl.float32)
+    m_t = tl.full([GP], float("-inf"), tl.float32)
+    l_t = tl.zeros([GP], tl.float32)
+    dots = tl.zeros([GP, VP], tl.float32)
+    k_start = split * CHUNK
+    # Every chunk holds at least one column < K (the launcher sizes the splits), so the maxima
+    # are finite after the first tile and exp(m_old - m_new) never sees (-inf) - (-inf).
+    for k0 in range(k_start, k_start + CHUNK, BLOCK_K):
+        k = k0 + cols
+        k_ok = k < K
+        s = tl.load(s_rows[:, None] + k[None, :], mask=v_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        t = tl.load(t_rows[:, None] + k[None, :], mask=g_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+
+        x = tl.where(k_ok[None, :], s * inv_ts, float("-inf"))
+        m_s_new = tl.maximum(m_s, tl.max(x, axis=1))
+        l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(x - m_s_new[:, None]), axis=1)
+        m_s = m_s_new
+
+        u = tl.where(k_ok[None, :], (t - c[None, :]) * inv_tt, float("-inf"))
+        m_t_new = tl.maximum(m_t, tl.max(u, axis=1))
+        alpha = tl.exp(m_t - m_t_new)
+        e = tl.exp(u - m_t_new[:, None])
+        l_t = l_t * alpha + tl.sum(e, axis=1)
+        # G×V dots of this tile: (GP, 1, BK) * (1, VP, BK) summed over k; s is 0 past K.
+        dots = dots * alpha[:, None] + tl.sum(e[:, None, :] * s[None, :, :], axis=2)
+        m_t = m_t_new
+
+    part = b * NSPLIT + split
+    tl.store(ms_ptr + part * VP + rows_v, m_s)
+    tl.store(ls_ptr + part * VP + rows_v, l_s)
+    tl.store(mt_ptr + part * GP + rows_g, m_t)
+    tl.store(lt_ptr + part * GP + rows_g, l_t)
+    tl.store(dot_ptr + part * GP * VP + rows_g[:, None] * VP + rows_v[None, :], dots)
+
+
+@triton.jit
+def _dino_grad_kernel(
+    s_ptr, t_ptr, c_ptr, g_ptr, loss_ptr,
+    ms_ptr, ls_ptr, mt_ptr, lt_ptr, dot_ptr,
+    B, K, CHUNK, NSPLIT,
+    stride_s, stride_t, stride_g,
+    inv_ts, inv_tt, grad_scale,
+    V: tl.constexpr, G: tl.constexpr, VP: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr,
+    BLOCK_K: tl.constexpr, WRITE_GRAD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    rows_v = tl.arange(0, VP)
+    rows_g = tl.arange(0, GP)
+    parts = tl.arange(0, SP)
+    v_ok = rows_v < V
+    g_ok = rows_g < G
+    p_ok = parts < NSPLIT
+    base = b * NSPLIT + parts
+
+    # Combine the K-chunk partials of batch element b (SP is small: a handful of loads).
+    ms = tl.load(ms_ptr + base[:, None] * VP + rows_v[None, :], mask=p_ok[:, None], other=float("-inf"))
+    ls = tl.load(ls_ptr + base[:, None] * VP + rows_v[None, :], mask=p_ok[:, None], other=0.0)
+    m_s = tl.max(ms, axis=0)
+    lse = m_s + tl.log(tl.sum(ls * tl.exp(ms - m_s[None, :]), axis=0))  # (VP,), of s / Ts
+
+    mt = tl.load(mt_ptr + base[:, None] * GP + rows_g[None, :], mask=p_ok[:, None], other=float("-inf"))
+    lt = tl.load(lt_ptr + base[:, None] * GP + rows_g[None, :], mask=p_ok[:, None], other=0.0)
+    m_t = tl.max(mt, axis=0)
+    w = tl.exp(mt - m_t[None, :])  # (SP, GP) rescale of each partial
+    l_t = tl.sum(lt * w, axis=0)
+    d = tl.load(dot_ptr + base[:, None, None] * (GP * VP) + rows_g[None, :, None] * VP + rows_v[None, None, :],
+                mask=p_ok[:, None, None], other=0.0)
+    qs = tl.sum(d * w[:, :, None], axis=0) / l_t[:, None]  # (GP, VP): Σ_k q_g,k s_v,k
+
+    pair = g_ok[:, None] & v_ok[None, :] & (rows_g[:, None] != rows_v[None, :])
+    loss_b = tl.sum(tl.sum(tl.where(pair, lse[None, :] - qs * inv_ts, 0.0), axis=1), axis=0)
+    tl.store(loss_ptr + b, loss_b, mask=split == 0)
+
+    if WRITE_GRAD:
+        n_v = tl.sum(pair.to(tl.float32), axis=0)  # teacher views paired with student view v
+        cols = tl.arange(0, BLOCK_K)
+        s_rows = s_ptr + (rows_v * B + b).to(tl.int64) * stride_s
+        t_rows = t_ptr + (rows_g * B + b).to(tl.int64) * stride_t
+        g_rows = g_ptr + (rows_v * B + b).to(tl.int64) * stride_g
+        k_start = split * CHUNK
+        for k0 in range(k_start, k_start + CHUNK, BLOCK_K):
+            k = k0 + cols
+            k_ok = k < K
+            s = tl.load(s_rows[:, None] + k[None, :], mask=v_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            t = tl.load(t_rows[:, None] + k[None, :], mask=g_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            c = tl.load(c_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            p = tl.exp(s * inv_ts - lse[:, None])
+            q = tl.exp((t - c[None, :]) * inv_tt - m_t[:, None]) / l_t[:, None]
+            q_sum = tl.sum(tl.where(pair[:, :, None], q[:, None, :], 0.0), axis=0)  # (VP, BK): Σ_{g≠v} q_g
+            grad = (n_v[:, None] * p - q_sum) * grad_scale
+            tl.store(g_rows[:, None] + k[None, :], grad.to(g_ptr.dtype.element_ty),
+                     mask=v_ok[:, None] & k_ok[None, :])
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _prev_pow2(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def _launch_shape(batch: int, width: int, rows: int, device: torch.device, block_k: int | None,
+                  splits: int | None):
+    """(BLOCK_K, chunk, splits): enough programs to fill the device, every chunk non-empty.
+
+    ``rows`` = padded global × padded views: the (rows, BLOCK_K) products live in registers, so
+    BLOCK_K shrinks as the view count grows (256 for DINO's 2 × 10 views).
+    """
+    if block_k is None:
+        block_k = max(64, min(512, _prev_pow2(8192 // rows))) if device.type == "cuda" else 512
+    block_k = min(block_k, _next_pow2(width))
+    tiles = triton.cdiv(width, block_k)
+    if splits is None:
+        if device.type == "cuda":
+            target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            target = 4  # interpreter: few programs, still exercising the split combine
+        splits = max(1, min(tiles, triton.cdiv(target, batch), 64))
+    splits = max(1, min(splits, tiles))
+    chunk = triton.cdiv(tiles, splits) * block_k
+    return block_k, chunk, triton.cdiv(width, chunk)
+
+
+def _dino_forward(student, teacher, center, student_temp, teacher_temp, num_global, write_grad,
+                  block_k=None, splits=None):
+    batch = teacher.shape[0] // num_global
+    views = student.shape[0] // batch
+    width = student.shape[1]
+    student = student if student.stride(1) == 1 else student.contiguous()
+    teacher = teacher if teacher.stride(1) == 1 else teacher.contiguous()
+    center = center.reshape(-1).contiguous()
+    dev = student.device
+    vp, gp = max(2, _next_pow2(views)), max(2, _next_pow2(num_global))
+    block_k, chunk, nsplit = _launch_shape(batch, width, vp * gp, dev, block_k, splits)
+    parts = batch * nsplit
+    f32 = torch.float32
+    m_s, l_s = empty(parts, vp, dtype=f32, device=dev), empty(parts, vp, dtype=f32, device=dev)
+    m_t, l_t = empty(parts, gp, dtype=f32, device=dev), empty(parts, gp, dtype=f32, device=dev)
+    dots = empty(parts, gp, vp, dtype=f32, device=dev)
+    loss_b = empty(batch, dtype=f32, device=dev)
+    grad = empty(*student.shape, dtype=student.dtype, device=dev) if write_grad else loss_b
+    pairs = num_global * views - min(num_global, views)
+    grid = (batch, nsplit)
+    inv_ts, inv_tt = 1.0 / student_temp, 1.0 / teacher_temp
+    warps = 8 if dev.type == "cuda" else 1
+    _dino_stats_kernel[grid](
+        student, teacher, center, m_s, l_s, m_t, l_t, dots,
+        batch, width, chunk, nsplit, student.stride(0), teacher.stride(0), inv_ts, inv_tt,
+        V=views, G=num_global, VP=vp, GP=gp, BLOCK_K=block_k, num_warps=warps,
+    )
+    _dino_grad_kernel[grid](
+        student, teacher, center, grad, loss_b, m_s, l_s, m_t, l_t, dots,
+        batch, width, chunk, nsplit, student.stride(0), teacher.stride(0), grad.stride(0) if write_grad else 0,
+        inv_ts, inv_tt, inv_ts / (pairs * batch),
+        V=views, G=num_global, VP=vp, GP=gp, SP=max(2, _next_pow2(nsplit)), BLOCK_K=block_k,
+        WRITE_GRAD=write_grad, num_warps=warps,
+    )
+    loss = loss_b.sum() / (pairs * batch)
+    return loss, (grad if write_grad else None)
+
+
+class DinoLossFunction(torch.autograd.Function):
+    """Loss and student gradient in one forward; backward scales the stored gradient."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, center, student_temp, teacher_temp, num_global, block_k, splits, grad_mode):
+        # grad_mode: autograd was recording at the call (forward itself always runs without it),
+        # so evaluation under torch.no_grad() skips the gradient sweep.
+        write_grad = bool(grad_mode and ctx.needs_input_grad[0])
+        loss, grad = _dino_forward(student, teacher.detach(), center.detach(), student_temp, teacher_temp,
+                                   num_global, write_grad, block_k, splits)
+        ctx.save_for_backward(grad) if grad is not None else None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad = None
+        if ctx.needs_input_grad[0]:
+            (grad,) = ctx.saved_tensors
+            # Liger's trick: the loss is usually the graph's root, so skip the scaling pass then.
+            if not torch.equal(grad_output, torch.ones_like(grad_output)):
+                grad = grad * grad_output.to(grad.dtype)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_temp=0.04, num_global=2,
+              center_momentum=0.9, update_center=True, block_k=None, splits=None):
+    """Fused DINO loss; same contract as ``sdae_fast.reference.dino_loss`` (fp32 scalar).
+
+    ``block_k``/``splits`` override the launch shape (tests use them to exercise the split combine).
+    """
+    loss = DinoLossFunction.apply(student_out, teacher_out, center, float(student_temp), float(teacher_temp),
+                                  int(num_global), block_k, splits, torch.is_grad_enabled())
+    if update_center:
+        _update_center_(center, teacher_out.detach(), center_momentum)
+    return loss
+
+
+@torch.no_grad()
+def _update_center_(center, teacher, momentum):
+    """``center <- m·center + (1 - m)·mean(teacher rows over every process)``, as the reference
+    does, but summing in fp32 without materialising an fp32 copy of the teacher."""
+    acc = torch.promote_types(center.dtype, torch.float32)
+    batch_sum = teacher.sum(dim=0, dtype=acc)
+    count = teacher.shape[0]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(batch_sum)
+        count *= dist.get_world_size()
+    new = center.reshape(-1).to(acc) * momentum + batch_sum * ((1.0 - momentum) / count)
+    center.copy_(new.reshape(center.shape).to(center.dtype))

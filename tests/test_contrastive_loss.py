@@ -1,0 +1,129 @@
+"""homologous_contrastive_loss (SPEC §4): the reference against a hand computation and an explicit
+per-anchor loop, the flash-style Triton kernel against the reference (loss and dz), validation."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sdae_fast
+from sdae_fast.reference import homologous_contrastive_loss as reference_loss
+from sdae_fast.testing import assert_close, triton_device, triton_dtypes
+
+
+def per_anchor_loop(z, labels, temperature, normalize):
+    """SPEC §4 written anchor by anchor: -mean_{j∈P(i)} log(exp(sim_ij) / Σ_{a≠i} exp(sim_ia))."""
+    if normalize:
+        z = F.normalize(z, dim=-1)
+    losses = []
+    for m in range(z.shape[0]):
+        for i in range(z.shape[1]):
+            others = [a for a in range(z.shape[1]) if a != i]
+            positives = [j for j in others if labels[m, j] == labels[m, i]]
+            if not positives:
+                continue
+            sims = {a: (z[m, i] @ z[m, a]) / temperature for a in others}
+            log_den = torch.logsumexp(torch.stack([sims[a] for a in others]), dim=0)
+            losses.append(-torch.stack([sims[j] - log_den for j in positives]).mean())
+    return torch.stack(losses).mean() if losses else z.sum() * 0.0
+
+
+def test_reference_hand_computed():
+    # Tokens 0 and 1 identical, token 2 orthogonal (its label has no other member: skipped).
+    z = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    labels = torch.tensor([[0, 0, 1]])
+    loss = reference_loss(z, labels, temperature=1.0, normalize=False)
+    # Anchor 0: sims to (1, 2) are (1, 0) ⇒ -log(e / (e + 1)) = log(1 + e^-1); anchor 1 the same.
+    assert abs(loss.item() - math.log1p(math.exp(-1.0))) < 1e-12
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_reference_matches_per_anchor_loop(normalize):
+    z = torch.randn(2, 9, 5, dtype=torch.float64)
+    labels = torch.tensor([[0, 0, 1, 1, 1, 2, 3, 3, 0], [4, 4, 4, 4, 5, 6, 7, 7, 7]])
+    got = reference_loss(z, labels, temperature=0.2, normalize=normalize)
+    want = per_anchor_loop(z, labels, 0.2, normalize)
+    assert abs(got.item() - want.item()) <= 1e-12 * abs(want.item())
+
+
+def _check_triton(m, n, d, labels, dtype, *, normalize, temperature=0.1, scale=1.0):
+    device = triton_device()
+    z = (torch.randn(m, n, d, dtype=torch.float64) * scale).to(dtype).to(device)
+    labels = labels.to(device)
+    z_ours = z.clone().requires_grad_()
+    z_ref = z.double().requires_grad_()
+    loss = sdae_fast.homologous_contrastive_loss(z_ours, labels, temperature=temperature, normalize=normalize,
+                                                 backend="triton")
+    want = reference_loss(z_ref, labels, temperature=temperature, normalize=normalize)
+    loss.backward()
+    want.backward()
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert torch.isfinite(z_ours.grad).all()
+    # Each similarity sums d products; each anchor's loss and each dz element sum over n keys of
+    # them. With normalize, z is rounded to its dtype after the fp32 normalisation (one more ulp,
+    # inside the dtype term of the tolerance).
+    assert_close(loss, want, dtype=torch.float32 if dtype == torch.float32 else dtype, reduction=n * d, name="loss")
+    assert_close(z_ours.grad, z_ref.grad, dtype=dtype, reduction=n * d, name="dz")
+    return loss, z_ours.grad
+
+
+@pytest.mark.parametrize("dtype", triton_dtypes())
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("m,n,d,sources", [(2, 7, 32, 2), (2, 50, 33, 3), (1, 50, 32, 4)])
+def test_triton_matches_reference(m, n, d, sources, normalize, dtype):
+    labels = torch.randint(0, sources, (m, n))
+    # Unnormalised features: keep the similarities O(1) as normalised ones are.
+    _check_triton(m, n, d, labels, dtype, normalize=normalize, scale=1.0 if normalize else d ** -0.5)
+
+
+def test_triton_anchors_without_positives():
+    # Labels 5 and 9 appear once in image 0; image 1 has a single loner (label 3).
+    labels = torch.tensor([[0, 0, 5, 1, 1, 1, 9] + [0] * 10, [3] + [1] * 8 + [2] * 8])
+    _check_triton(2, 17, 33, labels, torch.float32, normalize=True)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_triton_all_unique_labels_give_zero(normalize):
+    labels = torch.arange(20).repeat(2, 1)
+    loss, grad = _check_triton(2, 20, 32, labels, torch.float32, normalize=normalize)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_triton_grad_output_scaling_and_temperature():
+    device = triton_device()
+    z = torch.randn(2, 19, 32, device=device)
+    labels = torch.randint(0, 3, (2, 19), device=device)
+    z_ours, z_ref = z.clone().requires_grad_(), z.double().requires_grad_()
+    (sdae_fast.homologous_contrastive_loss(z_ours, labels, temperature=0.5, backend="triton") * -2.5).backward()
+    (reference_loss(z_ref, labels, temperature=0.5) * -2.5).backward()
+    assert_close(z_ours.grad, z_ref.grad, dtype=torch.float32, reduction=19 * 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_mixedae_shape_gpu(dtype):
+    # MixedAE ViT-B: 196 tokens of width 768, 4 sources per mixed image.
+    _check_triton(8, 196, 768, torch.randint(0, 4, (8, 196)), dtype, normalize=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_validation_errors(backend):
+    z = torch.randn(2, 5, 8)
+    labels = torch.randint(0, 2, (2, 5))
+    with pytest.raises(IndexError, match="non-negative"):
+        sdae_fast.homologous_contrastive_loss(z, labels - 3, backend=backend)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        sdae_fast.homologous_contrastive_loss(z, labels[:, :4], backend=backend)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sdae_fast.homologous_contrastive_loss(z, labels, temperature=0.0, backend=backend)
+    with pytest.raises(ValueError, match="3 dimensions"):
+        sdae_fast.homologous_contrastive_loss(z[0], labels, backend=backend)
+    with pytest.raises(TypeError, match="labels must have dtype"):
+        sdae_fast.homologous_contrastive_loss(z, labels.float(), backend=backend)
+
+
+def test_triton_refuses_empty_input():
+    with pytest.raises(sdae_fast.BackendUnavailable, match="empty"):
+        sdae_fast.homologous_contrastive_loss(torch.randn(2, 0, 8), torch.zeros(2, 0, dtype=torch.long),
+                                              backend="triton")
