@@ -22,6 +22,14 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """The tensor the update works on: a plain parameter's data, or an FSDP2 DTensor's local shard
+    (teacher and student sharded alike, so local shards pair one to one)."""
+    data = p.data
+    to_local = getattr(data, "to_local", None)
+    return to_local() if callable(to_local) else data
+
+
 def cosine_momentum(step: int, total: int, base: float, final: float) -> float:
     """Cosine ramp from ``base`` at step 0 to ``final`` at ``total`` (DINO's ``cosine_scheduler``)."""
     if total <= 0:
@@ -39,6 +47,9 @@ class EmaTeacher:
       iteration (DINO) or per epoch (SdAE: ``per="epoch"`` with ``steps_per_epoch``);
     * ``copy_buffers`` copies the student's buffers (e.g. BatchNorm statistics) after each update;
     * ``state_dict()``/``load_state_dict()`` for resume.
+
+    A DistributedDataParallel student is unwrapped (its module is paired). Under FSDP2 build the
+    teacher with the same ``fully_shard`` layout and pass it in: the update pairs the local shards.
 
     Call :meth:`update` once after every optimizer step.
     """
@@ -81,7 +92,7 @@ class EmaTeacher:
             if teacher_params[n].shape != student_params[n].shape:
                 raise ValueError(f"{n}: teacher shape {tuple(teacher_params[n].shape)} != student "
                                  f"{tuple(student_params[n].shape)}")
-        return names, [teacher_params[n].data for n in names], [student_params[n].data for n in names]
+        return names, [local_tensor(teacher_params[n]) for n in names], [local_tensor(student_params[n]) for n in names]
 
     def _pair_buffers(self, student_module: nn.Module):
         student_buffers = dict(student_module.named_buffers())

@@ -11,6 +11,31 @@ EMA = op("ema_update_", auto_order=("cuda", "triton", "torch"))
 EMA.register("torch")(reference.ema_update_)
 
 
+def _fused_why_not(teacher, student, momentum) -> list[str]:
+    """The multi-tensor kernels address each tensor as one flat run of elements."""
+    bad = [i for i, (t, s) in enumerate(zip(teacher, student)) if not (t.is_contiguous() and s.is_contiguous())]
+    return [f"pairs {bad[:5]} are not contiguous (the multi-tensor kernels read flat storage)"] if bad else []
+
+
+@EMA.register("triton", why_not=_fused_why_not)
+def _ema_triton(teacher, student, momentum):
+    from ..kernels.ema import ema_update_ as triton_ema
+
+    triton_ema(teacher, student, momentum)
+
+
+@EMA.register("cuda", why_not=_fused_why_not)
+def _ema_cuda(teacher, student, momentum):
+    from ..cuda_build import extension
+    from ..multi_tensor import DTYPE_CODES, momentum_args, pair_groups
+
+    module = extension()
+    m, one_minus_m, m_tensor = momentum_args(momentum, teacher[0].device)
+    for g in pair_groups(teacher, student):
+        module.ema_update(g.t_ptrs, g.s_ptrs, g.numels, g.block_tensor, g.block_start, DTYPE_CODES[g.t_dtype],
+                          DTYPE_CODES[g.s_dtype], m, one_minus_m, m_tensor)
+
+
 def as_tensor_list(x, name: str) -> list[torch.Tensor]:
     """A module gives its parameters (in order); a sequence gives its tensors."""
     if isinstance(x, torch.nn.Module):

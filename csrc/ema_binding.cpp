@@ -1,0 +1,37 @@
+// Torch binding of the multi-tensor EMA launcher: unpacks the block tables and calls it on the
+// current stream. The tables are built (and cached) by sdae_fast/multi_tensor.py.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "ema.cuh"
+
+namespace {
+
+void ema_update(const at::Tensor& t_ptrs, const at::Tensor& s_ptrs, const at::Tensor& numels,
+                const at::Tensor& block_tensor, const at::Tensor& block_start, int64_t t_dtype, int64_t s_dtype,
+                double m, double one_minus_m, const c10::optional<at::Tensor>& m_device) {
+  for (const auto* t : {&t_ptrs, &s_ptrs, &numels, &block_start}) {
+    TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kLong && t->is_contiguous(), "tables must be contiguous int64 CUDA tensors");
+  }
+  TORCH_CHECK(block_tensor.is_cuda() && block_tensor.scalar_type() == at::kInt, "block_tensor must be int32 on CUDA");
+  const float* m_ptr = nullptr;
+  if (m_device.has_value()) {
+    TORCH_CHECK(m_device->is_cuda() && m_device->scalar_type() == at::kFloat && m_device->numel() == 1,
+                "momentum must be an fp32 CUDA scalar");
+    m_ptr = m_device->data_ptr<float>();
+  }
+  const c10::cuda::CUDAGuard guard(t_ptrs.device());
+  const cudaError_t err = sdae_fast::ema_update_launch(
+      t_ptrs.data_ptr<int64_t>(), s_ptrs.data_ptr<int64_t>(), numels.data_ptr<int64_t>(),
+      block_tensor.data_ptr<int32_t>(), block_start.data_ptr<int64_t>(), block_tensor.numel(), static_cast<int>(t_dtype),
+      static_cast<int>(s_dtype), static_cast<float>(m), static_cast<float>(one_minus_m), m_ptr,
+      at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "sdae_fast EMA kernel failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ema_update", &ema_update, "Multi-tensor EMA update over cached block tables");
+}

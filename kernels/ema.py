@@ -1,0 +1,46 @@
+"""Multi-tensor EMA update in Triton: every (teacher, student) pair of a dtype group in one launch."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from sdae_fast.multi_tensor import BLOCK_ELEMS, DTYPE_CODES, momentum_args, pair_groups
+
+_TL_DTYPES = {0: tl.float32, 1: tl.float16, 2: tl.bfloat16}
+
+
+@triton.jit
+def _ema_kernel(t_ptrs, s_ptrs, numels, block_tensor, block_start, m_ptr, m, one_minus_m,
+                T_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, M_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    pair = tl.load(block_tensor + pid)
+    start = tl.load(block_start + pid)
+    n = tl.load(numels + pair)
+    t_ptr = tl.load(t_ptrs + pair).to(tl.pointer_type(T_DTYPE))
+    s_ptr = tl.load(s_ptrs + pair).to(tl.pointer_type(S_DTYPE))
+    if M_ON_DEVICE:
+        mm = tl.load(m_ptr)
+        om = 1.0 - mm
+    else:
+        mm = m
+        om = one_minus_m
+    offs = start + tl.arange(0, BLOCK)  # int64: a tensor may pass 2^31 elements
+    mask = offs < n
+    t = tl.load(t_ptr + offs, mask=mask).to(tl.float32)
+    s = tl.load(s_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(t_ptr + offs, (mm * t + om * s).to(T_DTYPE), mask=mask)
+
+
+def ema_update_(teacher, student, momentum) -> None:
+    """One launch per (teacher dtype, student dtype) group over all pairs."""
+    groups = pair_groups(teacher, student)
+    if not groups:
+        return
+    device = teacher[0].device
+    m, one_minus_m, m_tensor = momentum_args(momentum, device)
+    for g in groups:
+        _ema_kernel[(g.num_blocks,)](
+            g.t_ptrs, g.s_ptrs, g.numels, g.block_tensor, g.block_start,
+            m_tensor if m_tensor is not None else g.numels, m, one_minus_m,
+            T_DTYPE=_TL_DTYPES[DTYPE_CODES[g.t_dtype]], S_DTYPE=_TL_DTYPES[DTYPE_CODES[g.s_dtype]],
+            M_ON_DEVICE=m_tensor is not None, BLOCK=BLOCK_ELEMS, num_warps=8)

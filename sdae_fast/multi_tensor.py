@@ -1,0 +1,76 @@
+"""Block tables for multi-tensor kernels (shared by the Triton and CUDA EMA backends).
+
+A list of tensor pairs becomes, per (teacher dtype, student dtype) group, one launch over fixed-size
+blocks: ``block_tensor[b]`` says which pair block ``b`` works on and ``block_start[b]`` where in it
+it starts; the pairs' addresses and sizes sit in small device tables. A training loop passes the
+same parameters every step, so the tables are built once and cached by (address, size, dtype).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_ELEMS = 4096  # elements per program/thread block: 16 KiB of fp32, enough bytes in flight
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_CACHE: "OrderedDict[tuple, list[PairGroup]]" = OrderedDict()
+_CACHE_SIZE = 16
+
+
+@dataclass
+class PairGroup:
+    t_dtype: torch.dtype
+    s_dtype: torch.dtype
+    t_ptrs: torch.Tensor  # int64 (T,) teacher addresses
+    s_ptrs: torch.Tensor  # int64 (T,) student addresses
+    numels: torch.Tensor  # int64 (T,)
+    block_tensor: torch.Tensor  # int32 (num_blocks,)
+    block_start: torch.Tensor  # int64 (num_blocks,) element offset inside the tensor
+    num_blocks: int
+
+
+def pair_groups(teacher: list[torch.Tensor], student: list[torch.Tensor], block: int = BLOCK_ELEMS) -> list[PairGroup]:
+    """The cached block tables for these pairs (empty tensors skipped)."""
+    key = (block, tuple((t.data_ptr(), s.data_ptr(), t.numel(), t.dtype, s.dtype, t.device)
+                        for t, s in zip(teacher, student)))
+    groups = _CACHE.get(key)
+    if groups is None:
+        groups = _build(teacher, student, block)
+        _CACHE[key] = groups
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return groups
+
+
+def _build(teacher, student, block) -> list[PairGroup]:
+    by_dtype: dict[tuple, list] = {}
+    for t, s in zip(teacher, student):
+        if t.numel():
+            by_dtype.setdefault((t.dtype, s.dtype), []).append((t, s))
+    groups = []
+    for (t_dtype, s_dtype), pairs in by_dtype.items():
+        device = pairs[0][0].device
+        numels = torch.tensor([t.numel() for t, _ in pairs], dtype=torch.int64)
+        blocks = (numels + block - 1) // block
+        first = torch.cumsum(blocks, 0) - blocks
+        block_tensor = torch.repeat_interleave(torch.arange(len(pairs), dtype=torch.int32), blocks)
+        block_start = (torch.arange(int(blocks.sum())) - torch.repeat_interleave(first, blocks)) * block
+        as_dev = lambda x: x.to(device)  # noqa: E731
+        groups.append(PairGroup(
+            t_dtype, s_dtype,
+            as_dev(torch.tensor([t.data_ptr() for t, _ in pairs], dtype=torch.int64)),
+            as_dev(torch.tensor([s.data_ptr() for _, s in pairs], dtype=torch.int64)),
+            as_dev(numels), as_dev(block_tensor), as_dev(block_start), int(blocks.sum())))
+    return groups
+
+
+def momentum_args(momentum, device):
+    """(m, 1 - m, m_tensor): fp32 scalars rounded as the reference rounds them, or an fp32 0-dim
+    device tensor (no host sync) whose ``1 - m`` the kernel forms in fp32, as the reference does."""
+    if isinstance(momentum, torch.Tensor):
+        return 0.0, 0.0, momentum.to(device=device, dtype=torch.float32)
+    m = float(momentum)
+    return m, 1.0 - m, None

@@ -1,0 +1,148 @@
+"""ema_update_: every backend that runs here against the reference, to within 1 ulp of the teacher dtype."""
+import pytest
+import torch
+
+import sdae_fast
+from sdae_fast import reference
+from sdae_fast.testing import triton_device
+
+DEVICE = triton_device()
+FUSED = ["triton"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES_HERE = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+SHAPES = [(), (1,), (7,), (4097,), (33, 65), (3, 5, 7), (8192,), (2, 4096 + 3)]
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of each element of x, in x's dtype (as fp64)."""
+    x64 = x.double()
+    up = torch.nextafter(x, torch.full_like(x, float("inf"))).double()
+    return (up - x64).abs()
+
+
+def pairs(t_dtype, s_dtype, shapes=SHAPES, device=DEVICE):
+    teacher = [torch.randn(s, device=device).to(t_dtype) for s in shapes]
+    student = [torch.randn(s, device=device).to(s_dtype) for s in shapes]
+    return teacher, student
+
+
+def check_within_ulp(got, expected):
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        err = (g.double() - e.double()).abs()
+        assert (err <= ulp(e)).all(), f"tensor {i}: max error {err.max()} over 1 ulp"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("t_dtype", DTYPES_HERE)
+@pytest.mark.parametrize("s_dtype", DTYPES_HERE)
+@pytest.mark.parametrize("tensor_momentum", [False, True])
+def test_matches_reference(backend, t_dtype, s_dtype, tensor_momentum):
+    teacher, student = pairs(t_dtype, s_dtype)
+    momentum = torch.tensor(0.9731, device=DEVICE) if tensor_momentum else 0.9731
+    expected = [t.clone() for t in teacher]
+    reference.ema_update_(expected, student, momentum)
+    before = [s.clone() for s in student]
+    sdae_fast.ema_update_(teacher, student, momentum, backend=backend)
+    check_within_ulp(teacher, expected)
+    for s, b in zip(student, before):
+        assert torch.equal(s, b), "the student must not change"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_mixed_dtype_pairs_in_one_call(backend):
+    t1, s1 = pairs(torch.float16, torch.float32, [(5, 7), (100,)])
+    t2, s2 = pairs(torch.float32, torch.float32, [(3,), (4099,)])
+    teacher, student = [t1[0], t2[0], t1[1], t2[1]], [s1[0], s2[0], s1[1], s2[1]]
+    expected = [t.clone() for t in teacher]
+    reference.ema_update_(expected, student, 0.5)
+    sdae_fast.ema_update_(teacher, student, 0.5, backend=backend)
+    check_within_ulp(teacher, expected)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_many_tensors_modules_and_extremes(backend):
+    student = torch.nn.Sequential(*[torch.nn.Linear(5, 3) for _ in range(40)]).to(DEVICE)
+    teacher = torch.nn.Sequential(*[torch.nn.Linear(5, 3) for _ in range(40)]).to(DEVICE)
+    expected = [p.detach().clone() for p in teacher.parameters()]
+    reference.ema_update_(expected, [p.detach() for p in student.parameters()], 0.996)
+    sdae_fast.ema_update_(teacher, student, 0.996, backend=backend)
+    check_within_ulp([p.detach() for p in teacher.parameters()], expected)
+    # momentum 1 keeps the teacher; momentum 0 copies the student.
+    t, s = pairs(torch.float32, torch.float32, [(17,)])
+    keep = t[0].clone()
+    sdae_fast.ema_update_(t, s, 1.0, backend=backend)
+    assert torch.equal(t[0], keep)
+    sdae_fast.ema_update_(t, s, 0.0, backend=backend)
+    assert torch.equal(t[0], s[0])
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+def test_empty_lists_and_empty_tensors(backend):
+    sdae_fast.ema_update_([], [], 0.9, backend=backend)
+    t, s = [torch.zeros(0, device=DEVICE), torch.ones(3, device=DEVICE)], [torch.zeros(0, device=DEVICE), torch.zeros(3, device=DEVICE)]
+    sdae_fast.ema_update_(t, s, 0.5, backend=backend)
+    assert torch.equal(t[1], torch.full((3,), 0.5, device=DEVICE))
+
+
+def test_repeated_calls_reuse_the_cached_tables():
+    from sdae_fast import multi_tensor
+
+    teacher, student = pairs(torch.float32, torch.float32, [(10,), (20,)])
+    multi_tensor._CACHE.clear()
+    for _ in range(3):
+        sdae_fast.ema_update_(teacher, student, 0.9, backend="triton")
+    assert len(multi_tensor._CACHE) == 1
+
+
+def test_non_contiguous_is_refused_by_fused_and_served_by_reference():
+    t = torch.randn(6, 4, device=DEVICE).t()
+    s = torch.randn(4, 6, device=DEVICE)
+    with pytest.raises(sdae_fast.BackendUnavailable, match="not contiguous"):
+        sdae_fast.ema_update_([t], [s], 0.5, backend="triton")
+    expected = t.clone()
+    reference.ema_update_([expected], [s], 0.5)
+    sdae_fast.ema_update_([t], [s], 0.5)
+    assert torch.equal(t, expected)
+
+
+@pytest.mark.parametrize("teacher,student,momentum,error,match", [
+    ([torch.zeros(3)], [], 0.9, ValueError, "teacher has 1 tensors but student has 0"),
+    ([torch.zeros(3)], [torch.zeros(4)], 0.9, ValueError, "shape"),
+    ([torch.zeros(3, dtype=torch.int32)], [torch.zeros(3, dtype=torch.int32)], 0.9, TypeError, "dtypes"),
+    ([torch.zeros(3)], [torch.zeros(3)], 1.5, ValueError, r"\[0, 1\]"),
+    ([torch.zeros(3)], [torch.zeros(3)], torch.zeros(2), ValueError, "0-dim"),
+    (torch.zeros(3), [torch.zeros(3)], 0.9, TypeError, "single tensor"),
+    ([torch.zeros(3)], ["x"], 0.9, TypeError, "must be a tensor"),
+])
+def test_bad_input(teacher, student, momentum, error, match):
+    with pytest.raises(error, match=match):
+        sdae_fast.ema_update_(teacher, student, momentum)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_bf16_teacher_and_misaligned_views_on_gpu(backend):
+    # Views starting one element in are not 16-byte aligned: the kernels' scalar path.
+    teacher = [torch.randn(3 * 4096 + 5, device="cuda").bfloat16()[1:], torch.randn(8, device="cuda").bfloat16()]
+    student = [torch.randn(3 * 4096 + 5, device="cuda")[1:], torch.randn(8, device="cuda")]
+    expected = [t.clone() for t in teacher]
+    m = torch.tensor(0.99, device="cuda")
+    reference.ema_update_(expected, student, m)
+    sdae_fast.ema_update_(teacher, student, m, backend=backend)
+    check_within_ulp(teacher, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_more_than_2_to_the_31_bytes(backend):
+    free, _ = torch.cuda.mem_get_info()
+    n = (1 << 31) // 4 + 4099  # > 2^31 bytes of fp32
+    if free < 4 * n * 4:
+        pytest.skip("not enough GPU memory")
+    t = torch.randn(n, device="cuda")
+    s = torch.randn(n, device="cuda")
+    expected = t.clone()
+    reference.ema_update_([expected], [s], 0.9)
+    sdae_fast.ema_update_([t], [s], 0.9, backend=backend)
+    check_within_ulp([t[-10000:]], [expected[-10000:]])
+    check_within_ulp([t[:10000]], [expected[:10000]])
