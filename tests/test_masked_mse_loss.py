@@ -1,10 +1,6 @@
 """MAE's masked pixel loss (SPEC §4): the reference against hand values and MAE's official
 ``forward_loss``, the Triton kernel (interpreter on CPU) against the reference, forward and
 gradient of pred."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +8,7 @@ import torch
 import sdae_fast
 from sdae_fast import reference
 from sdae_fast.ops.masked_mse_loss import TRITON_MAX_PATCH, masked_mse_loss
-from sdae_fast.testing import assert_close, triton_device, triton_dtypes
+from sdae_fast.testing import assert_close, triton_device, triton_dtypes, compile_for_hopper
 
 
 def mae_official_loss(pred, target, mask, norm_pix_loss=True):
@@ -24,42 +20,6 @@ def mae_official_loss(pred, target, mask, norm_pix_loss=True):
     loss = (pred - target) ** 2
     loss = loss.mean(dim=-1)
     return (loss * mask).sum() / mask.sum()
-
-
-# Run in a fresh process: under TRITON_INTERPRET=1 (set by conftest) @triton.jit yields interpreted
-# functions, which the compiler cannot take.
-_COMPILE_SCRIPT = """
-import importlib, json, sys
-import triton
-from triton.compiler.errors import CompilationError
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    module, name, signature, variants, num_warps = json.loads(sys.argv[1])
-    kernel = getattr(importlib.import_module(module), name)
-    sources = [ASTSource(kernel, signature, constants) for constants in variants]
-except Exception as exc:  # another Triton's offline-compile API: nothing to check here
-    print("SKIP: offline compile API unavailable:", exc); sys.exit(0)
-try:
-    for src in sources:
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-except CompilationError:
-    raise
-except Exception as exc:  # no ptxas / backend here: the frontend passed, which is what we check
-    print("SKIP: offline compile stopped after the frontend:", type(exc).__name__, exc)
-"""
-
-
-def compile_for_hopper(module, name, signature, variants, num_warps):
-    """Compile a kernel for sm_90 without a GPU: the interpreter runs kernels as Python and misses
-    what only the compiler refuses (non-constexpr globals, type mixes, ...)."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    arg = json.dumps([module, name, signature, variants, num_warps])
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, arg], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-4000:]
-    if out.stdout.startswith("SKIP:"):
-        pytest.skip(out.stdout[5:].strip())
 
 
 # ------------------------------------------------------------------------------------------
