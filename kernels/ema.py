@@ -11,7 +11,8 @@ _TL_DTYPES = {0: tl.float32, 1: tl.float16, 2: tl.bfloat16}
 
 @triton.jit
 def _ema_kernel(t_ptrs, s_ptrs, numels, block_tensor, block_start, m_ptr, m, one_minus_m,
-                T_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, M_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):
+                T_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, M_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr,
+                BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     pair = tl.load(block_tensor + pid)
     start = tl.load(block_start + pid)
@@ -24,15 +25,24 @@ def _ema_kernel(t_ptrs, s_ptrs, numels, block_tensor, block_start, m_ptr, m, one
     else:
         mm = m
         om = one_minus_m
+    if ALIGNED:  # true by construction of the group: lets the compiler emit 16-byte loads/stores
+        t_ptr = tl.multiple_of(t_ptr, 16)
+        s_ptr = tl.multiple_of(s_ptr, 16)
+        start = tl.multiple_of(start, BLOCK)
     offs = start + tl.arange(0, BLOCK)  # int64: a tensor may pass 2^31 elements
-    mask = offs < n
-    t = tl.load(t_ptr + offs, mask=mask).to(tl.float32)
-    s = tl.load(s_ptr + offs, mask=mask).to(tl.float32)
-    tl.store(t_ptr + offs, (mm * t + om * s).to(T_DTYPE), mask=mask)
+    if start + BLOCK <= n:  # a full block: no mask, so the loads can be vectorised
+        t = tl.load(t_ptr + offs).to(tl.float32)
+        s = tl.load(s_ptr + offs).to(tl.float32)
+        tl.store(t_ptr + offs, (mm * t + om * s).to(T_DTYPE))
+    else:
+        mask = offs < n
+        t = tl.load(t_ptr + offs, mask=mask).to(tl.float32)
+        s = tl.load(s_ptr + offs, mask=mask).to(tl.float32)
+        tl.store(t_ptr + offs, (mm * t + om * s).to(T_DTYPE), mask=mask)
 
 
 def ema_update_(teacher, student, momentum) -> None:
-    """One launch per (teacher dtype, student dtype) group over all pairs."""
+    """One launch per (teacher dtype, student dtype, alignment) group over all pairs."""
     groups = pair_groups(teacher, student)
     if not groups:
         return
@@ -43,4 +53,4 @@ def ema_update_(teacher, student, momentum) -> None:
             g.t_ptrs, g.s_ptrs, g.numels, g.block_tensor, g.block_start,
             m_tensor if m_tensor is not None else g.numels, m, one_minus_m,
             T_DTYPE=_TL_DTYPES[DTYPE_CODES[g.t_dtype]], S_DTYPE=_TL_DTYPES[DTYPE_CODES[g.s_dtype]],
-            M_ON_DEVICE=m_tensor is not None, BLOCK=BLOCK_ELEMS, num_warps=8)
+            M_ON_DEVICE=m_tensor is not None, ALIGNED=g.aligned, BLOCK=BLOCK_ELEMS, num_warps=8)

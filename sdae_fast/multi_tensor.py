@@ -1,6 +1,6 @@
 """Block tables for multi-tensor kernels (shared by the Triton and CUDA EMA backends).
 
-A list of tensor pairs becomes, per (teacher dtype, student dtype) group, one launch over fixed-size
+A list of tensor pairs becomes, per (teacher dtype, student dtype, alignment) group, one launch over fixed-size
 blocks: ``block_tensor[b]`` says which pair block ``b`` works on and ``block_start[b]`` where in it
 it starts; the pairs' addresses and sizes sit in small device tables. A training loop passes the
 same parameters every step, so the tables are built once and cached by (address, size, dtype).
@@ -22,6 +22,7 @@ _CACHE_SIZE = 16
 class PairGroup:
     t_dtype: torch.dtype
     s_dtype: torch.dtype
+    aligned: bool  # every address 16-byte aligned: kernels may use 16-byte vector loads
     t_ptrs: torch.Tensor  # int64 (T,) teacher addresses
     s_ptrs: torch.Tensor  # int64 (T,) student addresses
     numels: torch.Tensor  # int64 (T,)
@@ -46,12 +47,13 @@ def pair_groups(teacher: list[torch.Tensor], student: list[torch.Tensor], block:
 
 
 def _build(teacher, student, block) -> list[PairGroup]:
-    by_dtype: dict[tuple, list] = {}
+    by_kind: dict[tuple, list] = {}
     for t, s in zip(teacher, student):
         if t.numel():
-            by_dtype.setdefault((t.dtype, s.dtype), []).append((t, s))
+            aligned = t.data_ptr() % 16 == 0 and s.data_ptr() % 16 == 0
+            by_kind.setdefault((t.dtype, s.dtype, aligned), []).append((t, s))
     groups = []
-    for (t_dtype, s_dtype), pairs in by_dtype.items():
+    for (t_dtype, s_dtype, aligned), pairs in by_kind.items():
         device = pairs[0][0].device
         numels = torch.tensor([t.numel() for t, _ in pairs], dtype=torch.int64)
         blocks = (numels + block - 1) // block
@@ -60,7 +62,7 @@ def _build(teacher, student, block) -> list[PairGroup]:
         block_start = (torch.arange(int(blocks.sum())) - torch.repeat_interleave(first, blocks)) * block
         as_dev = lambda x: x.to(device)  # noqa: E731
         groups.append(PairGroup(
-            t_dtype, s_dtype,
+            t_dtype, s_dtype, aligned,
             as_dev(torch.tensor([t.data_ptr() for t, _ in pairs], dtype=torch.int64)),
             as_dev(torch.tensor([s.data_ptr() for _, s in pairs], dtype=torch.int64)),
             as_dev(numels), as_dev(block_tensor), as_dev(block_start), int(blocks.sum())))

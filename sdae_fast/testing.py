@@ -82,7 +82,9 @@ try:
     from triton.compiler import ASTSource
     module, name, signature, variants, num_warps = json.loads(sys.argv[1])
     kernel = getattr(importlib.import_module(module), name)
-    sources = [ASTSource(kernel, signature, constants) for constants in variants]
+    # "tl.<dtype>" strings stand for dtype constexprs (JSON cannot carry them).
+    as_const = lambda v: getattr(triton.language, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
+    sources = [ASTSource(kernel, signature, {k: as_const(v) for k, v in constants.items()}) for constants in variants]
 except Exception as exc:  # another Triton's offline-compile API: nothing to check here
     print("SKIP: offline compile API unavailable:", exc); sys.exit(0)
 try:

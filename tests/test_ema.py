@@ -4,7 +4,7 @@ import torch
 
 import sdae_fast
 from sdae_fast import reference
-from sdae_fast.testing import triton_device
+from sdae_fast.testing import compile_for_hopper, triton_device
 
 DEVICE = triton_device()
 FUSED = ["triton"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -82,6 +82,28 @@ def test_empty_lists_and_empty_tensors(backend):
     t, s = [torch.zeros(0, device=DEVICE), torch.ones(3, device=DEVICE)], [torch.zeros(0, device=DEVICE), torch.zeros(3, device=DEVICE)]
     sdae_fast.ema_update_(t, s, 0.5, backend=backend)
     assert torch.equal(t[1], torch.full((3,), 0.5, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_misaligned_views_take_the_unaligned_group(backend):
+    from sdae_fast import multi_tensor
+
+    base_t, base_s = torch.randn(2 * 4096 + 9, device=DEVICE), torch.randn(2 * 4096 + 9, device=DEVICE)
+    teacher, student = [base_t[1:], torch.randn(4096, device=DEVICE)], [base_s[1:], torch.randn(4096, device=DEVICE)]
+    assert sorted(g.aligned for g in multi_tensor.pair_groups(teacher, student)) == [False, True]
+    expected = [t.clone() for t in teacher]
+    reference.ema_update_(expected, student, 0.9)
+    sdae_fast.ema_update_(teacher, student, 0.9, backend=backend)
+    check_within_ulp(teacher, expected)
+
+
+def test_kernel_compiles_for_hopper():
+    signature = {"t_ptrs": "*i64", "s_ptrs": "*i64", "numels": "*i64", "block_tensor": "*i32", "block_start": "*i64",
+                 "m_ptr": "*fp32", "m": "fp32", "one_minus_m": "fp32", "T_DTYPE": "constexpr",
+                 "S_DTYPE": "constexpr", "M_ON_DEVICE": "constexpr", "ALIGNED": "constexpr", "BLOCK": "constexpr"}
+    variants = [{"T_DTYPE": "tl.float32", "S_DTYPE": "tl.float32", "M_ON_DEVICE": False, "ALIGNED": True, "BLOCK": 4096},
+                {"T_DTYPE": "tl.bfloat16", "S_DTYPE": "tl.float32", "M_ON_DEVICE": True, "ALIGNED": False, "BLOCK": 4096}]
+    compile_for_hopper("sdae_fast.kernels.ema", "_ema_kernel", signature, variants, num_warps=8)
 
 
 def test_repeated_calls_reuse_the_cached_tables():
