@@ -81,7 +81,7 @@ def markdown(measurements, env) -> str:
         "",
         ", ".join(f"{k}: {env[k]}" for k in ("date", "torch", "triton", "cuda", "commit") if env.get(k)),
         f"Measured ceilings: copy {env['copy_gbps']:.0f} GB/s (read + write), "
-        f"matmul {env['matmul_tflops']:.1f} TFLOP/s.",
+        f"matmul {env['matmul_tflops']:.3g} TFLOP/s.",
         "",
         "| op | shape | variant | median ms | speed-up vs naive | GB/s | % copy BW | TFLOP/s | % matmul | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -97,6 +97,6 @@ def markdown(measurements, env) -> str:
         frac_mm = 100 * m.tflops / env["matmul_tflops"] if m.tflops else None
         peak = m.peak_bytes / 2**20 if m.peak_bytes is not None else None
         lines.append(f"| {m.case.op} | {m.case.shape} | {m.case.variant} | {m.median_ms:.4f} | {_fmt(speedup, '.2f')} | "
-                     f"{_fmt(m.gbps, '.0f')} | {_fmt(frac_bw, '.1f')} | {_fmt(m.tflops, '.1f')} | {_fmt(frac_mm, '.1f')} | "
+                     f"{_fmt(m.gbps, '.0f')} | {_fmt(frac_bw, '.1f')} | {_fmt(m.tflops, '.3g')} | {_fmt(frac_mm, '.1f')} | "
                      f"{_fmt(peak, '.1f')} |")
     return "\n".join(lines) + "\n"
