@@ -43,11 +43,14 @@ def _ema_kernel(t_ptrs, s_ptrs, numels, block_tensor, block_start, m_ptr, m, one
 
 def ema_update_(teacher, student, momentum) -> None:
     """One launch per (teacher dtype, student dtype, alignment) group over all pairs."""
-    groups = pair_groups(teacher, student)
+    launch(pair_groups(teacher, student), momentum)
+
+
+def launch(groups, momentum) -> None:
+    """Launch over prepared block tables (see ``sdae_fast.multi_tensor.pair_groups``)."""
     if not groups:
         return
-    device = teacher[0].device
-    m, one_minus_m, m_tensor = momentum_args(momentum, device)
+    m, one_minus_m, m_tensor = momentum_args(momentum, groups[0].t_ptrs.device)
     for g in groups:
         _ema_kernel[(g.num_blocks,)](
             g.t_ptrs, g.s_ptrs, g.numels, g.block_tensor, g.block_start,

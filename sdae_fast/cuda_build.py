@@ -14,8 +14,10 @@ NAME = "sdae_fast_cuda"
 # Hopper (H100/H200) and Ampere; PTX for newer parts.
 ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
               "-gencode=arch=compute_90,code=compute_90"]
-NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
-CXX_FLAGS = ["-O3", "-std=c++17"]
+# No -std: torch's build adds the C++ standard its headers need (C++20 from torch 2.10 on).
+# No --use_fast_math: the kernels round exactly as the references do.
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+CXX_FLAGS = ["-O3"]
 
 
 def csrc_dir() -> Path:

@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .ops.ema import ema_update_
+from .ops.ema import EmaUpdate
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -80,6 +80,7 @@ class EmaTeacher:
             self._keep = lambda name: not any(fnmatch.fnmatch(name, p) for p in patterns)
         self.names, self._teacher_params, self._student_params = self._pair(student_module)
         self._buffer_pairs = self._pair_buffers(student_module) if copy_buffers else []
+        self._update = None  # an EmaUpdate, planned at the first update (after any .to(device))
 
     def _pair(self, student_module: nn.Module):
         teacher_params = dict(self.teacher.named_parameters())
@@ -108,7 +109,9 @@ class EmaTeacher:
     def update(self) -> float:
         """One EMA step with the scheduled momentum; returns the momentum used."""
         m = self.momentum()
-        ema_update_(self._teacher_params, self._student_params, m, backend=self.backend)
+        if self._update is None:
+            self._update = EmaUpdate(self._teacher_params, self._student_params, backend=self.backend)
+        self._update(m)
         for t, s in self._buffer_pairs:
             t.copy_(s)
         self.iteration += 1

@@ -13,7 +13,7 @@ from sdae_fast import cuda_build
 @pytest.mark.parametrize("source", cuda_build.kernel_sources(), ids=lambda p: p.rsplit("/", 1)[-1])
 def test_kernel_compiles(source, tmp_path):
     cmd = ["nvcc", "-c", source, "-o", str(tmp_path / "k.o"), "-gencode=arch=compute_80,code=sm_80",
-           "-gencode=arch=compute_90,code=sm_90", *[f for f in cuda_build.NVCC_FLAGS if f != "-lineinfo"]]
+           "-gencode=arch=compute_90,code=sm_90", "-std=c++17", "-O3"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
 

@@ -168,3 +168,20 @@ def test_more_than_2_to_the_31_bytes(backend):
     sdae_fast.ema_update_([t], [s], 0.9, backend=backend)
     check_within_ulp([t[-10000:]], [expected[-10000:]])
     check_within_ulp([t[:10000]], [expected[:10000]])
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+def test_planned_update_matches_the_op(backend):
+    from sdae_fast.ops.ema import EmaUpdate
+
+    teacher, student = pairs(torch.float16, torch.float32, [(5, 7), (4097,), ()])
+    twin = [t.clone() for t in teacher]
+    update = EmaUpdate(teacher, student, backend=backend)
+    assert update.backend == backend
+    for m in (0.9, 0.99, torch.tensor(0.5, device=DEVICE)):
+        update(m)
+        sdae_fast.ema_update_(twin, student, m, backend=backend)
+    for a, b in zip(teacher, twin):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        update(2.0)

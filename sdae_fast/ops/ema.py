@@ -17,23 +17,41 @@ def _fused_why_not(teacher, student, momentum) -> list[str]:
     return [f"pairs {bad[:5]} are not contiguous (the multi-tensor kernels read flat storage)"] if bad else []
 
 
+def _triton_launch(groups, momentum):
+    from ..kernels.ema import launch
+
+    launch(groups, momentum)
+
+
+def _cuda_launch(groups, momentum):
+    from ..cuda_build import extension
+    from ..multi_tensor import DTYPE_CODES, momentum_args
+
+    if not groups:
+        return
+    module = extension()
+    m, one_minus_m, m_tensor = momentum_args(momentum, groups[0].t_ptrs.device)
+    for g in groups:
+        module.ema_update(g.t_ptrs, g.s_ptrs, g.numels, g.block_tensor, g.block_start, DTYPE_CODES[g.t_dtype],
+                          DTYPE_CODES[g.s_dtype], m, one_minus_m, m_tensor)
+
+
+# Fused backends launch over block tables; EmaUpdate keeps the tables, the public op looks them up.
+_LAUNCHERS = {"triton": _triton_launch, "cuda": _cuda_launch}
+
+
 @EMA.register("triton", why_not=_fused_why_not)
 def _ema_triton(teacher, student, momentum):
-    from ..kernels.ema import ema_update_ as triton_ema
+    from ..multi_tensor import pair_groups
 
-    triton_ema(teacher, student, momentum)
+    _triton_launch(pair_groups(teacher, student), momentum)
 
 
 @EMA.register("cuda", why_not=_fused_why_not)
 def _ema_cuda(teacher, student, momentum):
-    from ..cuda_build import extension
-    from ..multi_tensor import DTYPE_CODES, momentum_args, pair_groups
+    from ..multi_tensor import pair_groups
 
-    module = extension()
-    m, one_minus_m, m_tensor = momentum_args(momentum, teacher[0].device)
-    for g in pair_groups(teacher, student):
-        module.ema_update(g.t_ptrs, g.s_ptrs, g.numels, g.block_tensor, g.block_start, DTYPE_CODES[g.t_dtype],
-                          DTYPE_CODES[g.s_dtype], m, one_minus_m, m_tensor)
+    _cuda_launch(pair_groups(teacher, student), momentum)
 
 
 def as_tensor_list(x, name: str) -> list[torch.Tensor]:
@@ -49,13 +67,8 @@ def as_tensor_list(x, name: str) -> list[torch.Tensor]:
     return [t.data if isinstance(t, torch.nn.Parameter) else t for t in out]
 
 
-def ema_update_(teacher, student, momentum, *, backend=None) -> None:
-    """``t <- momentum·t + (1 - momentum)·s`` for every pair, in fp32, rounded once to t's dtype.
-
-    teacher, student: equal-length sequences of tensors or modules (parameters paired by order);
-    dtypes may differ per pair (a bf16 teacher of an fp32 student). momentum: float, or a 0-dim
-    tensor on the tensors' device (no host sync).
-    """
+def validate_pairs(teacher, student) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The pairs as two tensor lists, after checking lengths, shapes, dtypes and devices."""
     teacher = as_tensor_list(teacher, "teacher")
     student = as_tensor_list(student, "student")
     if len(teacher) != len(student):
@@ -67,13 +80,59 @@ def ema_update_(teacher, student, momentum, *, backend=None) -> None:
             raise TypeError(f"pair {i}: dtypes must be float32/float16/bfloat16, got {t.dtype} and {s.dtype}")
         if t.device != s.device or t.device != teacher[0].device:
             raise ValueError(f"pair {i}: every tensor must be on one device, got {t.device} and {s.device}")
+    return teacher, student
+
+
+def validate_momentum(momentum, device) -> None:
     if isinstance(momentum, torch.Tensor):
         if momentum.dim() != 0:
             raise ValueError(f"momentum must be a float or a 0-dim tensor, got shape {tuple(momentum.shape)}")
-        if teacher and momentum.device != teacher[0].device:
-            raise ValueError(f"momentum is on {momentum.device} but the tensors are on {teacher[0].device}")
+        if device is not None and momentum.device != device:
+            raise ValueError(f"momentum is on {momentum.device} but the tensors are on {device}")
     elif not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+
+
+def ema_update_(teacher, student, momentum, *, backend=None) -> None:
+    """``t <- momentum·t + (1 - momentum)·s`` for every pair, in fp32, rounded once to t's dtype.
+
+    teacher, student: equal-length sequences of tensors or modules (parameters paired by order);
+    dtypes may differ per pair (a bf16 teacher of an fp32 student). momentum: float, or a 0-dim
+    tensor on the tensors' device (no host sync). A training loop that updates the same pairs every
+    step should hold an :class:`EmaUpdate` instead: it validates and plans once.
+    """
+    teacher, student = validate_pairs(teacher, student)
+    validate_momentum(momentum, teacher[0].device if teacher else None)
     if not teacher:
         return
     EMA(teacher, student, momentum, backend=backend)
+
+
+class EmaUpdate:
+    """:func:`ema_update_` bound to fixed pairs: validation, backend choice and the fused backends'
+    block tables happen once, so a step costs a launch per dtype group and no per-tensor Python.
+    The pairs must keep their storage: rebuild it after ``module.to(...)`` or a reassigned ``.data``.
+    """
+
+    def __init__(self, teacher, student, *, backend=None):
+        self.teacher, self.student = validate_pairs(teacher, student)
+        self.device = self.teacher[0].device if self.teacher else None
+        self.impl = EMA.select(backend, self.teacher, self.student, 0.5) if self.teacher else None
+        self._launch = _LAUNCHERS.get(self.impl.backend) if self.impl else None
+        if self._launch is not None:
+            from ..multi_tensor import pair_groups
+
+            self._groups = pair_groups(self.teacher, self.student)
+
+    @property
+    def backend(self) -> str | None:
+        return self.impl.backend if self.impl else None
+
+    def __call__(self, momentum) -> None:
+        validate_momentum(momentum, self.device)
+        if self.impl is None:
+            return
+        if self._launch is not None:
+            self._launch(self._groups, momentum)
+        else:
+            self.impl.fn(self.teacher, self.student, momentum)
