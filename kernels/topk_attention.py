@@ -50,7 +50,7 @@ def _scores(q, k_base, stride_kn, start_n, N, scale, BLOCK_N: tl.constexpr, BLOC
 def _select_threshold(q, k_base, stride_kn, N, topk, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       N_PAD: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_D: tl.constexpr,
                       HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """τ per query row: the exact topk-th largest score (fp32)."""
+    """Per query row: the order key of the exact topk-th largest score."""
     if ONE_TILE:
         s = _scores(q, k_base, stride_kn, 0, N, scale, N_PAD, BLOCK_D, HEAD_DIM, PRECISION)
         cols = tl.arange(0, N_PAD)
@@ -70,11 +70,25 @@ def _select_threshold(q, k_base, stride_kn, N, topk, scale, BLOCK_M: tl.constexp
                 count += tl.sum((keys >= cand[:, None]).to(tl.int32), axis=1)
             prefix = tl.where(count >= topk, cand, prefix)
             bit = bit >> 1
-    return key_to_float(prefix)
+    return prefix
 
 
 @triton.jit
-def _topk_attention_fwd(Q, K, V, O, TAU, LSE, N, H, topk, scale,
+def _threshold_column(q, k_base, stride_kn, N, prefix, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """Per row: the first key whose score is τ. Every pass keeps it explicitly, so a recomputed
+    score that rounds an ulp differently (another dot shape) can never drop the boundary key."""
+    col = tl.full([BLOCK_M], 2147483647, dtype=tl.int32)
+    for start_n in range(0, N, BLOCK_N):
+        s = _scores(q, k_base, stride_kn, start_n, N, scale, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        hit = (order_key(s) == prefix[:, None]) & (cols[None, :] < N)
+        col = tl.minimum(col, tl.min(tl.where(hit, cols[None, :], 2147483647), axis=1))
+    return col
+
+
+@triton.jit
+def _topk_attention_fwd(Q, K, V, O, TAU, TAU_COL, LSE, N, H, topk, scale,
                         sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_PAD: tl.constexpr,
                         ONE_TILE: tl.constexpr, SELECT: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -91,10 +105,14 @@ def _topk_attention_fwd(Q, K, V, O, TAU, LSE, N, H, topk, scale,
     q = tl.load(q_base + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     if SELECT:
-        tau = _select_threshold(q, k_base, sk_n, N, topk, scale, BLOCK_M, BLOCK_N, N_PAD, ONE_TILE,
-                                BLOCK_D, HEAD_DIM, PRECISION)
+        prefix = _select_threshold(q, k_base, sk_n, N, topk, scale, BLOCK_M, BLOCK_N, N_PAD, ONE_TILE,
+                                   BLOCK_D, HEAD_DIM, PRECISION)
+        tau = key_to_float(prefix)
+        tau_col = _threshold_column(q, k_base, sk_n, N, prefix, scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
+                                    PRECISION)
     else:
         tau = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        tau_col = tl.full([BLOCK_M], -1, dtype=tl.int32)
 
     # Online softmax over the kept keys; the row's top score is always kept, so l > 0 at the end.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -102,13 +120,14 @@ def _topk_attention_fwd(Q, K, V, O, TAU, LSE, N, H, topk, scale,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         s = _scores(q, k_base, sk_n, start_n, N, scale, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
-        s = tl.where(s >= tau[:, None], s, float("-inf"))
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kept = (s >= tau[:, None]) | (offs_n[None, :] == tau_col[:, None])
+        s = tl.where(kept, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no kept key yet: avoid -inf - -inf
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
         v = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :],
                     mask=(offs_n[:, None] < N) & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -119,6 +138,7 @@ def _topk_attention_fwd(Q, K, V, O, TAU, LSE, N, H, topk, scale,
     tl.store(o_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(TAU + bh * N + offs_m, tau, mask=row_ok)
+    tl.store(TAU_COL + bh * N + offs_m, tau_col, mask=row_ok)
     tl.store(LSE + bh * N + offs_m, m_i + tl.log(l_i), mask=row_ok)
 
 
@@ -137,39 +157,34 @@ def _topk_attention_bwd_delta(O, DO, DELTA, N, BLOCK_M: tl.constexpr, BLOCK_D: t
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Launchers. On the GPU block sizes are autotuned per (N, d); the interpreter gets one fixed
+# geometry in which every pass computes its scores with the same dot shape (BLOCK_M × N_PAD, or
+# BLOCK_M × 64 chunks on long rows), so numpy's matmul returns bit-identical scores in each pass.
 # ----------------------------------------------------------------------------------------------
-def _fwd_configs():
-    if _interpreting():  # one config: the interpreter runs each program in Python
-        return [triton.Config({"BLOCK_M": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
-            for m in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
+INTERPRETER_BLOCK_M = 64
+INTERPRETER_CHUNK = 64
 
 
 def _prune_fwd(configs, named_args, **kwargs):
     # The one-tile selection holds BLOCK_M × N_PAD uint32 keys in registers: cap it per warp count.
-    n_pad = named_args.get("N_PAD", kwargs.get("N_PAD"))
-    one_tile = named_args.get("ONE_TILE", kwargs.get("ONE_TILE"))
-    if not one_tile:
+    n_pad = kwargs.get("N_PAD", named_args.get("N_PAD"))
+    if not kwargs.get("ONE_TILE", named_args.get("ONE_TILE")):
         return configs
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * n_pad <= 2048 * c.num_warps]
     return kept or configs[:1]
 
 
-def _bwd_configs():
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in ((32, 64), (64, 64), (64, 128), (128, 64)) for w in (4, 8) for s in (1, 2)]
-
-
-_fwd = triton.autotune(_fwd_configs(), key=["N_PAD", "BLOCK_D", "SELECT", "ONE_TILE", "PRECISION"],
-                       prune_configs_by={"early_config_prune": _prune_fwd})(_topk_attention_fwd)
+_fwd_tuned = triton.autotune(
+    [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st) for m in (16, 32, 64) for w in (4, 8) for st in (1, 2)],
+    key=["N_PAD", "BLOCK_D", "SELECT", "ONE_TILE", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_fwd})(_topk_attention_fwd)
 
 from .topk_attention_bwd import _topk_attention_bwd_dkdv, _topk_attention_bwd_dq  # noqa: E402
 
-_bwd_dkdv = triton.autotune(_bwd_configs(), key=["N_PAD", "BLOCK_D", "PRECISION"])(_topk_attention_bwd_dkdv)
-_bwd_dq = triton.autotune(_bwd_configs(), key=["N_PAD", "BLOCK_D", "PRECISION"])(_topk_attention_bwd_dq)
+_BWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                for m, n in ((32, 64), (64, 64), (64, 128), (128, 64)) for w in (4, 8) for st in (1, 2)]
+_bwd_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"])(_topk_attention_bwd_dkdv)
+_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"])(_topk_attention_bwd_dq)
 
 
 def _geometry(q):
@@ -187,25 +202,25 @@ def _strides(*tensors):
 def _forward(q, k, v, topk, scale):
     b, h = q.shape[:2]
     n, d, n_pad, block_d, precision = _geometry(q)
-    select = topk < n
     one_tile = n_pad <= N_MAX_ONE_TILE
-    # Softmax chunk: in the interpreter the whole row (identical dot shape to the selection tile,
-    # so numpy's matmul gives bit-identical scores); on the GPU a chunk that keeps P@V on chip.
-    if one_tile:
-        block_n = n_pad if _interpreting() else min(n_pad, 128)
-    else:
-        block_n = 64 if _interpreting() else 128
     o = empty(b, h, n, d, dtype=q.dtype, device=q.device)
     tau = empty(b, h, n, dtype=torch.float32, device=q.device)
+    tau_col = empty(b, h, n, dtype=torch.int32, device=q.device)
     lse = empty(b, h, n, dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
-    _fwd[grid](q, k, v, o, tau, lse, n, h, min(topk, n), scale, *_strides(q, k, v),
-               BLOCK_N=block_n, N_PAD=n_pad, ONE_TILE=one_tile, SELECT=select, BLOCK_D=block_d,
-               HEAD_DIM=d, PRECISION=precision)
-    return o, tau, lse
+    args = (q, k, v, o, tau, tau_col, lse, n, h, min(topk, n), scale, *_strides(q, k, v))
+    meta = dict(N_PAD=n_pad, ONE_TILE=one_tile, SELECT=topk < n, BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision)
+    if _interpreting():
+        block_n = n_pad if one_tile else INTERPRETER_CHUNK
+        grid = (triton.cdiv(n, INTERPRETER_BLOCK_M), b * h)
+        _topk_attention_fwd[grid](*args, BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=block_n, **meta)
+    else:
+        # Softmax/P@V chunk: 128 keys keeps the V tile and P on chip next to the selection tile.
+        block_n = min(n_pad, 128)
+        _fwd_tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]), b * h)](*args, BLOCK_N=block_n, **meta)
+    return o, tau, tau_col, lse
 
 
-def _backward(q, k, v, o, do, tau, lse, scale):
+def _backward(q, k, v, o, do, tau, tau_col, lse, scale):
     b, h = q.shape[:2]
     n, d, n_pad, block_d, precision = _geometry(q)
     do = do.contiguous()
@@ -215,30 +230,34 @@ def _backward(q, k, v, o, do, tau, lse, scale):
     dq = empty(b, h, n, d, dtype=q.dtype, device=q.device)
     dk = empty(b, h, n, d, dtype=k.dtype, device=q.device)
     dv = empty(b, h, n, d, dtype=v.dtype, device=q.device)
-    strides = _strides(q, k, v)
-    _bwd_dkdv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)](
-        q, k, v, do, tau, lse, delta, dk, dv, n, h, scale, *strides,
-        BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision, N_PAD=n_pad)
-    _bwd_dq[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)](
-        q, k, v, do, tau, lse, delta, dq, n, h, scale, *strides,
-        BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision, N_PAD=n_pad)
+    common = (q, k, v, do, tau, tau_col, lse, delta)
+    rest = (n, h, scale, *_strides(q, k, v))
+    meta = dict(BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision, N_PAD=n_pad)
+    if _interpreting():
+        block_n = n_pad if n_pad <= N_MAX_ONE_TILE else INTERPRETER_CHUNK
+        blocks = dict(BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=block_n)
+        _topk_attention_bwd_dkdv[(triton.cdiv(n, block_n), b * h)](*common, dk, dv, *rest, **blocks, **meta)
+        _topk_attention_bwd_dq[(triton.cdiv(n, INTERPRETER_BLOCK_M), b * h)](*common, dq, *rest, **blocks, **meta)
+    else:
+        _bwd_dkdv_tuned[lambda m: (triton.cdiv(n, m["BLOCK_N"]), b * h)](*common, dk, dv, *rest, **meta)
+        _bwd_dq_tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]), b * h)](*common, dq, *rest, **meta)
     return dq, dk, dv
 
 
 class TopKAttentionFunction(torch.autograd.Function):
-    """Fused top-K attention; the backward reuses the forward's τ and log-sum-exp."""
+    """Fused top-K attention; the backward reuses the forward's τ, boundary key and log-sum-exp."""
 
     @staticmethod
     def forward(ctx, q, k, v, topk, scale):
-        o, tau, lse = _forward(q, k, v, topk, scale)
-        ctx.save_for_backward(q, k, v, o, tau, lse)
+        o, tau, tau_col, lse = _forward(q, k, v, topk, scale)
+        ctx.save_for_backward(q, k, v, o, tau, tau_col, lse)
         ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, tau, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, do, tau, lse, ctx.scale)
+        q, k, v, o, tau, tau_col, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, do, tau, tau_col, lse, ctx.scale)
         return dq, dk, dv, None, None
 
 

@@ -9,15 +9,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _probabilities(q, k, tau, lse, row_ok, col_ok, scale, PRECISION: tl.constexpr):
-    """P on the forward's kept set, 0 elsewhere (padding rows and columns included)."""
+def _probabilities(q, k, tau, tau_col, lse, offs_n, row_ok, col_ok, scale, PRECISION: tl.constexpr):
+    """P on the forward's kept set (s >= τ, plus the boundary key itself), 0 elsewhere."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    kept = (s >= tau[:, None]) & row_ok[:, None] & col_ok[None, :]
+    kept = ((s >= tau[:, None]) | (offs_n[None, :] == tau_col[:, None])) & row_ok[:, None] & col_ok[None, :]
     return tl.where(kept, tl.exp(s - lse[:, None]), 0.0)
 
 
 @triton.jit
-def _topk_attention_bwd_dkdv(Q, K, V, DO, TAU, LSE, DELTA, DK, DV, N, H, scale,
+def _topk_attention_bwd_dkdv(Q, K, V, DO, TAU, TAU_COL, LSE, DELTA, DK, DV, N, H, scale,
                              sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, N_PAD: tl.constexpr):
@@ -41,9 +41,10 @@ def _topk_attention_bwd_dkdv(Q, K, V, DO, TAU, LSE, DELTA, DK, DV, N, H, scale,
         do = tl.load(DO + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_mask,
                      other=0.0)
         tau = tl.load(TAU + bh * N + offs_m, mask=row_ok, other=0.0)
+        tau_col = tl.load(TAU_COL + bh * N + offs_m, mask=row_ok, other=-1)
         lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
-        p = _probabilities(q, k, tau, lse, row_ok, col_ok, scale, PRECISION)
+        p = _probabilities(q, k, tau, tau_col, lse, offs_n, row_ok, col_ok, scale, PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -54,7 +55,7 @@ def _topk_attention_bwd_dkdv(Q, K, V, DO, TAU, LSE, DELTA, DK, DV, N, H, scale,
 
 
 @triton.jit
-def _topk_attention_bwd_dq(Q, K, V, DO, TAU, LSE, DELTA, DQ, N, H, scale,
+def _topk_attention_bwd_dq(Q, K, V, DO, TAU, TAU_COL, LSE, DELTA, DQ, N, H, scale,
                            sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, N_PAD: tl.constexpr):
@@ -70,6 +71,7 @@ def _topk_attention_bwd_dq(Q, K, V, DO, TAU, LSE, DELTA, DQ, N, H, scale,
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_mask, other=0.0)
     do = tl.load(DO + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_mask, other=0.0)
     tau = tl.load(TAU + bh * N + offs_m, mask=row_ok, other=0.0)
+    tau_col = tl.load(TAU_COL + bh * N + offs_m, mask=row_ok, other=-1)
     lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -79,7 +81,7 @@ def _topk_attention_bwd_dq(Q, K, V, DO, TAU, LSE, DELTA, DQ, N, H, scale,
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
-        p = _probabilities(q, k, tau, lse, row_ok, col_ok, scale, PRECISION)
+        p = _probabilities(q, k, tau, tau_col, lse, offs_n, row_ok, col_ok, scale, PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
