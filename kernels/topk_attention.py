@@ -26,8 +26,10 @@ from sdae_fast.alloc import empty
 
 from .topk_select import key_to_float, kth_largest_key, order_key
 
-# The whole padded row is held as one register tile for the selection up to this many keys.
+# The whole padded row is held in registers for the selection up to this many keys, as 1, 2 or 4
+# tiles of at most TILE_N keys (each score dot then stages only TILE_N keys in shared memory).
 N_MAX_ONE_TILE = 1024
+TILE_N = 256
 
 
 def _interpreting() -> bool:
@@ -47,15 +49,31 @@ def _scores(q, k_base, stride_kn, start_n, N, scale, BLOCK_N: tl.constexpr, BLOC
 
 
 @triton.jit
+def _keys(q, k_base, stride_kn, start_n, N, scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+          HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """Order keys of one score chunk; padding columns get key 0 (never counted)."""
+    s = _scores(q, k_base, stride_kn, start_n, N, scale, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    return tl.where(cols[None, :] < N, order_key(s), 0)
+
+
+@triton.jit
 def _select_threshold(q, k_base, stride_kn, N, topk, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      N_PAD: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+                      TILE_N: tl.constexpr, NUM_TILES: tl.constexpr, ONE_TILE: tl.constexpr,
+                      BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """Per query row: the order key of the exact topk-th largest score."""
     if ONE_TILE:
-        s = _scores(q, k_base, stride_kn, 0, N, scale, N_PAD, BLOCK_D, HEAD_DIM, PRECISION)
-        cols = tl.arange(0, N_PAD)
-        keys = tl.where(cols[None, :] < N, order_key(s), 0)
-        prefix = kth_largest_key(keys, topk, BLOCK_M)
+        # The whole row stays in registers as NUM_TILES key tiles of TILE_N columns each.
+        keys0 = _keys(q, k_base, stride_kn, 0, N, scale, TILE_N, BLOCK_D, HEAD_DIM, PRECISION)
+        keys1 = keys0
+        keys2 = keys0
+        keys3 = keys0
+        if NUM_TILES > 1:
+            keys1 = _keys(q, k_base, stride_kn, TILE_N, N, scale, TILE_N, BLOCK_D, HEAD_DIM, PRECISION)
+        if NUM_TILES > 2:
+            keys2 = _keys(q, k_base, stride_kn, 2 * TILE_N, N, scale, TILE_N, BLOCK_D, HEAD_DIM, PRECISION)
+            keys3 = _keys(q, k_base, stride_kn, 3 * TILE_N, N, scale, TILE_N, BLOCK_D, HEAD_DIM, PRECISION)
+        prefix = kth_largest_key(keys0, keys1, keys2, keys3, topk, NUM_TILES, BLOCK_M)
     else:
         # Row too long for registers: each bit's count recomputes the score chunks.
         prefix = tl.zeros([BLOCK_M], dtype=tl.uint32)
@@ -64,9 +82,7 @@ def _select_threshold(q, k_base, stride_kn, N, topk, scale, BLOCK_M: tl.constexp
             cand = prefix | bit
             count = tl.zeros([BLOCK_M], dtype=tl.int32)
             for start_n in range(0, N, BLOCK_N):
-                s = _scores(q, k_base, stride_kn, start_n, N, scale, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
-                cols = start_n + tl.arange(0, BLOCK_N)
-                keys = tl.where(cols[None, :] < N, order_key(s), 0)
+                keys = _keys(q, k_base, stride_kn, start_n, N, scale, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
                 count += tl.sum((keys >= cand[:, None]).to(tl.int32), axis=1)
             prefix = tl.where(count >= topk, cand, prefix)
             bit = bit >> 1
@@ -91,7 +107,7 @@ def _threshold_column(q, k_base, stride_kn, N, prefix, scale, BLOCK_M: tl.conste
 def _topk_attention_fwd(Q, K, V, O, TAU, TAU_COL, LSE, N, H, topk, scale,
                         sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_PAD: tl.constexpr,
-                        ONE_TILE: tl.constexpr, SELECT: tl.constexpr, BLOCK_D: tl.constexpr,
+                        TILE_N: tl.constexpr, ONE_TILE: tl.constexpr, SELECT: tl.constexpr, BLOCK_D: tl.constexpr,
                         HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -105,8 +121,8 @@ def _topk_attention_fwd(Q, K, V, O, TAU, TAU_COL, LSE, N, H, topk, scale,
     q = tl.load(q_base + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     if SELECT:
-        prefix = _select_threshold(q, k_base, sk_n, N, topk, scale, BLOCK_M, BLOCK_N, N_PAD, ONE_TILE,
-                                   BLOCK_D, HEAD_DIM, PRECISION)
+        prefix = _select_threshold(q, k_base, sk_n, N, topk, scale, BLOCK_M, BLOCK_N, TILE_N, N_PAD // TILE_N,
+                                   ONE_TILE, BLOCK_D, HEAD_DIM, PRECISION)
         tau = key_to_float(prefix)
         tau_col = _threshold_column(q, k_base, sk_n, N, prefix, scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
                                     PRECISION)
@@ -158,11 +174,19 @@ def _topk_attention_bwd_delta(O, DO, DELTA, N, BLOCK_M: tl.constexpr, BLOCK_D: t
 
 # ----------------------------------------------------------------------------------------------
 # Launchers. On the GPU block sizes are autotuned per (N, d); the interpreter gets one fixed
-# geometry in which every pass computes its scores with the same dot shape (BLOCK_M × N_PAD, or
-# BLOCK_M × 64 chunks on long rows), so numpy's matmul returns bit-identical scores in each pass.
+# geometry in which every pass computes its scores with the same dot shapes at the same offsets
+# (BLOCK_M × TILE_N, or BLOCK_M × 64 chunks on long rows), so numpy's matmul returns bit-identical
+# scores in each pass.
 # ----------------------------------------------------------------------------------------------
 INTERPRETER_BLOCK_M = 64
 INTERPRETER_CHUNK = 64
+
+
+def _chunks(n_pad):
+    """(selection tile, softmax/backward chunk in the interpreter) for a padded row length."""
+    one_tile = n_pad <= N_MAX_ONE_TILE
+    tile_n = min(n_pad, TILE_N)
+    return one_tile, tile_n, (tile_n if one_tile else INTERPRETER_CHUNK)
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -202,17 +226,16 @@ def _strides(*tensors):
 def _forward(q, k, v, topk, scale):
     b, h = q.shape[:2]
     n, d, n_pad, block_d, precision = _geometry(q)
-    one_tile = n_pad <= N_MAX_ONE_TILE
+    one_tile, tile_n, interpreter_chunk = _chunks(n_pad)
     o = empty(b, h, n, d, dtype=q.dtype, device=q.device)
     tau = empty(b, h, n, dtype=torch.float32, device=q.device)
     tau_col = empty(b, h, n, dtype=torch.int32, device=q.device)
     lse = empty(b, h, n, dtype=torch.float32, device=q.device)
     args = (q, k, v, o, tau, tau_col, lse, n, h, min(topk, n), scale, *_strides(q, k, v))
-    meta = dict(N_PAD=n_pad, ONE_TILE=one_tile, SELECT=topk < n, BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision)
+    meta = dict(N_PAD=n_pad, TILE_N=tile_n, ONE_TILE=one_tile, SELECT=topk < n, BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision)
     if _interpreting():
-        block_n = n_pad if one_tile else INTERPRETER_CHUNK
         grid = (triton.cdiv(n, INTERPRETER_BLOCK_M), b * h)
-        _topk_attention_fwd[grid](*args, BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=block_n, **meta)
+        _topk_attention_fwd[grid](*args, BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=interpreter_chunk, **meta)
     else:
         # Softmax/P@V chunk: 128 keys keeps the V tile and P on chip next to the selection tile.
         block_n = min(n_pad, 128)
@@ -234,7 +257,7 @@ def _backward(q, k, v, o, do, tau, tau_col, lse, scale):
     rest = (n, h, scale, *_strides(q, k, v))
     meta = dict(BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision, N_PAD=n_pad)
     if _interpreting():
-        block_n = n_pad if n_pad <= N_MAX_ONE_TILE else INTERPRETER_CHUNK
+        block_n = _chunks(n_pad)[2]
         blocks = dict(BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=block_n)
         _topk_attention_bwd_dkdv[(triton.cdiv(n, block_n), b * h)](*common, dk, dv, *rest, **blocks, **meta)
         _topk_attention_bwd_dq[(triton.cdiv(n, INTERPRETER_BLOCK_M), b * h)](*common, dq, *rest, **blocks, **meta)

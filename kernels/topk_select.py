@@ -26,16 +26,27 @@ def key_to_float(key):
 
 
 @triton.jit
-def kth_largest_key(keys, topk, BLOCK_M: tl.constexpr):
-    """Per row of ``keys`` (BLOCK_M, BLOCK_N) uint32: the topk-th largest key.
+def _count_at_least(keys, cand):
+    return tl.sum((keys >= cand[:, None]).to(tl.int32), axis=1)
 
-    Padding columns must hold key 0, which no candidate (always >= 1) counts.
+
+@triton.jit
+def kth_largest_key(keys0, keys1, keys2, keys3, topk, NUM_TILES: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per row: the topk-th largest key over 1, 2 or 4 register tiles (BLOCK_M, C) of uint32 keys.
+
+    A row is split into tiles so that each score dot streams only C keys through shared memory;
+    column order is irrelevant to counting. Unused tiles may be any tensor. Padding columns must
+    hold key 0, which no candidate (always >= 1) counts.
     """
     prefix = tl.zeros([BLOCK_M], dtype=tl.uint32)
     bit = tl.full([BLOCK_M], 0x80000000, dtype=tl.uint32)
     for _ in range(32):
         cand = prefix | bit
-        count = tl.sum((keys >= cand[:, None]).to(tl.int32), axis=1)
+        count = _count_at_least(keys0, cand)
+        if NUM_TILES > 1:
+            count += _count_at_least(keys1, cand)
+        if NUM_TILES > 2:
+            count += _count_at_least(keys2, cand) + _count_at_least(keys3, cand)
         prefix = tl.where(count >= topk, cand, prefix)
         bit = bit >> 1
     return prefix

@@ -90,9 +90,34 @@ def test_exact_selection_small(n, topk, d, dtype):
 @pytest.mark.parametrize("dtype", triton_dtypes()[:2], ids=str)
 @pytest.mark.parametrize("n", [197, 257])
 def test_exact_selection_long_rows(n, dtype):
+    """N = 257 pads to 512: the selection holds the row as two register tiles of 256 keys."""
     q, k = exact_qk(1, 1, n, 64, dtype)
     v = torch.randn(1, 1, n, 64).to(dtype).to(DEVICE)
     run_and_compare(q, k, v, n // 4, scale=EXACT_SCALE)
+
+
+@pytest.mark.parametrize("dtype", triton_dtypes()[:2], ids=str)
+def test_rows_longer_than_one_tile(monkeypatch, dtype):
+    """Rows past N_MAX_ONE_TILE take the path that recomputes score chunks per selection pass;
+    lowering the limit sends N = 100 (2 chunks of 64 keys) there."""
+    from sdae_fast.kernels import topk_attention as kernel
+
+    monkeypatch.setattr(kernel, "N_MAX_ONE_TILE", 64)
+    q, k = exact_qk(1, 1, 100, 32, dtype)
+    v = torch.randn(1, 1, 100, 32).to(dtype).to(DEVICE)
+    run_and_compare(q, k, v, 25, scale=EXACT_SCALE)
+
+
+@pytest.mark.parametrize("tile_n,n", [(32, 50), (16, 50)])
+def test_row_held_as_several_register_tiles(monkeypatch, tile_n, n):
+    """Smaller tiles send short rows through the 2- and 4-tile selection (N = 785 or 1024 on the GPU)."""
+    from sdae_fast.kernels import topk_attention as kernel
+
+    monkeypatch.setattr(kernel, "TILE_N", tile_n)
+    q, k = exact_qk(1, 1, n, 32, torch.float32)
+    v = torch.randn(1, 1, n, 32, device=DEVICE)
+    for topk in (1, 12, 49):
+        run_and_compare(q, k, v, topk, scale=EXACT_SCALE)
 
 
 @pytest.mark.parametrize("n,topk", [(7, 2), (50, 12), (197, 49)])
