@@ -189,13 +189,28 @@ def _chunks(n_pad):
     return one_tile, tile_n, (tile_n if one_tile else INTERPRETER_CHUNK)
 
 
+def _arg(named_args, kwargs, name):
+    return kwargs.get(name, named_args.get(name))
+
+
 def _prune_fwd(configs, named_args, **kwargs):
+    # fp32 dots in "ieee" precision run on FMA units and spill at large tiles; each config also
+    # takes long to compile, so fp32 gets one small config instead of a search.
+    if _arg(named_args, kwargs, "PRECISION") == "ieee":
+        return [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.num_warps == 4 and c.num_stages == 1]
     # The one-tile selection holds BLOCK_M × N_PAD uint32 keys in registers: cap it per warp count.
-    n_pad = kwargs.get("N_PAD", named_args.get("N_PAD"))
-    if not kwargs.get("ONE_TILE", named_args.get("ONE_TILE")):
+    if not _arg(named_args, kwargs, "ONE_TILE"):
         return configs
+    n_pad = _arg(named_args, kwargs, "N_PAD")
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * n_pad <= 2048 * c.num_warps]
     return kept or configs[:1]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    if _arg(named_args, kwargs, "PRECISION") == "ieee":
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                == (32, 64, 4, 1)]
+    return configs
 
 
 _fwd_tuned = triton.autotune(
@@ -207,8 +222,10 @@ from .topk_attention_bwd import _topk_attention_bwd_dkdv, _topk_attention_bwd_dq
 
 _BWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
                 for m, n in ((32, 64), (64, 64), (64, 128), (128, 64)) for w in (4, 8) for st in (1, 2)]
-_bwd_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"])(_topk_attention_bwd_dkdv)
-_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"])(_topk_attention_bwd_dq)
+_bwd_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"],
+                                  prune_configs_by={"early_config_prune": _prune_bwd})(_topk_attention_bwd_dkdv)
+_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"],
+                                prune_configs_by={"early_config_prune": _prune_bwd})(_topk_attention_bwd_dq)
 
 
 def _geometry(q):
