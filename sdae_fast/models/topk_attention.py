@@ -57,7 +57,7 @@ class TopKAttention(nn.Module):
         if k_keep is None or k_keep >= n:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         else:
-            x = topk_attention(q.contiguous(), k.contiguous(), v.contiguous(), k_keep, scale=self.scale,
-                               backend=self.backend)
+            # q, k, v are strided views of the qkv output (contiguous in d): the kernel reads them in place.
+            x = topk_attention(q, k, v, k_keep, scale=self.scale, backend=self.backend)
         x = x.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(x))
