@@ -61,7 +61,8 @@ def _keys(q, k_base, stride_kn, start_n, N, scale, BLOCK_N: tl.constexpr, BLOCK_
 def _select_threshold(q, k_base, stride_kn, N, topk, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       TILE_N: tl.constexpr, NUM_TILES: tl.constexpr, ONE_TILE: tl.constexpr,
                       BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """Per query row: the order key of the exact topk-th largest score."""
+    """Per query row: the order key of the exact topk-th largest score, and the first column
+    holding it (the boundary key, which every later pass keeps explicitly)."""
     if ONE_TILE:
         # The whole row stays in registers as NUM_TILES key tiles of TILE_N columns each.
         keys0 = _keys(q, k_base, stride_kn, 0, N, scale, TILE_N, BLOCK_D, HEAD_DIM, PRECISION)
@@ -74,6 +75,13 @@ def _select_threshold(q, k_base, stride_kn, N, topk, scale, BLOCK_M: tl.constexp
             keys2 = _keys(q, k_base, stride_kn, 2 * TILE_N, N, scale, TILE_N, BLOCK_D, HEAD_DIM, PRECISION)
             keys3 = _keys(q, k_base, stride_kn, 3 * TILE_N, N, scale, TILE_N, BLOCK_D, HEAD_DIM, PRECISION)
         prefix = kth_largest_key(keys0, keys1, keys2, keys3, topk, NUM_TILES, BLOCK_M)
+        # The boundary key's column, read off the register tiles (no score recompute).
+        col = _first_column(keys0, prefix, 0, TILE_N)
+        if NUM_TILES > 1:
+            col = tl.minimum(col, _first_column(keys1, prefix, TILE_N, TILE_N))
+        if NUM_TILES > 2:
+            col = tl.minimum(col, _first_column(keys2, prefix, 2 * TILE_N, TILE_N))
+            col = tl.minimum(col, _first_column(keys3, prefix, 3 * TILE_N, TILE_N))
     else:
         # Row too long for registers: each bit's count recomputes the score chunks.
         prefix = tl.zeros([BLOCK_M], dtype=tl.uint32)
@@ -86,7 +94,15 @@ def _select_threshold(q, k_base, stride_kn, N, topk, scale, BLOCK_M: tl.constexp
                 count += tl.sum((keys >= cand[:, None]).to(tl.int32), axis=1)
             prefix = tl.where(count >= topk, cand, prefix)
             bit = bit >> 1
-    return prefix
+        col = _threshold_column(q, k_base, stride_kn, N, prefix, scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
+                                PRECISION)
+    return prefix, col
+
+
+@triton.jit
+def _first_column(keys, prefix, start_n, TILE_N: tl.constexpr):
+    cols = start_n + tl.arange(0, TILE_N)
+    return tl.min(tl.where(keys == prefix[:, None], cols[None, :], 2147483647), axis=1)
 
 
 @triton.jit
@@ -121,11 +137,9 @@ def _topk_attention_fwd(Q, K, V, O, TAU, TAU_COL, LSE, N, H, topk, scale,
     q = tl.load(q_base + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     if SELECT:
-        prefix = _select_threshold(q, k_base, sk_n, N, topk, scale, BLOCK_M, BLOCK_N, TILE_N, N_PAD // TILE_N,
-                                   ONE_TILE, BLOCK_D, HEAD_DIM, PRECISION)
+        prefix, tau_col = _select_threshold(q, k_base, sk_n, N, topk, scale, BLOCK_M, BLOCK_N, TILE_N, N_PAD // TILE_N,
+                                            ONE_TILE, BLOCK_D, HEAD_DIM, PRECISION)
         tau = key_to_float(prefix)
-        tau_col = _threshold_column(q, k_base, sk_n, N, prefix, scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
-                                    PRECISION)
     else:
         tau = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         tau_col = tl.full([BLOCK_M], -1, dtype=tl.int32)
