@@ -11,10 +11,16 @@ TOPK_ATTENTION.register("torch")(reference.topk_attention)
 TRITON_MAX_HEAD_DIM = 128
 
 
+TRITON_MAX_HEADS = 65535  # B·H is the grid's second axis
+
+
 def _triton_why_not(q, k, v, topk, *, scale=None):
+    reasons = []
     if q.shape[-1] > TRITON_MAX_HEAD_DIM:
-        return [f"head dim {q.shape[-1]} > {TRITON_MAX_HEAD_DIM} (the q, k, v tiles would not fit on chip)"]
-    return []
+        reasons.append(f"head dim {q.shape[-1]} > {TRITON_MAX_HEAD_DIM} (the q, k, v tiles would not fit on chip)")
+    if q.shape[0] * q.shape[1] > TRITON_MAX_HEADS:
+        reasons.append(f"B·H = {q.shape[0] * q.shape[1]} > {TRITON_MAX_HEADS} (the kernel grid's second axis)")
+    return reasons
 
 
 @TOPK_ATTENTION.register("triton", why_not=_triton_why_not)
