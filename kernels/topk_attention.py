@@ -2,17 +2,20 @@
 
 Forward, one program per (BLOCK_M queries, b·h): scores against every key, the exact topk-th
 largest score τ of each row (:mod:`kernels.topk_select`), then an online softmax over the kept keys
-(s >= τ) and P@V. The (B, H, N, N) scores never reach device memory: when the padded row fits on
-chip the selection runs on one register tile; beyond that each of the 32 selection passes
-recomputes the score chunks (correct, slower). τ and the row log-sum-exp are saved so the backward
-rebuilds exactly the forward's kept set and probabilities (flash-attention style recompute).
+(s >= τ) and P@V. The (B, H, N, N) scores never reach device memory: up to N_MAX_ONE_TILE keys
+the selection runs on the row's keys held in registers (1, 2 or 4 tiles); beyond that each of the
+32 selection passes recomputes the score chunks (correct, slower). τ, the first column holding τ
+(the boundary key) and the row log-sum-exp are saved so the backward rebuilds the forward's kept
+set and probabilities (flash-attention style recompute).
 
 Backward: a preprocess writes D = rowsum(dO ∘ O); one kernel per key block loops over query blocks
 for dK, dV; one per query block loops over key blocks for dQ. The kept set is a constant.
 
 Scores are fp32: fp32 inputs use ``input_precision="ieee"`` (tf32 would change the kept set);
-fp16/bf16 inputs use tensor-core dots with fp32 accumulation. Every score is computed with the same
-dot orientation and head-dim tiling in every kernel, so the recomputed scores match the forward's.
+fp16/bf16 inputs use tensor-core dots with fp32 accumulation. Every pass computes a score with the
+same dot orientation and head-dim tile. A pass whose dot shape differs could still round the key
+at τ an ulp lower and drop it — so every pass keeps the boundary key by column as well; other keys
+would need a distinct score within that rounding of τ (an fp32 near-tie, ill-defined anyway).
 """
 from __future__ import annotations
 
