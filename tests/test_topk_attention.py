@@ -120,6 +120,16 @@ def test_row_held_as_several_register_tiles(monkeypatch, tile_n, n):
         run_and_compare(q, k, v, topk, scale=EXACT_SCALE)
 
 
+def test_backward_with_another_dot_shape_keeps_the_boundary_key(monkeypatch):
+    """Random scores recomputed in 32-key chunks round differently from the forward's 128-key tile;
+    without the saved boundary column the key at τ drops out of whole rows of the backward."""
+    from sdae_fast.kernels import topk_attention as kernel
+
+    monkeypatch.setattr(kernel, "INTERPRETER_BWD_CHUNK", 32)
+    q, k, v = (torch.randn(1, 2, 100, 64, device=DEVICE) for _ in range(3))
+    run_and_compare(q, k, v, 25)
+
+
 @pytest.mark.parametrize("n,topk", [(7, 2), (50, 12), (197, 49)])
 def test_random_inputs_default_scale(n, topk):
     q, k, v = (torch.randn(1, 2, n, 64, device=DEVICE) for _ in range(3))
