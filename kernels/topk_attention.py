@@ -217,7 +217,7 @@ def _prune_fwd(configs, named_args, **kwargs):
     # fp32 dots in "ieee" precision run on FMA units and spill at large tiles; each config also
     # takes long to compile, so fp32 gets one small config instead of a search.
     if _arg(named_args, kwargs, "PRECISION") == "ieee":
-        return [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.num_warps == 4 and c.num_stages == 1]
+        return [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.num_warps == 8 and c.num_stages == 1]
     # The one-tile selection holds BLOCK_M × N_PAD uint32 keys in registers: cap it per warp count.
     if not _arg(named_args, kwargs, "ONE_TILE"):
         return configs
