@@ -9,9 +9,12 @@ from ..ops.attention import topk_attention
 
 
 def resolve_topk(topk: int | float | None, n: int) -> int | None:
-    """An int is a key count, a float in (0, 1] a fraction of N (at least 1), None dense attention."""
+    """An int is a key count, a float in (0, 1] a fraction of N (``round(topk·N)``, at least 1),
+    None dense attention. MixedAE's K ≈ N / r is ``topk=1/r`` (49 of 197 tokens for r = 4)."""
     if topk is None:
         return None
+    if isinstance(topk, bool) or not isinstance(topk, (int, float)):
+        raise TypeError(f"topk must be an int, a float fraction or None, got {type(topk).__name__}")
     if isinstance(topk, float):
         if not 0.0 < topk <= 1.0:
             raise ValueError(f"a fractional topk must lie in (0, 1], got {topk}")
@@ -25,12 +28,17 @@ class TopKAttention(nn.Module):
     """timm ``Attention`` (fused qkv, heads, output projection) whose queries attend to their top-K keys.
 
     Parameter names match timm's ``Attention`` (``qkv``, ``proj``), so weights load either way.
-    ``topk`` may be an int, a fraction of N, or None (dense attention through SDPA).
+    ``topk`` may be an int, a fraction of N, or None (dense attention through SDPA); it is resolved
+    against the token count of each call, so one block serves any N, and each layer holds its own.
+    A topk that resolves to >= N is dense attention and also runs through SDPA. ``attn_drop``
+    applies to the dense path only (top-K attention has no dropout). ``backend`` selects the
+    top-K kernel (SPEC §5).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, topk: int | float | None = None,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, backend: str | None = None):
         super().__init__()
+        resolve_topk(topk, 1)  # reject a bad topk at construction, not at the first forward
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -49,7 +57,7 @@ class TopKAttention(nn.Module):
         if k_keep is None or k_keep >= n:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         else:
-            x = topk_attention(q.contiguous(), k.contiguous(), v.contiguous(), k_keep, scale=self.scale,
-                               backend=self.backend)
+            # q, k, v are strided views of the qkv output (contiguous in d): the kernel reads them in place.
+            x = topk_attention(q, k, v, k_keep, scale=self.scale, backend=self.backend)
         x = x.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(x))

@@ -8,6 +8,27 @@ from ..validate import check_last_dim_contiguous, check_same_device, check_same_
 TOPK_ATTENTION = op("topk_attention", auto_order=("triton", "torch"))
 TOPK_ATTENTION.register("torch")(reference.topk_attention)
 
+TRITON_MAX_HEAD_DIM = 128
+
+
+TRITON_MAX_HEADS = 65535  # B·H is the grid's second axis
+
+
+def _triton_why_not(q, k, v, topk, *, scale=None):
+    reasons = []
+    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {TRITON_MAX_HEAD_DIM} (the q, k, v tiles would not fit on chip)")
+    if q.shape[0] * q.shape[1] > TRITON_MAX_HEADS:
+        reasons.append(f"B·H = {q.shape[0] * q.shape[1]} > {TRITON_MAX_HEADS} (the kernel grid's second axis)")
+    return reasons
+
+
+@TOPK_ATTENTION.register("triton", why_not=_triton_why_not)
+def _triton(q, k, v, topk, *, scale=None):
+    from ..kernels.topk_attention import topk_attention as fused
+
+    return fused(q, k, v, topk, scale=scale)
+
 
 def topk_attention(q, k, v, topk: int, *, scale=None, backend=None):
     """Softmax attention where each query keeps only its ``topk`` best keys (ties at the threshold kept).
