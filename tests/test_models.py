@@ -170,6 +170,10 @@ def test_multicrop_identity_and_shapes():
     glob, local = same(x)
     assert_close(glob, x.repeat(2, 1, 1, 1))  # a full-image crop at full size is the image
     assert local.shape == (6, 1, 16, 16)
+    # Crops are view-major: row v·B + b is a crop of image b (constant images make it visible).
+    consts = torch.arange(3.0)[:, None, None, None].expand(3, 1, 32, 32)
+    crops = MultiCrop(32, 16, 4)(consts)[1]
+    assert_close(crops.amax(dim=(1, 2, 3)), torch.arange(3.0).repeat(4))
     flipped = MultiCrop(32, 16, 0, global_scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=1.0)(x)[0]
     assert_close(flipped, x.flip(-1).repeat(2, 1, 1, 1))
 

@@ -48,10 +48,14 @@ class MultiCrop(nn.Module):
         theta = torch.zeros(rows, 2, 3, device=dev)
         theta[:, 0, 0], theta[:, 0, 2] = cw * flip, cx
         theta[:, 1, 1], theta[:, 1, 2] = ch, cy
-        grid = F.affine_grid(theta, (rows, c, size, size), align_corners=False)
-        src = imgs.float().repeat(n, 1, 1, 1)
-        return F.grid_sample(src, grid.to(src.dtype), mode="bilinear", padding_mode="reflection",
-                             align_corners=False).to(imgs.dtype)
+        grid = F.affine_grid(theta, (rows, c, size, size), align_corners=False)  # (n·B, s, s, 2)
+        # Stack the n crops of an image along the output height so the images are read as they
+        # are (no n-fold copy of the batch): grid (B, n·s, s, 2) -> samples (B, C, n·s, s).
+        grid = grid.reshape(n, b, size, size, 2).transpose(0, 1).reshape(b, n * size, size, 2)
+        src = imgs.float()
+        out = F.grid_sample(src, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        out = out.reshape(b, c, n, size, size).permute(2, 0, 1, 3, 4).reshape(rows, c, size, size)
+        return out.to(imgs.dtype)
 
     def forward(self, imgs: torch.Tensor):
         """(global crops (2·B, C, g, g), local crops (n·B, C, l, l) or None), crop-major."""
