@@ -87,6 +87,9 @@ def dense_attention(q, k, v, impl: str = "sdpa", dropout_p: float = 0.0) -> torc
             from flash_attn import flash_attn_func
         except ImportError as e:
             raise ImportError("attn_impl='flash' needs flash-attn (pip install flash-attn)") from e
+        if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"attn_impl='flash' runs fp16/bf16 on CUDA only, got {q.dtype} on {q.device} "
+                             "(use autocast, or attn_impl='sdpa')")
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p)
         return out.transpose(1, 2)
     raise ValueError(f"unknown attn_impl {impl!r}; choose from {ATTN_IMPLS}")
@@ -169,9 +172,9 @@ def make_blocks(depth, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, topk=None, 
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
-        self.patch_size = patch_size
+        self.img_size, self.patch_size = img_size, patch_size  # read by the timm export
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):  # (B, C, H, W) -> (B, H/p · W/p, D)
@@ -202,7 +205,7 @@ class VisionTransformer(nn.Module):
         self.embed_dim, self.num_heads, self.backend = embed_dim, num_heads, backend
         self.grid = img_size // patch_size
         self.num_patches = self.grid ** 2
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim),
                                       requires_grad=pos_embed == "learned")
