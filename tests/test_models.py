@@ -314,3 +314,24 @@ def test_set_backend_reaches_every_module():
     backends = {m.backend for m in model.modules() if hasattr(m, "backend")}
     assert backends == {"triton"}
     assert math.isclose(model.encoder.blocks[0].attn.topk, 0.25)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_op_call_carries_the_backend(method, monkeypatch):
+    """The forward calls exactly the ops in OPS_USED (the triton skip relies on it), each with backend=."""
+    calls = []
+    original = sdae_fast.dispatch.Op.__call__
+
+    def spy(self, *args, backend=None, **kwargs):
+        calls.append((self.name, backend))
+        return original(self, *args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(sdae_fast.dispatch.Op, "__call__", spy)
+    model = build(method, "micro", backend="torch")
+    model(images())
+    assert {name for name, _ in calls} == set(model.OPS_USED)
+    assert {b for _, b in calls} == {"torch"}
+    calls.clear()
+    model.set_schedule(10, 5)
+    model.after_step()
+    assert {b for _, b in calls} <= {"torch"}
