@@ -8,7 +8,7 @@ import torch
 
 import sdae_fast
 from sdae_fast.dispatch import OPS
-from sdae_fast.models import DINO, MODELS, MultiCrop, VisionTransformer, build, create_model, set_backend
+from sdae_fast.models import MODELS, MultiCrop, VisionTransformer, build, create_model, set_backend
 from sdae_fast.models.vit import get_2d_sincos_pos_embed
 from sdae_fast.testing import assert_close
 
