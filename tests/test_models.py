@@ -335,3 +335,16 @@ def test_every_op_call_carries_the_backend(method, monkeypatch):
     model.set_schedule(10, 5)
     model.after_step()
     assert {b for _, b in calls} <= {"torch"}
+
+
+@pytest.mark.parametrize("method, kw", [("sdae", dict(loss_dim=1, momentum_per="iteration")),
+                                        ("mixedae", dict(contrastive_weight=0.0)),
+                                        ("mae", dict(norm_pix_loss=False, mask_ratio=0.5))])
+def test_method_options(method, kw):
+    model = build(method, "micro", backend="torch", **kw)
+    model.set_schedule(10, 5)
+    out, grads = run_step(model, images(), seed=2)
+    assert torch.isfinite(out["loss"]) and grads
+    model.after_step()
+    if method == "sdae":
+        assert model.momentum() > 0.96  # stepped per iteration: moved after one step
