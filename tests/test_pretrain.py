@@ -23,16 +23,24 @@ from sdae_fast.train.optim import lr_at
 
 
 def _real_methods():
+    """All four methods once ``sdae_fast.models.build`` exists (none before the model layer lands)."""
     try:
         from sdae_fast.models import build  # noqa: F401
     except ImportError:
         return []
-    import sdae_fast.models as models
-
-    return [m for m in ("mae", "sdae", "mixedae", "dino") if m in getattr(models, "METHODS", ())]
+    return ["mae", "sdae", "mixedae", "dino"]
 
 
 REAL = _real_methods()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These runs are tiny: one thread avoids OpenMP spin-waiting on a shared, oversubscribed CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class StandInEncoder(nn.Module):
@@ -92,7 +100,8 @@ def _args(tmp_path, **kw):
 
 
 def _params(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    """state_dict copy: tensors cloned, extra state (EMA step counters) kept as is."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in model.state_dict().items()}
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -158,7 +167,8 @@ def _stop_and_resume(tmp_path, build_fn, method, k, **kw):
     a, b = _params(straight["model"]), _params(second["model"])
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.equal(a[name], b[name]), name
+        same = torch.equal(a[name], b[name]) if isinstance(a[name], torch.Tensor) else a[name] == b[name]
+        assert same, name
 
 
 def test_standin_stop_and_resume_is_exact(tmp_path):
@@ -166,10 +176,28 @@ def test_standin_stop_and_resume_is_exact(tmp_path):
     _stop_and_resume(tmp_path, standin_build, "sdae", 50, clip_grad=1.0)
 
 
-@pytest.mark.parametrize("method", REAL)
+@pytest.mark.parametrize("method", [m for m in REAL if m != "dino"])
 def test_real_loss_decreases(tmp_path, method):
-    res = pretrain(_args(tmp_path, method=method, steps=30, batch_size=16), build_fn=None)
-    _assert_decreases(res["losses"], n=5)
+    res = pretrain(_args(tmp_path, method=method, steps=24, batch_size=16), build_fn=None)
+    _assert_decreases(res["losses"], n=4)
+
+
+@pytest.mark.skipif("dino" not in REAL, reason="sdae_fast.models.build is not there yet")
+def test_real_dino_trains(tmp_path):
+    """DINO's loss does not fall in a short run: student and teacher start equal (low cross-entropy)
+    and the loss first climbs towards log(out_dim) as the centre flattens the teacher's output, so
+    check instead that it trains: finite losses, the student moved and the EMA teacher followed."""
+    args = _args(tmp_path, method="dino", steps=6, batch_size=8)
+    from sdae_fast.models import build
+
+    torch.manual_seed(args.seed)
+    init = _params(build("dino", "micro", img_size=16, patch_size=4, in_chans=1))
+    res = pretrain(args, build_fn=None)
+    assert all(torch.isfinite(torch.tensor(res["losses"])))
+    final = _params(res["model"])
+    moved = [k for k, v in init.items()
+             if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.equal(v, final[k])]
+    assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("teacher.") for k in moved)
 
 
 @pytest.mark.parametrize("method", REAL)
