@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction for k-NN")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=36)
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (absolute, not batch-scaled)")
@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", default=None, help="JSON-lines file (default: <out>/metrics.jsonl)")
     p.add_argument("--num-workers", type=int, default=0,
                    help="accepted for compatibility; data is held in memory, so batches need no workers")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is fastest for micro models on a busy CPU)")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--knn-k", type=int, default=20)
     p.add_argument("--no-knn", dest="knn", action="store_false", help="skip the final k-NN evaluation")

@@ -94,6 +94,8 @@ def pretrain(args, build_fn=None) -> dict:
     """Run pretraining as configured by ``args`` (see ``sdae_fast.train.cli``); returns a summary dict
     with the per-step losses, the final step and, when computed, the k-NN accuracies."""
     build_fn = build_fn or default_build
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     info = init_distributed(args.device)
     try:
         return _pretrain(args, build_fn, info)
