@@ -30,7 +30,8 @@ WORKER = textwrap.dedent("""
     res = pretrain(args, build_fn=build)
     h = hashlib.sha256()
     for name, t in sorted(res["model"].state_dict().items()):
-        h.update(name.encode()); h.update(t.detach().contiguous().cpu().numpy().tobytes())
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes() if torch.is_tensor(t) else repr(t).encode())
     rank = os.environ["RANK"]
     with open(os.path.join(sys.argv[3], f"digest{{rank}}.txt"), "w") as f:
         f.write(h.hexdigest() + " " + repr(res["losses"]))
