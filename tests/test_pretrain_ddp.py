@@ -57,7 +57,7 @@ def test_ddp_standin_replicas_identical(tmp_path):
     _run_ddp(tmp_path, "standin", 6)
 
 
-@pytest.mark.parametrize("method", ["sdae"])
+@pytest.mark.parametrize("method", ["sdae", "dino"])  # mae, mixedae pass too (slower suite)
 def test_ddp_real_model_replicas_identical(tmp_path, method):
     try:
         from sdae_fast.models import build  # noqa: F401

@@ -94,9 +94,12 @@ def pretrain(args, build_fn=None) -> dict:
     """Run pretraining as configured by ``args`` (see ``sdae_fast.train.cli``); returns a summary dict
     with the per-step losses, the final step and, when computed, the k-NN accuracies."""
     build_fn = build_fn or default_build
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     info = init_distributed(args.device)
+    threads = args.threads
+    if threads is None and args.size == "micro" and info.device.type == "cpu":
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
     try:
         return _pretrain(args, build_fn, info)
     finally:
