@@ -249,3 +249,17 @@ def test_cli_registers_pretrain():
 
     args = build_parser().parse_args(["pretrain", "--method", "mae", "--steps", "3", "--resume", "auto"])
     assert args.method == "mae" and args.steps == 3 and args.resume == "auto" and args.size == "micro"
+
+
+@pytest.mark.skipif(not REAL, reason="sdae_fast.models.build is not there yet")
+def test_real_export_kwargs_rebuild_the_encoder(tmp_path):
+    from sdae_fast.models import VisionTransformer, build
+    from sdae_fast.train.export import export_encoder
+
+    encoder = build("mae", "micro").encoder
+    weights, meta = export_encoder(encoder, str(tmp_path), 32, 4, 1)
+    kw = json.load(open(meta))
+    assert (kw["embed_dim"], kw["depth"], kw["num_heads"], kw["patch_size"]) == (64, 3, 2, 4)
+    again = VisionTransformer(**{k: kw[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim",
+                                                    "depth", "num_heads")})
+    again.load_state_dict(torch.load(weights))

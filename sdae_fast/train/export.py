@@ -30,6 +30,13 @@ def timm_kwargs(encoder, img_size: int, patch_size: int, in_chans: int) -> dict:
         embed_dim = encoder.cls_token.shape[-1]
     attn = getattr(blocks[0], "attn", None) if blocks is not None and len(blocks) else None
     pe = getattr(encoder, "patch_embed", None)
+    fc1 = getattr(getattr(blocks[0], "mlp", None), "fc1", None) if attn is not None else None
+    qkv = getattr(attn, "qkv", None)
+    extra = {}
+    if fc1 is not None and embed_dim:
+        extra["mlp_ratio"] = fc1.out_features / embed_dim
+    if qkv is not None:
+        extra["qkv_bias"] = qkv.bias is not None
     return {
         "img_size": int(_pair_first(getattr(pe, "img_size", img_size))),
         "patch_size": int(_pair_first(getattr(pe, "patch_size", patch_size))),
@@ -37,7 +44,9 @@ def timm_kwargs(encoder, img_size: int, patch_size: int, in_chans: int) -> dict:
         "embed_dim": int(embed_dim) if embed_dim is not None else None,
         "depth": len(blocks) if blocks is not None else None,
         "num_heads": int(getattr(attn, "num_heads", 0)) or None,
+        **extra,
         "num_classes": 0,
+        "global_pool": "token",  # ``embed`` is the (normed) cls token
     }
 
 
