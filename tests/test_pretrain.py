@@ -244,6 +244,11 @@ def test_knn_report_and_export(tmp_path, capsys):
     assert meta["num_classes"] == 0 and meta["in_chans"] == 1
 
 
+def test_mixedae_batch_must_divide_by_group_size(tmp_path):
+    with pytest.raises(ValueError, match="divisible by 4"):
+        pretrain(_args(tmp_path, method="mixedae", batch_size=6), build_fn=standin_build)
+
+
 def test_cli_registers_pretrain():
     from sdae_fast.cli import build_parser
 

@@ -108,6 +108,8 @@ def pretrain(args, build_fn=None) -> dict:
 
 def _pretrain(args, build_fn, info) -> dict:
     say = print if info.is_main and not args.quiet else (lambda *a, **k: None)
+    if args.method == "mixedae" and args.batch_size % 4:
+        raise ValueError(f"MixedAE mixes groups of 4 images: --batch-size {args.batch_size} must be divisible by 4")
     splits = load_splits(args.data, args.img_size, args.holdout)
     sampler = EpochBatchSampler(len(splits.train_images), args.batch_size, args.seed, info.rank, info.world)
     spe = sampler.steps_per_epoch
