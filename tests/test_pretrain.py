@@ -1,0 +1,270 @@
+"""``sdae-fast pretrain``: loss goes down, exact stop-and-resume, checkpoint/data errors, k-NN, export.
+
+A tiny stand-in model that follows the model-layer contract (loss dict, ``set_schedule``,
+``after_step`` EMA, ``encoder.embed``, masks from torch's global RNG) keeps the loop's tests fast;
+the real methods from ``sdae_fast.models.build`` run too when they are there.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from sdae_fast.train import checkpoint as ckpt
+from sdae_fast.train.cli import make_args
+from sdae_fast.train.data import EpochBatchSampler, load_splits
+from sdae_fast.train.knn import knn_accuracy
+from sdae_fast.train.loop import pretrain
+from sdae_fast.train.optim import lr_at
+
+
+def _real_methods():
+    """All four methods once ``sdae_fast.models.build`` exists (none before the model layer lands)."""
+    try:
+        from sdae_fast.models import build  # noqa: F401
+    except ImportError:
+        return []
+    return ["mae", "sdae", "mixedae", "dino"]
+
+
+REAL = _real_methods()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These runs are tiny: one thread avoids OpenMP spin-waiting on a shared, oversubscribed CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class StandInEncoder(nn.Module):
+    def __init__(self, in_dim: int, dim: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def embed(self, x):
+        return self.net(x)
+
+
+class StandIn(nn.Module):
+    """Masked reconstruction plus an EMA-teacher feature term: exercises the global RNG, buffers and
+    ``after_step`` the way the real methods do."""
+
+    def __init__(self, img_size: int, in_chans: int):
+        super().__init__()
+        in_dim = in_chans * img_size * img_size
+        self.encoder = StandInEncoder(in_dim)
+        self.decoder = nn.Linear(32, in_dim)
+        self.teacher = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+        self.total_steps = None
+
+    def set_schedule(self, total_steps, steps_per_epoch):
+        self.total_steps = total_steps
+
+    def forward(self, images):
+        keep = (torch.rand_like(images) < 0.5).float()
+        z = self.encoder(images * keep)
+        rec = self.decoder(z).view_as(images)
+        recon = (((rec - images) ** 2) * (1 - keep)).mean()
+        with torch.no_grad():
+            target = self.teacher(images)
+        distill = ((z - target) ** 2).mean()
+        return {"loss": recon + 0.1 * distill, "recon": recon.detach()}
+
+    @torch.no_grad()
+    def after_step(self):
+        for t, s in zip(self.teacher.parameters(), self.encoder.parameters()):
+            t.mul_(0.9).add_(s, alpha=0.1)
+        self.ema_steps += 1
+
+
+def standin_build(method, size, img_size=32, patch_size=4, in_chans=1, backend=None):
+    return StandIn(img_size, in_chans)
+
+
+def _args(tmp_path, **kw):
+    base = dict(method="sdae", img_size=16, batch_size=16, steps=40, lr=2e-3, out=str(tmp_path / "run"),
+                ckpt_every=0, knn=False, export=False, quiet=True, log_every=1000)
+    base.update(kw)
+    return make_args(**base)
+
+
+def _params(model):
+    """state_dict copy: tensors cloned, extra state (EMA step counters) kept as is."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in model.state_dict().items()}
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(99, 100, 1.0, 10, 0.01) > 0.01
+    assert lr_at(100, 100, 1.0, 10, 0.01) == pytest.approx(0.01)
+
+
+def test_sampler_is_deterministic_and_shards_disjointly():
+    a = EpochBatchSampler(103, 8, seed=3)
+    assert [b.tolist() for _, b in a.batches(2)] == [b.tolist() for _, b in EpochBatchSampler(103, 8, seed=3).batches(2)]
+    assert list(a.batches(0))[5][1].tolist() == list(a.batches(0, start=5))[0][1].tolist()
+    r0, r1 = EpochBatchSampler(103, 8, 3, 0, 2), EpochBatchSampler(103, 8, 3, 1, 2)
+    assert r0.steps_per_epoch == r1.steps_per_epoch == 51 // 8
+    assert not set(r0.indices(1).tolist()) & set(r1.indices(1).tolist())
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        EpochBatchSampler(10, 16)
+
+
+def test_digits_splits():
+    s = load_splits(None, img_size=16)
+    assert s.train_images.shape == (1438, 1, 16, 16) and s.heldout_images.shape == (359, 1, 16, 16)
+    assert abs(s.train_images.mean().item()) < 1e-4 and s.train_labels.max().item() == 9
+
+
+def test_knn_separable_features_are_perfect():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4) * 5
+    train_y = torch.arange(4).repeat(25)
+    test_y = torch.arange(4).repeat(10)
+    train = centres[train_y] + 0.3 * torch.randn(100, 4, generator=g)
+    test = centres[test_y] + 0.3 * torch.randn(40, 4, generator=g)
+    assert knn_accuracy(train, train_y, test, test_y, k=20) == 1.0
+    assert knn_accuracy(train, train_y, test, (test_y + 1) % 4, k=20) == 0.0
+
+
+def _assert_decreases(losses, n=8):
+    first, last = sum(losses[:n]) / n, sum(losses[-n:]) / n
+    assert last < 0.9 * first, f"loss did not decrease: first {first:.4f} -> last {last:.4f}"
+
+
+def test_standin_loss_decreases(tmp_path):
+    res = pretrain(_args(tmp_path, steps=60), build_fn=standin_build)
+    assert len(res["losses"]) == 60
+    _assert_decreases(res["losses"])
+    lines = open(tmp_path / "run" / "metrics.jsonl").read().splitlines()
+    rec = json.loads(lines[-1])
+    assert len(lines) == 60 and rec["step"] == 60 and {"loss", "lr", "epoch", "images_per_s", "recon"} <= set(rec)
+
+
+def _stop_and_resume(tmp_path, build_fn, method, k, **kw):
+    """Run 2k steps straight; and k steps (stopped), then a fresh resume to 2k. Compare everything."""
+    straight = pretrain(_args(tmp_path / "a", method=method, steps=2 * k, **kw), build_fn=build_fn)
+    first = pretrain(_args(tmp_path / "b", method=method, steps=2 * k, ckpt_every=k, stop_after=k, **kw),
+                     build_fn=build_fn)
+    assert first["step"] == k and len(ckpt.list_checkpoints(str(tmp_path / "b" / "run"))) == 1
+    torch.manual_seed(12345)  # a fresh process would not share the RNG; resume must restore it
+    second = pretrain(_args(tmp_path / "b", method=method, steps=2 * k, ckpt_every=k, resume="auto", **kw),
+                      build_fn=build_fn)
+    assert first["losses"] + second["losses"] == straight["losses"]
+    a, b = _params(straight["model"]), _params(second["model"])
+    assert a.keys() == b.keys()
+    for name in a:
+        same = torch.equal(a[name], b[name]) if isinstance(a[name], torch.Tensor) else a[name] == b[name]
+        assert same, name
+
+
+def test_standin_stop_and_resume_is_exact(tmp_path):
+    # 1438 / 16 = 89 steps per epoch: k = 50 makes the resume cross an epoch boundary mid-epoch.
+    _stop_and_resume(tmp_path, standin_build, "sdae", 50, clip_grad=1.0)
+
+
+@pytest.mark.parametrize("method", [m for m in REAL if m != "dino"])
+def test_real_loss_decreases(tmp_path, method):
+    res = pretrain(_args(tmp_path, method=method, steps=24, batch_size=16), build_fn=None)
+    _assert_decreases(res["losses"], n=4)
+
+
+@pytest.mark.skipif("dino" not in REAL, reason="sdae_fast.models.build is not there yet")
+def test_real_dino_trains(tmp_path):
+    """DINO's loss does not fall in a short run: student and teacher start equal (low cross-entropy)
+    and the loss first climbs towards log(out_dim) as the centre flattens the teacher's output, so
+    check instead that it trains: finite losses, the student moved and the EMA teacher followed."""
+    args = _args(tmp_path, method="dino", steps=6, batch_size=8)
+    from sdae_fast.models import build
+
+    torch.manual_seed(args.seed)
+    init = _params(build("dino", "micro", img_size=16, patch_size=4, in_chans=1))
+    res = pretrain(args, build_fn=None)
+    assert all(torch.isfinite(torch.tensor(res["losses"])))
+    final = _params(res["model"])
+    moved = [k for k, v in init.items()
+             if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.equal(v, final[k])]
+    assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("teacher.") for k in moved)
+
+
+@pytest.mark.parametrize("method", REAL)
+def test_real_stop_and_resume_is_exact(tmp_path, method):
+    _stop_and_resume(tmp_path, None, method, 3, batch_size=8)
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pretrain(_args(tmp_path, resume=str(tmp_path / "nope.pt")), build_fn=standin_build)
+    pretrain(_args(tmp_path, steps=4, ckpt_every=2), build_fn=standin_build)
+    (_, path), = ckpt.list_checkpoints(str(tmp_path / "run"))[-1:]
+    data = open(path, "rb").read()
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.pt.*corrupt"):
+        pretrain(_args(tmp_path, resume=str(bad)), build_fn=standin_build)
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="lacks optimizer"):
+        ckpt.load_checkpoint(str(tmp_path / "other.pt"))
+    assert ckpt.resolve_resume("auto", str(tmp_path / "empty")) is None
+    # no stray temporary files from the atomic writes
+    assert all(not n.startswith(".") for n in os.listdir(tmp_path / "run"))
+
+
+def test_missing_or_empty_data_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        pretrain(_args(tmp_path, data=str(tmp_path / "nowhere")), build_fn=standin_build)
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "empty" / "cls" / "notes.txt").write_text("hi")
+    with pytest.raises(ValueError, match="holds no images"):
+        pretrain(_args(tmp_path, data=str(tmp_path / "empty")), build_fn=standin_build)
+
+
+def test_knn_report_and_export(tmp_path, capsys):
+    res = pretrain(_args(tmp_path, steps=30, knn=True, export=True, quiet=False, log_every=10),
+                   build_fn=standin_build)
+    out = capsys.readouterr().out
+    assert "k-NN accuracy" in out and "vs random init" in out and "step     30/30" in out
+    assert 0.0 <= res["knn_random_init"] <= 1.0 and 0.0 <= res["knn_trained"] <= 1.0
+    state = torch.load(tmp_path / "run" / "encoder.pt")
+    assert state.keys() == res["model"].encoder.state_dict().keys()
+    meta = json.load(open(tmp_path / "run" / "encoder.json"))
+    assert meta["num_classes"] == 0 and meta["in_chans"] == 1
+
+
+def test_mixedae_batch_must_divide_by_group_size(tmp_path):
+    with pytest.raises(ValueError, match="divisible by 4"):
+        pretrain(_args(tmp_path, method="mixedae", batch_size=6), build_fn=standin_build)
+
+
+def test_cli_registers_pretrain():
+    from sdae_fast.cli import build_parser
+
+    args = build_parser().parse_args(["pretrain", "--method", "mae", "--steps", "3", "--resume", "auto"])
+    assert args.method == "mae" and args.steps == 3 and args.resume == "auto" and args.size == "micro"
+
+
+@pytest.mark.skipif(not REAL, reason="sdae_fast.models.build is not there yet")
+def test_real_export_kwargs_rebuild_the_encoder(tmp_path):
+    from sdae_fast.models import VisionTransformer, build
+    from sdae_fast.train.export import export_encoder
+
+    encoder = build("mae", "micro").encoder
+    weights, meta = export_encoder(encoder, str(tmp_path), 32, 4, 1)
+    kw = json.load(open(meta))
+    assert (kw["embed_dim"], kw["depth"], kw["num_heads"], kw["patch_size"]) == (64, 3, 2, 4)
+    again = VisionTransformer(**{k: kw[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim",
+                                                    "depth", "num_heads")})
+    again.load_state_dict(torch.load(weights))
