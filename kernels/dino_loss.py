@@ -26,6 +26,16 @@ from sdae_fast.alloc import empty
 
 
 @triton.jit
+def _load_tile(s_rows, t_rows, c_ptr, k, K, v_ok, g_ok):
+    """Columns ``k`` of every student row, teacher row and the centre, in fp32 (both sweeps)."""
+    k_ok = k < K
+    s = tl.load(s_rows[:, None] + k[None, :], mask=v_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    t = tl.load(t_rows[:, None] + k[None, :], mask=g_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    return k, k_ok, s, t, c
+
+
+@triton.jit
 def _dino_stats_kernel(
     s_ptr, t_ptr, c_ptr,
     ms_ptr, ls_ptr, mt_ptr, lt_ptr, dot_ptr,
@@ -55,11 +65,7 @@ def _dino_stats_kernel(
     # Every chunk holds at least one column < K (the launcher sizes the splits), so the maxima
     # are finite after the first tile and exp(m_old - m_new) never sees (-inf) - (-inf).
     for k0 in range(k_start, k_start + CHUNK, BLOCK_K):
-        k = k0 + cols
-        k_ok = k < K
-        s = tl.load(s_rows[:, None] + k[None, :], mask=v_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        t = tl.load(t_rows[:, None] + k[None, :], mask=g_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        c = tl.load(c_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        k, k_ok, s, t, c = _load_tile(s_rows, t_rows, c_ptr, k0 + cols, K, v_ok, g_ok)
 
         x = tl.where(k_ok[None, :], s * inv_ts, float("-inf"))
         m_s_new = tl.maximum(m_s, tl.max(x, axis=1))
@@ -130,11 +136,7 @@ def _dino_grad_kernel(
         g_rows = g_ptr + (rows_v * B + b).to(tl.int64) * stride_g
         k_start = split * CHUNK
         for k0 in range(k_start, k_start + CHUNK, BLOCK_K):
-            k = k0 + cols
-            k_ok = k < K
-            s = tl.load(s_rows[:, None] + k[None, :], mask=v_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            t = tl.load(t_rows[:, None] + k[None, :], mask=g_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            c = tl.load(c_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            k, k_ok, s, t, c = _load_tile(s_rows, t_rows, c_ptr, k0 + cols, K, v_ok, g_ok)
             p = tl.exp(s * inv_ts - lse[:, None])
             q = tl.exp((t - c[None, :]) * inv_tt - m_t[:, None]) / l_t[:, None]
             q_sum = tl.sum(tl.where(pair[:, :, None], q[:, None, :], 0.0), axis=0)  # (VP, BK): Σ_{g≠v} q_g

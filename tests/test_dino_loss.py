@@ -236,3 +236,23 @@ def test_triton_refuses_too_many_views():
     s, t, c = _inputs(65, 2, 1, 16, torch.float32, "cpu")
     with pytest.raises(sdae_fast.BackendUnavailable, match="student views"):
         sdae_fast.dino_loss(s, t, c, backend="triton")
+
+
+def test_kernels_compile_for_hopper():
+    """Both sweeps compile for sm_90 (the interpreter misses compiler-only errors)."""
+    from sdae_fast.testing import compile_for_hopper
+
+    ptr16, ptr32 = "*bf16", "*fp32"
+    sizes = {"B": "i32", "K": "i32", "CHUNK": "i32", "NSPLIT": "i32"}
+    shapes = {"V": "constexpr", "G": "constexpr", "VP": "constexpr", "GP": "constexpr"}
+    partials = {"ms_ptr": ptr32, "ls_ptr": ptr32, "mt_ptr": ptr32, "lt_ptr": ptr32, "dot_ptr": ptr32}
+    stats = {"s_ptr": ptr16, "t_ptr": ptr16, "c_ptr": ptr32, **partials, **sizes, "stride_s": "i32",
+             "stride_t": "i32", "inv_ts": "fp32", "inv_tt": "fp32", **shapes, "BLOCK_K": "constexpr"}
+    compile_for_hopper("sdae_fast.kernels.dino_loss", "_dino_stats_kernel", stats,
+                       [{"V": 10, "G": 2, "VP": 16, "GP": 2, "BLOCK_K": 256}], num_warps=8)
+    grad = {"s_ptr": ptr16, "t_ptr": ptr16, "c_ptr": ptr32, "g_ptr": ptr16, "loss_ptr": ptr32, **partials,
+            **sizes, "stride_s": "i32", "stride_t": "i32", "stride_g": "i32", "inv_ts": "fp32", "inv_tt": "fp32",
+            "grad_scale": "fp32", **shapes, "SP": "constexpr", "BLOCK_K": "constexpr", "WRITE_GRAD": "constexpr"}
+    compile_for_hopper("sdae_fast.kernels.dino_loss", "_dino_grad_kernel", grad,
+                       [{"V": 10, "G": 2, "VP": 16, "GP": 2, "SP": 16, "BLOCK_K": 256, "WRITE_GRAD": True}],
+                       num_warps=8)
