@@ -1,12 +1,13 @@
 """Multi-tensor EMA update in Triton: every (teacher, student) pair of a dtype group in one launch."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from sdae_fast.multi_tensor import BLOCK_ELEMS, DTYPE_CODES, momentum_args, pair_groups
+from sdae_fast.multi_tensor import BLOCK_ELEMS, momentum_args
 
-_TL_DTYPES = {0: tl.float32, 1: tl.float16, 2: tl.bfloat16}
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -41,13 +42,9 @@ def _ema_kernel(t_ptrs, s_ptrs, numels, block_tensor, block_start, m_ptr, m, one
         tl.store(t_ptr + offs, (mm * t + om * s).to(T_DTYPE), mask=mask)
 
 
-def ema_update_(teacher, student, momentum) -> None:
-    """One launch per (teacher dtype, student dtype, alignment) group over all pairs."""
-    launch(pair_groups(teacher, student), momentum)
-
-
 def launch(groups, momentum) -> None:
-    """Launch over prepared block tables (see ``sdae_fast.multi_tensor.pair_groups``)."""
+    """One launch per (teacher dtype, student dtype, alignment) group, over the block tables of
+    ``sdae_fast.multi_tensor.pair_groups``."""
     if not groups:
         return
     m, one_minus_m, m_tensor = momentum_args(momentum, groups[0].t_ptrs.device)
@@ -55,5 +52,5 @@ def launch(groups, momentum) -> None:
         _ema_kernel[(g.num_blocks,)](
             g.t_ptrs, g.s_ptrs, g.numels, g.block_tensor, g.block_start,
             m_tensor if m_tensor is not None else g.numels, m, one_minus_m,
-            T_DTYPE=_TL_DTYPES[DTYPE_CODES[g.t_dtype]], S_DTYPE=_TL_DTYPES[DTYPE_CODES[g.s_dtype]],
+            T_DTYPE=_TL_DTYPES[g.t_dtype], S_DTYPE=_TL_DTYPES[g.s_dtype],
             M_ON_DEVICE=m_tensor is not None, ALIGNED=g.aligned, BLOCK=BLOCK_ELEMS, num_warps=8)

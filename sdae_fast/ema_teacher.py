@@ -12,12 +12,14 @@ from torch import nn
 from .ops.ema import EmaUpdate
 
 
+_WRAPPERS = ("DistributedDataParallel", "DataParallel")
+
+
 def unwrap(module: nn.Module) -> nn.Module:
-    """The module under DistributedDataParallel (or anything else exposing ``.module``)."""
-    while isinstance(module, nn.parallel.DistributedDataParallel) or (
-        hasattr(module, "module") and isinstance(getattr(module, "module"), nn.Module)
-        and type(module).__name__ in ("DistributedDataParallel", "DataParallel")
-    ):
+    """The module under DistributedDataParallel or DataParallel (matched by class name too, so
+    subclasses and look-alike wrappers unwrap as well)."""
+    while (isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+           or type(module).__name__ in _WRAPPERS) and isinstance(getattr(module, "module", None), nn.Module):
         module = module.module
     return module
 
