@@ -268,3 +268,20 @@ def test_real_export_kwargs_rebuild_the_encoder(tmp_path):
     again = VisionTransformer(**{k: kw[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim",
                                                     "depth", "num_heads")})
     again.load_state_dict(torch.load(weights))
+
+
+def test_exported_encoder_loads_strict_into_timm_create_model(tmp_path):
+    """The export's kwargs build timm's own ViT, the weights load strict, and the outputs are equal."""
+    import timm  # in the test extras: this test must not skip
+
+    from sdae_fast.models import build
+    from sdae_fast.train.export import export_encoder
+
+    encoder = build("mae", "micro").encoder.eval()
+    weights, meta = export_encoder(encoder, str(tmp_path), 32, 4, 1)
+    kw = json.load(open(meta))
+    theirs = timm.create_model("vit_base_patch16_224", pretrained=False, **kw).eval()
+    theirs.load_state_dict(torch.load(weights, weights_only=True), strict=True)
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), encoder.embed(x), rtol=1e-5, atol=1e-5)
