@@ -10,9 +10,9 @@ import argparse
 import os
 
 METHODS = ("mae", "sdae", "mixedae", "dino")
-# Peak learning rates for the default micro/digits runs (800 steps of 64): SdAE's k-NN accuracy drops
-# below the random-init encoder's at 1e-3 but beats it at 3e-4; MAE and MixedAE do best at 1e-3.
-DEFAULT_LR = {"mae": 1e-3, "sdae": 3e-4, "mixedae": 1e-3, "dino": 3e-4}
+from .demo_recipe import DEMO
+
+DEFAULT_LR = {method: values["lr"] for method, values in DEMO.items()}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
