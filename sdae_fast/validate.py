@@ -162,5 +162,5 @@ def check_values_readable(name: str, t: torch.Tensor, op: str) -> None:
     """``op`` checks the values of ``t`` on the host: a meta tensor has none, so refuse it clearly
     (rather than fail inside ``.item()``)."""
     if t.is_meta:
-        raise ValueError(f"{op}: {name} is a meta tensor, but its values must be checked "
-                         f"(use a real device, or the deferred checks when they are available)")
+        raise ValueError(f"{op}: {name} is a meta tensor, which has no values for the checks {op} makes "
+                         f"on them: pass a tensor on a real device")
