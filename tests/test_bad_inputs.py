@@ -205,6 +205,8 @@ CASES = [
     ok("masked_mse_loss", "nan_masked_pred", lambda: mse(p=nan_at(r(2, 3, 4), 0, 0, 0))),
     ok("masked_mse_loss", "single", lambda: mse(p=r(1, 1, 1), m=torch.ones(1, 1))),
     ok("masked_mse_loss", "bool_mask_noncontig", lambda: mse(p=noncontig(2, 3, 4), m=torch.tensor([[True, False, True], [False] * 3]))),
+    ok("masked_mse_loss", "mask_weights", lambda: mse(m=torch.tensor([[2.0, 0.0, 0.5], [0.0, 1.0, 0.0]]))),  # documented
+    ok("masked_mse_loss", "mask_sums_to_zero", lambda: mse(m=torch.tensor([[1.0, 0.0, -1.0], [0.0] * 3]))),  # documented: inf/NaN
     # dino_loss
     bad("dino_loss", "num_global_bool", lambda: dino(num_global=True), TypeError, "num_global " + NOT_INT),
     bad("dino_loss", "num_global_float", lambda: dino(num_global=2.0), TypeError, "num_global " + NOT_INT),
@@ -224,6 +226,11 @@ CASES = [
     ok("dino_loss", "single_class", lambda: dino(s=r(2, 1), t=r(2, 1), c=torch.zeros(1), update_center=False)),
     ok("dino_loss", "noncontig", lambda: dino(s=noncontig(6, 5), update_center=False)),
     ok("dino_loss", "nan_student", lambda: dino(s=nan_at(r(6, 5), 4, 2), update_center=False)),
+    bad("update_center_", "momentum_str", lambda: ((torch.zeros(5), r(4, 5), "0.9"), {}), TypeError, "momentum " + NOT_FLOAT, backends=("",)),
+    bad("update_center_", "momentum_bool", lambda: ((torch.zeros(5), r(4, 5), True), {}), TypeError, "momentum " + NOT_FLOAT, backends=("",)),
+    bad("update_center_", "width", lambda: ((torch.zeros(4), r(4, 5), 0.9), {}), ValueError, "must share the width K", backends=("",)),
+    bad("update_center_", "no_rows", lambda: ((torch.zeros(5), r(0, 5), 0.9), {}), ValueError, "teacher_out has no rows", backends=("",)),
+    ok("update_center_", "row_center", lambda: ((torch.zeros(1, 5), r(4, 5), 0.9), {}), backends=("",)),
     # homologous_contrastive_loss
     bad("homologous_contrastive_loss", "temperature_tiny", lambda: contrastive(temperature=1e-10), ValueError, "temperature must be a finite float >= 0.0001"),
     bad("homologous_contrastive_loss", "temperature_str", lambda: contrastive(temperature="0.07"), TypeError, "temperature " + NOT_FLOAT),
@@ -263,11 +270,11 @@ def _reference(case, args, kwargs):
         return [up(x) for x in a] if isinstance(a, list) else a
     args, kwargs = [up(a) for a in args], {k: up(v) for k, v in kwargs.items()}
     out = getattr(reference, case.op)(*args, **kwargs)
-    return args[0] if case.op == "ema_update_" else out
+    return args[0] if case.op in IN_PLACE else out
 
 
 def _compare(case, out, want, args):
-    if case.op == "ema_update_":
+    if case.op in IN_PLACE:
         out = args[0]
     outs, wants = (out, want) if isinstance(out, (list, tuple)) else ([out], [want])
     terms = max([1] + [a.numel() for a in args if isinstance(a, torch.Tensor)])
@@ -278,6 +285,7 @@ def _compare(case, out, want, args):
             assert torch.equal(o, w), case.name
 
 
+IN_PLACE = ("ema_update_", "update_center_")  # compared by their first argument, updated in place
 PARAMS = [pytest.param(c, b, id=f"{c.op}-{c.name}" + (f"-{b}" if b else "")) for c in CASES for b in c.backends]
 
 

@@ -7,7 +7,6 @@ from ..validate import check_float, check_int, check_same_device, check_temperat
 
 DINO_LOSS = op("dino_loss", auto_order=("triton", "torch"))
 DINO_LOSS.register("torch")(reference.dino_loss)
-update_center_ = reference.update_center_
 
 MAX_VIEWS, MAX_GLOBAL = 64, 8  # the fused kernel keeps a (global × views × BLOCK_K) tile in registers
 
@@ -69,3 +68,17 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
     return DINO_LOSS(student_out, teacher_out, center, student_temp=student_temp, teacher_temp=teacher_temp,
                      num_global=num_global, center_momentum=center_momentum, update_center=update_center,
                      backend=backend)
+
+
+def update_center_(center, teacher_out, momentum):
+    """``center <- momentum·center + (1 - momentum)·mean(teacher_out rows)`` in place, the mean over
+    every process when torch.distributed is initialised. center (K,) or (1, K); teacher_out (R, K)."""
+    check_tensor("center", center, ndim=(1, 2))
+    check_tensor("teacher_out", teacher_out, ndim=2)
+    if center.numel() != teacher_out.shape[1] or center.shape[-1] != teacher_out.shape[1]:
+        raise ValueError(f"center {tuple(center.shape)} and teacher_out {tuple(teacher_out.shape)} must share the width K")
+    if teacher_out.shape[0] == 0:
+        raise ValueError("teacher_out has no rows: the mean of no teacher outputs is undefined")
+    momentum = check_float("momentum", momentum, ge=0.0, le=1.0)
+    check_same_device(center=center, teacher_out=teacher_out)
+    reference.update_center_(center, teacher_out, momentum)
