@@ -1,6 +1,8 @@
 """Input checks shared by every op, run before any backend: a clear error, never a device crash."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -71,6 +73,94 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous in its last dimension, got strides {tuple(t.stride())}")
 
 
-def check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+def check_positive(name: str, value) -> float:
+    return check_float(name, value, gt=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Python scalars. A bool is an int to Python but never a count or an axis here (True would pass as
+# 1 on one backend and fail deep inside another); a str is never a number, even "0.5".
+# --------------------------------------------------------------------------------------------
+def _type_name(value) -> str:
+    return "a meta tensor" if isinstance(value, torch.Tensor) and value.is_meta else type(value).__name__
+
+
+def check_int(name: str, value, *, ge: int | None = None, le: int | None = None) -> int:
+    """``value`` is an integer (a Python or numpy int, not a bool nor a tensor) in [ge, le]; returns it as int.
+    A symbolic int (torch.compile with dynamic shapes) passes unchecked: comparing it would add guards."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({_type_name(value)})")
+    value = int(value)
+    if (ge is not None and value < ge) or (le is not None and value > le):
+        raise ValueError(f"{name} must be an int{_interval(ge, le, True, True)}, got {value}")
+    return value
+
+
+def check_float(name: str, value, *, ge: float | None = None, gt: float | None = None,
+                le: float | None = None, lt: float | None = None, kind: str = "a float") -> float:
+    """``value`` is a finite real number (int or float, not a bool, str, None or tensor) within the
+    given bounds; returns it as a float. A symbolic float (torch.compile) passes unchecked."""
+    if isinstance(value, torch.SymFloat):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {kind}, got {value!r} ({_type_name(value)})")
+    value = float(value)
+    low, low_closed = (gt, False) if gt is not None else (ge, True)
+    high, high_closed = (lt, False) if lt is not None else (le, True)
+    ok = math.isfinite(value)
+    if low is not None:
+        ok = ok and (value >= low if low_closed else value > low)
+    if high is not None:
+        ok = ok and (value <= high if high_closed else value < high)
+    if not ok:
+        raise ValueError(f"{name} must be a finite float{_interval(low, high, low_closed, high_closed)}, "
+                         f"got {value}")
+    return value
+
+
+def _interval(low, high, low_closed: bool, high_closed: bool) -> str:
+    """' >= 1', ' < 1', ' in [0, 1)' or '' without bounds (numbers printed as :g)."""
+    if low is not None and high is not None:
+        return f" in {'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
+    if low is not None:
+        return f" {'>=' if low_closed else '>'} {low:g}"
+    if high is not None:
+        return f" {'<=' if high_closed else '<'} {high:g}"
+    return ""
+
+
+def check_dims(ndim: int, **dims) -> dict[str, int]:
+    """Each keyword is an axis of a tensor of rank ``ndim`` (an int in [-ndim, ndim)); returns them
+    normalised to [0, ndim). One call serves every axis argument of an op, e.g.
+    ``check_dims(pred.dim(), dim=dim, standardize_dim=standardize_dim)``."""
+    out = {}
+    for name, value in dims.items():
+        value = check_int(name, value)
+        if not -ndim <= value < ndim:
+            raise ValueError(f"{name}={value} is out of range for a tensor of {ndim} dimensions "
+                             f"(allowed: [{-ndim}, {ndim - 1}])")
+        out[name] = value % ndim
+    return out
+
+
+# The smallest temperature the losses accept. A logit x enters the softmax as x / T in fp32: T below
+# fp32's smallest normal (2^-126) is subnormal there and 1/T overflows, and any T lets |x| / T reach
+# inf once |x| > 3.4e38 · T, after which max-subtraction gives inf - inf = NaN. At T >= 1e-4 every
+# |x| < 3.4e34 stays finite (any fp16 logit, any cosine similarity), and a similarity the Triton
+# backward recomputes a few fp32 ulps off the forward's (|error| well below 1e-3 for unit vectors)
+# moves exp() by at most e^10, far from its fp32 overflow at e^88.7.
+MIN_TEMPERATURE = 1e-4
+
+
+def check_temperature(name: str, value) -> float:
+    return check_float(name, value, ge=MIN_TEMPERATURE)
+
+
+def check_values_readable(name: str, t: torch.Tensor, op: str) -> None:
+    """``op`` checks the values of ``t`` on the host: a meta tensor has none, so refuse it clearly
+    (rather than fail inside ``.item()``)."""
+    if t.is_meta:
+        raise ValueError(f"{op}: {name} is a meta tensor, which has no values for the checks {op} makes "
+                         f"on them: pass a tensor on a real device")

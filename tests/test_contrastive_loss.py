@@ -115,7 +115,7 @@ def test_validation_errors(backend):
         sdae_fast.homologous_contrastive_loss(z, labels - 3, backend=backend)
     with pytest.raises(ValueError, match="labels must have shape"):
         sdae_fast.homologous_contrastive_loss(z, labels[:, :4], backend=backend)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite float >= 0.0001"):
         sdae_fast.homologous_contrastive_loss(z, labels, temperature=0.0, backend=backend)
     with pytest.raises(ValueError, match="3 dimensions"):
         sdae_fast.homologous_contrastive_loss(z[0], labels, backend=backend)

@@ -216,9 +216,9 @@ def test_validation_errors(backend):
         sdae_fast.dino_loss(s[:, :15], t, c, backend=backend)
     with pytest.raises(ValueError, match="output width K"):
         sdae_fast.dino_loss(s, t, c[:15], backend=backend)
-    with pytest.raises(ValueError, match="student_temp must be > 0"):
+    with pytest.raises(ValueError, match="student_temp must be a finite float >= 0.0001"):
         sdae_fast.dino_loss(s, t, c, student_temp=0.0, backend=backend)
-    with pytest.raises(ValueError, match="teacher_temp must be > 0"):
+    with pytest.raises(ValueError, match="teacher_temp must be a finite float >= 0.0001"):
         sdae_fast.dino_loss(s, t, c, teacher_temp=-1.0, backend=backend)
     with pytest.raises(ValueError, match="not a multiple of the batch"):
         sdae_fast.dino_loss(s[:5], t, c, backend=backend)

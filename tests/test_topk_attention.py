@@ -194,7 +194,7 @@ def _qkv(*shape, dtype=torch.float32):
 
 def test_topk_below_one_is_an_error():
     q, k, v = _qkv(1, 1, 4, 8)
-    with pytest.raises(ValueError, match="topk must be >= 1"):
+    with pytest.raises(ValueError, match="topk must be an int >= 1"):
         topk_attention(q, k, v, 0)
     with pytest.raises(TypeError, match="topk must be an int"):
         topk_attention(q, k, v, 2.0)

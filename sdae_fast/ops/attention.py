@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from .. import reference
 from ..dispatch import op
-from ..validate import check_last_dim_contiguous, check_same_device, check_same_dtype, check_tensor
+from ..validate import (check_float, check_int, check_last_dim_contiguous, check_same_device, check_same_dtype,
+                        check_tensor)
 
 TOPK_ATTENTION = op("topk_attention", auto_order=("triton", "torch"))
 TOPK_ATTENTION.register("torch")(reference.topk_attention)
@@ -43,8 +44,9 @@ def topk_attention(q, k, v, topk: int, *, scale=None, backend=None):
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     check_same_dtype(q=q, k=k, v=v)
     check_same_device(q=q, k=k, v=v)
-    if isinstance(topk, bool) or not isinstance(topk, int):
-        raise TypeError(f"topk must be an int, got {type(topk).__name__}")
-    if topk < 1:
-        raise ValueError(f"topk must be >= 1, got {topk}")
+    topk = check_int("topk", topk, ge=1)
+    if q.shape[-1] == 0:
+        raise ValueError(f"the head dim d of q, k, v must be >= 1, got shape {tuple(q.shape)}")
+    if scale is not None:
+        scale = check_float("scale", scale)
     return TOPK_ATTENTION(q, k, v, topk, scale=scale, backend=backend)

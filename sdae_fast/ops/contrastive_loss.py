@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from .. import reference
 from ..dispatch import op
-from ..validate import INDEX_DTYPES, check_positive, check_same_device, check_shape, check_tensor
+from ..validate import (INDEX_DTYPES, check_same_device, check_shape, check_temperature, check_tensor,
+                        check_values_readable)
 
 CONTRASTIVE_LOSS = op("homologous_contrastive_loss", auto_order=("triton", "torch"))
 CONTRASTIVE_LOSS.register("torch")(reference.homologous_contrastive_loss)
@@ -25,7 +26,9 @@ def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True, 
     """Within each mixed image, pull together tokens from the same source; fp32 scalar.
 
     z (M, N, D) token features; labels (M, N) non-negative integer source ids. Anchors without a
-    positive are skipped; with none at all the loss is 0.
+    positive are skipped; with none at all the loss is 0. ``temperature`` must be at least
+    :data:`sdae_fast.validate.MIN_TEMPERATURE` (1e-4): below it the fp32 similarities / T can
+    overflow and the loss or its gradient become NaN (see there).
 
     Backends: ``torch`` (the reference) and ``triton`` (flash-style: similarities in tiles, never
     an (M, N, N) tensor; the backward recomputes them).
@@ -34,7 +37,8 @@ def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True, 
     check_tensor("labels", labels, ndim=2, dtypes=INDEX_DTYPES)
     check_shape("labels", labels, z.shape[:2])
     check_same_device(z=z, labels=labels)
-    check_positive("temperature", temperature)
+    temperature = check_temperature("temperature", temperature)
+    check_values_readable("labels", labels, "homologous_contrastive_loss")
     if labels.numel() and int(labels.min()) < 0:
         raise IndexError(f"labels must be non-negative source ids, found {int(labels.min())}")
     return CONTRASTIVE_LOSS(z, labels, temperature=temperature, normalize=normalize, backend=backend)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .. import reference
 from ..dispatch import op
-from ..validate import check_same_device, check_tensor
+from ..validate import check_dims, check_float, check_same_device, check_tensor
 
 COSINE_LOSS = op("cosine_loss", auto_order=("triton", "torch"))
 COSINE_LOSS.register("torch")(reference.cosine_loss)
@@ -39,11 +39,9 @@ def cosine_loss(pred, target, *, dim=-1, standardize_target=True, eps=1e-6, back
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must share one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     check_same_device(pred=pred, target=target)
-    if pred.dim() == 0 or not -pred.dim() <= dim < pred.dim():
-        raise ValueError(f"dim={dim} is out of range for a tensor of shape {tuple(pred.shape)}")
+    # Every axis argument through one check (normalised to [0, ndim)), every epsilon through another.
+    dim = check_dims(pred.dim(), dim=dim)["dim"]
+    eps = check_float("eps", eps, ge=0.0)
     if pred.numel() == 0:
         raise ValueError("pred is empty: the mean cosine of no vectors is undefined")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    dim = dim % pred.dim()
     return COSINE_LOSS(pred, target, dim=dim, standardize_target=standardize_target, eps=eps, backend=backend)

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from .. import reference
 from ..dispatch import op
-from ..validate import check_positive, check_same_device, check_tensor
+from ..validate import check_float, check_int, check_same_device, check_temperature, check_tensor
 
 DINO_LOSS = op("dino_loss", auto_order=("triton", "torch"))
 DINO_LOSS.register("torch")(reference.dino_loss)
-update_center_ = reference.update_center_
 
 MAX_VIEWS, MAX_GLOBAL = 64, 8  # the fused kernel keeps a (global × views × BLOCK_K) tile in registers
 
@@ -36,7 +35,9 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
 
     student_out (V·B, K) for V views; teacher_out (num_global·B, K), a constant; center (K,) or
     (1, K), updated in place after the loss (all-reduced across processes) when ``update_center``.
-    Returns an fp32 scalar.
+    Returns an fp32 scalar. Both temperatures must be at least
+    :data:`sdae_fast.validate.MIN_TEMPERATURE` (1e-4): below it the fp32 logits / T overflow for
+    ordinary logits and the softmaxes become NaN (see there).
 
     Backends: ``torch`` (the reference) and ``triton`` (two streaming sweeps over the logits that
     also produce the student gradient; never a softmax of width K; up to 64 views, 8 global).
@@ -45,11 +46,16 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
     check_tensor("teacher_out", teacher_out, ndim=2)
     check_tensor("center", center, ndim=(1, 2))
     width = teacher_out.shape[1]
+    num_global = check_int("num_global", num_global, ge=1)
+    student_temp = check_temperature("student_temp", student_temp)
+    teacher_temp = check_temperature("teacher_temp", teacher_temp)
+    center_momentum = check_float("center_momentum", center_momentum, ge=0.0, le=1.0)
     if student_out.shape[1] != width or center.numel() != width or center.shape[-1] != width:
         raise ValueError(f"student_out {tuple(student_out.shape)}, teacher_out {tuple(teacher_out.shape)} and "
                          f"center {tuple(center.shape)} must share the output width K")
-    if not isinstance(num_global, int) or num_global < 1:
-        raise ValueError(f"num_global must be a positive int, got {num_global!r}")
+    if width == 0:
+        raise ValueError("the output width K of student_out, teacher_out and center must be >= 1, got K = 0 "
+                         "(a softmax over no classes)")
     if teacher_out.shape[0] == 0 or teacher_out.shape[0] % num_global:
         raise ValueError(f"teacher_out has {teacher_out.shape[0]} rows, not a positive multiple of num_global={num_global}")
     batch = teacher_out.shape[0] // num_global
@@ -58,11 +64,21 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
     views = student_out.shape[0] // batch
     if views < 2 and num_global <= views:
         raise ValueError(f"{views} student view(s) and {num_global} teacher view(s) make no pair g != v")
-    check_positive("student_temp", student_temp)
-    check_positive("teacher_temp", teacher_temp)
-    if not 0.0 <= center_momentum <= 1.0:
-        raise ValueError(f"center_momentum must lie in [0, 1], got {center_momentum}")
     check_same_device(student_out=student_out, teacher_out=teacher_out, center=center)
     return DINO_LOSS(student_out, teacher_out, center, student_temp=student_temp, teacher_temp=teacher_temp,
                      num_global=num_global, center_momentum=center_momentum, update_center=update_center,
                      backend=backend)
+
+
+def update_center_(center, teacher_out, momentum):
+    """``center <- momentum·center + (1 - momentum)·mean(teacher_out rows)`` in place, the mean over
+    every process when torch.distributed is initialised. center (K,) or (1, K); teacher_out (R, K)."""
+    check_tensor("center", center, ndim=(1, 2))
+    check_tensor("teacher_out", teacher_out, ndim=2)
+    if center.numel() != teacher_out.shape[1] or center.shape[-1] != teacher_out.shape[1]:
+        raise ValueError(f"center {tuple(center.shape)} and teacher_out {tuple(teacher_out.shape)} must share the width K")
+    if teacher_out.shape[0] == 0:
+        raise ValueError("teacher_out has no rows: the mean of no teacher outputs is undefined")
+    momentum = check_float("momentum", momentum, ge=0.0, le=1.0)
+    check_same_device(center=center, teacher_out=teacher_out)
+    reference.update_center_(center, teacher_out, momentum)

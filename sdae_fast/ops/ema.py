@@ -5,7 +5,7 @@ import torch
 
 from .. import reference
 from ..dispatch import op
-from ..validate import FLOAT_DTYPES
+from ..validate import FLOAT_DTYPES, check_float
 
 EMA = op("ema_update_", auto_order=("cuda", "triton", "torch"))
 EMA.register("torch")(reference.ema_update_)
@@ -84,13 +84,16 @@ def validate_pairs(teacher, student) -> tuple[list[torch.Tensor], list[torch.Ten
 
 
 def validate_momentum(momentum, device) -> None:
+    """A float in [0, 1], or a 0-dim floating tensor on ``device`` (its value is not read: no sync)."""
     if isinstance(momentum, torch.Tensor):
         if momentum.dim() != 0:
             raise ValueError(f"momentum must be a float or a 0-dim tensor, got shape {tuple(momentum.shape)}")
+        if not momentum.is_floating_point():
+            raise TypeError(f"momentum must be a float or a 0-dim floating tensor, got dtype {momentum.dtype}")
         if device is not None and momentum.device != device:
             raise ValueError(f"momentum is on {momentum.device} but the tensors are on {device}")
-    elif not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+    else:
+        check_float("momentum", momentum, ge=0.0, le=1.0, kind="a float or a 0-dim tensor")
 
 
 def ema_update_(teacher, student, momentum, *, backend=None) -> None:

@@ -5,7 +5,7 @@ import torch
 
 from .. import reference
 from ..dispatch import op
-from ..validate import check_same_device, check_shape, check_tensor
+from ..validate import check_same_device, check_shape, check_tensor, check_values_readable
 
 MASKED_MSE_LOSS = op("masked_mse_loss", auto_order=("triton", "torch"))
 MASKED_MSE_LOSS.register("torch")(reference.masked_mse_loss)
@@ -35,6 +35,12 @@ def masked_mse_loss(pred, target, mask, *, norm_target=True, backend=None):
 
     pred, target (B, L, P); mask (B, L) with 1 where the patch was removed. An all-zero mask is an
     error (the mean over no patches is undefined); checking it costs one device->host sync.
+    NaN or inf in an unmasked patch does not influence the loss on any backend.
+
+    Mask values are weights: the loss is ``sum(loss · mask) / sum(mask)`` over the patches whose
+    mask is nonzero, on every backend. MAE's masks are 0/1; other values are not checked (reading
+    them would cost a host sync on the hot path): values summing to 0 (+1 and -1) give ±inf or
+    NaN, a NaN mask value gives NaN.
     The Triton backend never reads pred/target of unmasked patches (their gradient is written as
     zeros) and writes d loss / d pred in the forward pass; its backward only scales that buffer.
     """
@@ -45,6 +51,7 @@ def masked_mse_loss(pred, target, mask, *, norm_target=True, backend=None):
         raise ValueError(f"pred and target must share one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     check_shape("mask", mask, pred.shape[:2])
     check_same_device(pred=pred, target=target, mask=mask)
+    check_values_readable("mask", mask, "masked_mse_loss")
     if pred.shape[-1] == 0 or not bool(mask.any()):
         raise ValueError("mask selects no patch (or patches are empty): the masked mean is undefined")
     return MASKED_MSE_LOSS(pred, target, mask, norm_target=norm_target, backend=backend)

@@ -5,9 +5,8 @@ import torch
 
 from .. import reference
 from ..dispatch import op
-from ..validate import (INDEX_DTYPES, check_index_range, check_same_device, check_shape, check_tensor)
-
-random_masking = reference.random_masking  # index generation is not the hot path (SPEC §1)
+from ..validate import (FLOAT_DTYPES, INDEX_DTYPES, check_float, check_index_range, check_int, check_same_device, check_shape,
+                        check_tensor, check_values_readable)
 
 GATHER = op("gather_tokens", auto_order=("triton", "torch"))
 UNSHUFFLE = op("unshuffle_tokens", auto_order=("triton", "torch"))
@@ -32,6 +31,21 @@ def _unshuffle_triton(x_vis, ids_restore, mask_token, *, pos_embed=None, num_pre
     return triton_unshuffle_tokens(x_vis, ids_restore, mask_token, pos_embed=pos_embed, num_prefix=num_prefix)
 
 
+def random_masking(B, L, mask_ratio, *, noise=None, generator=None, device=None):
+    """MAE's per-sample random masking (SPEC §1): ``(ids_keep, ids_masked, ids_restore, mask)``.
+
+    B, L non-negative ints; mask_ratio a float in [0, 1); noise None or a float (B, L) tensor whose
+    ascending order is the shuffle (the same noise gives MAE's exact indices). Index generation is
+    not the hot path, so this is the reference itself.
+    """
+    B, L = check_int("B", B, ge=0), check_int("L", L, ge=0)
+    mask_ratio = check_float("mask_ratio", mask_ratio, ge=0.0, lt=1.0)
+    if noise is not None:
+        check_tensor("noise", noise, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
+        check_shape("noise", noise, (B, L))
+    return reference.random_masking(B, L, mask_ratio, noise=noise, generator=generator, device=device)
+
+
 def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, backend=None):
     """``out[r, P + j] = x[r // groups, index[r, j]] + pos_embed[index[r, j]]``, rows ``:P`` = ``prefix``.
 
@@ -42,8 +56,7 @@ def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, backend=No
     check_tensor("x", x, ndim=3)
     check_tensor("index", index, ndim=2, dtypes=INDEX_DTYPES)
     batch, length, dim = x.shape
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    groups = check_int("groups", groups, ge=1)
     if index.shape[0] != batch * groups:
         raise ValueError(f"index must have B·groups = {batch}·{groups} = {batch * groups} rows, "
                          f"got {index.shape[0]} (index shape {tuple(index.shape)}, x shape {tuple(x.shape)})")
@@ -54,6 +67,7 @@ def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, backend=No
         check_tensor("prefix", prefix, ndim=2)
         check_shape("prefix", prefix, (None, dim))
     check_same_device(x=x, index=index, pos_embed=pos_embed, prefix=prefix)
+    check_values_readable("index", index, "gather_tokens")
     check_index_range("index", index, length)
     return GATHER(x, index, pos_embed=pos_embed, prefix=prefix, groups=groups, backend=backend)
 
@@ -72,8 +86,7 @@ def unshuffle_tokens(x_vis, ids_restore, mask_token, *, pos_embed=None, num_pref
     if mask_token.numel() != dim:
         raise ValueError(f"mask_token must hold D = {dim} values, got shape {tuple(mask_token.shape)}")
     mask_token = mask_token.reshape(dim)
-    if not isinstance(num_prefix, int) or not 0 <= num_prefix <= rows:
-        raise ValueError(f"num_prefix must be an int in [0, {rows}], got {num_prefix!r}")
+    num_prefix = check_int("num_prefix", num_prefix, ge=0, le=rows)
     length = ids_restore.shape[1]
     keep = rows - num_prefix
     if ids_restore.shape[0] != batch:
@@ -84,5 +97,6 @@ def unshuffle_tokens(x_vis, ids_restore, mask_token, *, pos_embed=None, num_pref
         check_tensor("pos_embed", pos_embed)
         check_shape("pos_embed", pos_embed, (num_prefix + length, dim))
     check_same_device(x_vis=x_vis, ids_restore=ids_restore, mask_token=mask_token, pos_embed=pos_embed)
+    check_values_readable("ids_restore", ids_restore, "unshuffle_tokens")
     check_index_range("ids_restore", ids_restore, length)
     return UNSHUFFLE(x_vis, ids_restore, mask_token, pos_embed=pos_embed, num_prefix=num_prefix, backend=backend)

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/pretrain", help="output folder: checkpoints, metrics, encoder export")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps and at the end (0: never)")
     p.add_argument("--keep-ckpts", type=int, default=2, help="newest checkpoints to keep (0: all)")
-    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the latest in --out")
+    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in --out that loads")
     p.add_argument("--backend", choices=["torch", "triton", "cuda"], default=None, help="default: automatic")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)

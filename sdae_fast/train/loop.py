@@ -9,9 +9,7 @@ At the end: k-NN accuracy of the trained vs the randomly initialised encoder, an
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
 import time
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from .metrics import MetricsWriter
 from .data import EpochBatchSampler, load_splits
 from .distributed import all_gather_objects, barrier, init_distributed, mean_across_ranks, shutdown
 from .optim import lr_at, make_optimizer
@@ -53,25 +52,6 @@ def _scalars(out: dict) -> dict:
     return res
 
 
-class MetricsWriter:
-    """JSON lines, one per step, rank 0 only; appended to on resume."""
-
-    def __init__(self, path: str | None, resume: bool):
-        self.f = None
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.f = open(path, "a" if resume else "w")
-
-    def write(self, record: dict) -> None:
-        if self.f:
-            self.f.write(json.dumps(record) + "\n")
-            self.f.flush()
-
-    def close(self) -> None:
-        if self.f:
-            self.f.close()
-
-
 def _build(build_fn, args, in_chans: int, seed: int):
     torch.manual_seed(seed)
     return build_fn(args.method, args.size, img_size=args.img_size, patch_size=args.patch_size,
@@ -83,9 +63,9 @@ def _save(model, optimizer, step, steps_per_epoch, args, info):
     if info.is_main:
         epoch, batch = divmod(step, steps_per_epoch)
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "epoch": epoch, "batch": batch, "rng": rngs, "world": info.world, "args": vars(args)}
+                 "epoch": epoch, "batch": batch, "rng": rngs, "world": info.world, "args": ckpt.plain_args(args)}
         path = ckpt.checkpoint_path(args.out, step)
-        ckpt.save_atomic(state, path)
+        ckpt.save_checkpoint(state, path)
         ckpt.prune_checkpoints(args.out, args.keep_ckpts)
     barrier(info)
 
@@ -117,8 +97,7 @@ def _pretrain(args, build_fn, info) -> dict:
     if total < 1:
         raise ValueError("nothing to train: give --steps or --epochs >= 1")
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.05 * total))
-    resume_path = ckpt.resolve_resume(args.resume, args.out) if args.resume else None
-    state = ckpt.load_checkpoint(resume_path) if resume_path else None
+    resume_path, state = ckpt.resume_checkpoint(args.resume, args.out)
 
     seed_everything(args.seed)
     model = _build(build_fn, args, splits.in_chans, args.seed).to(info.device)
@@ -149,7 +128,7 @@ def _pretrain(args, build_fn, info) -> dict:
         net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=args.find_unused)
     trainable = [p for p in model.parameters() if p.requires_grad]
     train_images = splits.train_images.to(info.device) if info.device.type == "cuda" else splits.train_images
-    metrics = MetricsWriter(args.metrics if info.is_main else None, resume=state is not None)
+    metrics = MetricsWriter(args.metrics if info.is_main else None, resume_step=int(state["step"]) if state else None)
     global_batch = args.batch_size * info.world
     say(f"pretrain {args.method} ({args.size}) on {splits.name}: {len(splits.train_images)} train / "
         f"{len(splits.heldout_images)} held-out images, {total} steps ({spe}/epoch), global batch "
