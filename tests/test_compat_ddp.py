@@ -14,15 +14,12 @@ import torch.distributed as dist
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
 WORKER = textwrap.dedent("""
     import copy, os, sys
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    sys.path.insert(0, {tests!r})
-    from official_mae import OfficialMAE
+    from sdae_fast.bench.official import OfficialMAE
     from sdae_fast.compat import mae as compat_mae
     from sdae_fast.compat.dino import DINOLoss
     from sdae_fast.testing import assert_close
@@ -42,7 +39,7 @@ WORKER = textwrap.dedent("""
         torch.manual_seed(7 + rank)
         loss, pred, mask = model(imgs)
         loss.backward()
-        return loss.detach(), mask, {{n: p.grad for n, p in model.module.named_parameters() if p.grad is not None}}
+        return loss.detach(), mask, {n: p.grad for n, p in model.module.named_parameters() if p.grad is not None}
 
     want = step(official)
     for name, model in (("before", before), ("after", after)):
@@ -66,7 +63,7 @@ WORKER = textwrap.dedent("""
 
 def test_compat_under_ddp(tmp_path):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=TESTS))
+    script.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(tmp_path)]

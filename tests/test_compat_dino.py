@@ -1,40 +1,14 @@
-"""compat.dino.DINOLoss against a float64 re-implementation of main_dino.DINOLoss (facebookresearch/dino)."""
+"""compat.dino.DINOLoss against a float64 re-implementation of main_dino.DINOLoss (facebookresearch/dino,
+in sdae_fast.bench.official)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+from sdae_fast.bench.official import OfficialDINOLoss
 from sdae_fast.compat.dino import DINOLoss
 from sdae_fast.testing import assert_close
-
-
-class OfficialDINOLoss:
-    """main_dino.DINOLoss semantics, float64, single process (world size 1)."""
-
-    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs,
-                 student_temp=0.1, center_momentum=0.9):
-        self.student_temp, self.center_momentum, self.ncrops = student_temp, center_momentum, ncrops
-        self.center = torch.zeros(1, out_dim, dtype=torch.float64)
-        warm = [warmup_teacher_temp + (teacher_temp - warmup_teacher_temp) * i / max(warmup_teacher_temp_epochs - 1, 1)
-                for i in range(warmup_teacher_temp_epochs)]
-        if warmup_teacher_temp_epochs == 1:
-            warm = [warmup_teacher_temp]  # numpy.linspace with one point gives the start
-        self.schedule = warm + [teacher_temp] * (nepochs - warmup_teacher_temp_epochs)
-
-    def __call__(self, student_output, teacher_output, epoch):
-        student = (student_output / self.student_temp).chunk(self.ncrops)
-        teacher = torch.softmax((teacher_output - self.center) / self.schedule[epoch], dim=-1).detach().chunk(2)
-        total, terms = 0.0, 0
-        for iq, q in enumerate(teacher):
-            for v, s in enumerate(student):
-                if v != iq:
-                    total = total + torch.sum(-q * torch.log_softmax(s, dim=-1), dim=-1).mean()
-                    terms += 1
-        total = total / terms
-        batch_center = teacher_output.sum(dim=0, keepdim=True) / len(teacher_output)
-        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-        return total
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

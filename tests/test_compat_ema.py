@@ -1,5 +1,5 @@
 """compat.timm.ModelEmaV3 against the real timm class; compat.lightly.update_momentum against a
-float64 re-implementation of lightly's loop."""
+float64 re-implementation of lightly's loop (sdae_fast.bench.official)."""
 from __future__ import annotations
 
 import copy
@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from sdae_fast.bench.official import lightly_update_momentum
 from sdae_fast.compat.lightly import update_momentum
 from sdae_fast.compat.timm import ModelEmaV3
 from sdae_fast.testing import assert_close
@@ -82,12 +83,6 @@ def test_model_ema_v3_refuses_stochastic_bf16():
     ModelEmaV3(small_model().bfloat16(), stochastic_rounding=False)
 
 
-def lightly_reference(model, model_ema, m):
-    """lightly: zip(ema params, params); ema = ema·m + param·(1 - m) (here in float64)."""
-    return [e.detach().double() * m + p.detach().double() * (1.0 - m)
-            for e, p in zip(model_ema.parameters(), model.parameters())]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_update_momentum_matches_lightly(backend):
     model = small_model()
@@ -95,7 +90,9 @@ def test_update_momentum_matches_lightly(backend):
     gen = torch.Generator().manual_seed(2)
     for m in (0.9, 0.99, 0.5):
         train_step(model, gen)
-        expected = lightly_reference(model, ema, m)
+        expected = copy.deepcopy(ema).double()
+        lightly_update_momentum(copy.deepcopy(model).double(), expected, m)  # lightly's loop, in float64
+        expected = list(expected.parameters())
         update_momentum(model, ema, m, backend=backend)
         for i, (e, p) in enumerate(zip(expected, ema.parameters())):
             assert_close(p, e, dtype=torch.float32, name=f"param {i} at m={m}")

@@ -5,15 +5,13 @@ torch.compile (both orders). DDP: tests/test_compat_ddp.py."""
 from __future__ import annotations
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from official_mae import OfficialMAE, OfficialSdAEStudent  # noqa: E402
+pytest.importorskip("timm")  # the official MAE builds on timm's Block and PatchEmbed
 
+from sdae_fast.bench.official import OfficialMAE, OfficialSdAEStudent  # noqa: E402
 from sdae_fast.compat import mae as compat_mae  # noqa: E402
 from sdae_fast.testing import assert_close  # noqa: E402
 

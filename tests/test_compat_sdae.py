@@ -4,43 +4,16 @@ teacher a timm VisionTransformer as SdAE's models_teacher."""
 from __future__ import annotations
 
 import copy
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from official_mae import OfficialSdAEStudent  # noqa: E402
-
-from sdae_fast.compat.sdae import EMA_process, TeacherEma, weight_delivery  # noqa: E402
-from sdae_fast.testing import assert_close  # noqa: E402
-
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
-
-def official_delivery(student):
-    """Rename the student's entries to the teacher's; drop decoder, projection, mask token, encoder.norm."""
-    out = {}
-    for key, value in student.state_dict().items():
-        if key.startswith("backbone."):
-            out[key[9:]] = value
-        elif key.startswith("encoder.") and "norm." not in key:
-            out[key[8:]] = value
-        elif not (key.startswith("decoder") or key.startswith("encoder_to_decoder.") or key.startswith("mask_token")
-                  or key.startswith("encoder.norm")):
-            out[key] = value
-    return out
-
-
-def official_ema_process(student, teacher, m):
-    """A copy of the teacher gets the delivered student weights (strict); teacher = m·t + (1 - m)·copy."""
-    crop = copy.deepcopy(teacher)
-    crop.load_state_dict(official_delivery(student))
-    with torch.no_grad():
-        for q, k in zip(crop.parameters(), teacher.parameters()):
-            k.mul_(m).add_((1 - m) * q)
+from sdae_fast.bench.official import OfficialSdAEStudent, official_delivery, official_ema_process  # noqa: E402
+from sdae_fast.compat.sdae import EMA_process, TeacherEma, weight_delivery  # noqa: E402
+from sdae_fast.testing import assert_close  # noqa: E402
 
 
 def pair():
