@@ -108,3 +108,24 @@ def test_update_momentum_pairs_per_model_and_follows_storage():
     b[0].bias.data = torch.zeros_like(b[0].bias)
     update_momentum(b, ema, 0.0)
     assert torch.equal(ema[0].bias, torch.zeros_like(b[0].bias))
+
+
+@pytest.mark.gpu
+def test_model_ema_v3_on_another_device_matches_timm():
+    model = small_model().cuda()
+    ours = ModelEmaV3(model, decay=0.9, device=torch.device("cpu"))
+    theirs = timm_ema.ModelEmaV3(model, decay=0.9, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen).cuda())
+        ours.update(model, step=step)
+        theirs.update(model, step=step)
+    for key, ref in theirs.state_dict().items():
+        got = ours.state_dict()[key]
+        assert got.device.type == "cpu"
+        if ref.is_floating_point():
+            assert_close(got, ref, dtype=torch.float32, reduction=3, name=key)
+        else:
+            assert torch.equal(got, ref), key

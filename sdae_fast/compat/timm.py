@@ -68,11 +68,18 @@ class ModelEmaV3(nn.Module):
         key = (id(model), params_only)
         if self._slots is None or self._slots[0] != key:
             self._slots = (key, state_slots(self.module, params_only=params_only),
-                           state_slots(model, params_only=params_only))
-        _, ema_slots, model_slots = self._slots
+                           state_slots(model, params_only=params_only), None)
+        _, ema_slots, model_slots, staging = self._slots
         ema, src = read_slots(ema_slots), read_slots(model_slots)
-        if self.device is not None and src and src[0].device != ema[0].device:
-            src = [s.detach().to(device=ema[0].device) for s in src]  # EMA kept on another device
+        if src and src[0].device != ema[0].device:
+            # EMA kept on another device (timm's device=): stage the model there in buffers that
+            # keep their storage, so the fused update stays planned.
+            if staging is None or [t.shape for t in staging] != [t.shape for t in src]:
+                staging = [torch.empty(t.shape, dtype=t.dtype, device=ema[0].device) for t in src]
+                self._slots = self._slots[:3] + (staging,)
+            for d, t in zip(staging, src):
+                d.copy_(t.detach())
+            src = staging
         return ema, src
 
     @torch.no_grad()
