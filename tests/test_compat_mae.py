@@ -89,9 +89,21 @@ def test_one_instance_patched_others_and_class_untouched():
     for name, fn in class_methods.items():
         assert OfficialMAE.__dict__[name] is fn
         assert getattr(b, name).__func__ is fn and getattr(teacher, name).__func__ is fn
-        assert getattr(a, name).__func__ is compat_mae._METHODS[name]
+        assert getattr(a, name).func is compat_mae._METHODS[name] and getattr(a, name).args == (a,)
     assert compat_mae.patched_parts(b) == () and compat_mae.patched_parts(teacher) == ()
     assert a.state_dict().keys() == b.state_dict().keys()
+
+
+def test_deep_copy_and_pickle_keep_the_patch(tmp_path):
+    official, model = twins(OfficialMAE, norm_pix_loss=True)
+    compat_mae.patch(model, unshuffle=False)
+    torch.save(model, tmp_path / "whole.pt")
+    imgs = torch.randn(BATCH, 3, 16, 16)
+    want = run(official, imgs)
+    for other in (copy.deepcopy(model), torch.load(tmp_path / "whole.pt", weights_only=False)):
+        assert compat_mae.patched_parts(other) == ("masking", "loss")
+        assert other.forward_encoder.args[0] is other  # bound to the copy, not to the original
+        assert_same_step(run(other, imgs), want)
 
 
 def test_patch_unpatch_patch_again():

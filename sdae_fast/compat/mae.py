@@ -23,13 +23,14 @@ other instances and a teacher are untouched) and ``unpatch`` deletes them again.
 DistributedDataParallel or ``torch.compile`` wrapper is looked through, so the order does not
 matter: patch before or after ``.cuda()``/``.to()`` (the methods read the parameters at call
 time), before or after DDP wrapping, before or after ``torch.compile`` (a compiled model that
-already ran recompiles on its next call: dynamo guards the instance's methods). A deep copy of a
-patched instance is patched too; a pickled whole module (``torch.save(model)``) is not — save the
-state_dict, which patching does not change.
+already ran recompiles on its next call: dynamo guards the instance's methods). A deep copy or a
+pickled whole module (``torch.save(model)``) of a patched instance is patched too; the state_dict
+does not change. Under inductor, the masking noise equals eager's only with
+``torch._inductor.config.fallback_random = True`` — true of the unpatched model as well.
 """
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 from torch import nn
@@ -144,7 +145,9 @@ def patch(model: nn.Module, *, masking: bool = True, unshuffle: bool = True, los
     inner.__dict__[_STATE] = state
     for part in parts:
         name = PARTS[part]
-        inner.__dict__[name] = types.MethodType(_METHODS[name], inner)
+        # A partial, not a bound method: it pickles and deep-copies with its instance (torch.save of
+        # the whole module keeps the patch; a deep copy is patched onto the copy).
+        inner.__dict__[name] = functools.partial(_METHODS[name], inner)
     return model
 
 
