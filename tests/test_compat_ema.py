@@ -129,3 +129,12 @@ def test_model_ema_v3_on_another_device_matches_timm():
             assert_close(got, ref, dtype=torch.float32, reduction=3, name=key)
         else:
             assert torch.equal(got, ref), key
+
+
+def test_model_ema_v3_set_copies_the_model():
+    model = small_model()
+    ours = ModelEmaV3(model, decay=0.9)
+    train_step(model, torch.Generator().manual_seed(4))
+    ours.set(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(ours.module.state_dict()[key], value), key

@@ -23,6 +23,13 @@ from torch import nn
 from .planned_ema import PlannedEma, read_slots, state_slots
 
 
+def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """timm's copy of unaveraged entries, ``zip`` semantics; across devices when the EMA lives elsewhere."""
+    n = min(len(dst), len(src))
+    if n:
+        torch._foreach_copy_(dst[:n], [s.to(device=dst[0].device) for s in src[:n]])
+
+
 class ModelEmaV3(nn.Module):
     """An exponential moving average of everything in ``model``'s state_dict (or its parameters)."""
 
@@ -47,7 +54,6 @@ class ModelEmaV3(nn.Module):
             raise NotImplementedError("ModelEmaV3: the fused EMA rounds a bfloat16 EMA to nearest, not stochastically; "
                                       "pass stochastic_rounding=False or dtype=torch.float32")
         self._avg = PlannedEma(copy_other=True, backend=backend)
-        self._copy_buffers = PlannedEma(copy_other=True, backend=backend)
         self._slots = None
 
     def get_decay(self, step: Optional[int] = None) -> float:
@@ -88,15 +94,12 @@ class ModelEmaV3(nn.Module):
         ema, src = self._pairs(model, params_only=self.exclude_buffers)
         self._avg(ema, src, decay)
         if self.exclude_buffers:
-            ema_b = list(self.module.buffers())
-            src_b = [b.to(device=ema_b[0].device) for b in model.buffers()] if ema_b else []
-            self._copy_buffers(ema_b, src_b, 0.0)  # momentum 0: a copy
+            _copy(list(self.module.buffers()), list(model.buffers()))
 
     @torch.no_grad()
     def set(self, model: nn.Module) -> None:
-        """Copy ``model``'s state into the EMA (momentum 0)."""
-        ema, src = self._pairs(model, params_only=False)
-        self._avg(ema, src, 0.0)
+        """Copy ``model``'s state into the EMA."""
+        _copy(list(self.module.state_dict().values()), list(model.state_dict().values()))
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
