@@ -44,6 +44,10 @@ ENCODER_KEYS = ("mlp_ratio", "qkv_bias", "pos_embed", "topk", "attn_impl", "drop
                 "embed_dim", "num_heads")
 
 
+# Options that only shape a new built-in ViT; with ``encoder=`` the given encoder's configuration stands.
+BUILTIN_ONLY = tuple(k for k in ("img_size", "patch_size", "in_chans", *ENCODER_KEYS) if k not in ("topk", "attn_impl"))
+
+
 def build(method: str, size: str = "micro", *, img_size: int | None = None, patch_size: int | None = None,
           in_chans: int | None = None, backend: str | None = None, encoder: nn.Module | None = None,
           **kw) -> nn.Module:
@@ -91,13 +95,13 @@ def _method_defaults(method: str, size: str, kw: dict) -> dict:
 
 def _build_on(method: str, size: str, encoder: nn.Module, *, backend, **kw) -> nn.Module:
     """``build(..., encoder=...)``: the method's head and decoder around an existing encoder."""
-    fixed = [k for k in ("img_size", "patch_size", "in_chans", *ENCODER_KEYS)
-             if k not in ("topk", "attn_impl") and kw.get(k) is not None]
+    fixed = [k for k in BUILTIN_ONLY if kw.get(k) is not None]
     if fixed:
         raise ValueError(f"{fixed} configure the built-in ViT; with encoder= the encoder's own configuration stands")
-    for k in ("img_size", "patch_size", "in_chans", *ENCODER_KEYS):
-        if k not in ("topk", "attn_impl"):
-            kw.pop(k, None)
+    for k in BUILTIN_ONLY:
+        kw.pop(k, None)
+    if method == "dino" and "attn_impl" in kw:
+        raise ValueError("attn_impl picks the built-in ViT's attention; DINO on a given encoder has no decoder to take it")
     topk = kw.pop("topk", 1.0 / kw.get("group_size", 4) if method == "mixedae" else None)
     encoder = as_encoder(encoder, topk=topk, backend=backend)
     return METHODS[method](encoder, backend=backend, **_method_defaults(method, size, kw))
