@@ -60,6 +60,18 @@ def test_patched_equals_unpatched(cls, norm_pix, backend):
     assert_same_step(run(fused, imgs), run(official, imgs))
 
 
+def test_patched_equals_unpatched_under_bf16_autocast():
+    # The official code adds fp32 position tables to the half-precision patch/decoder tokens, which
+    # promotes them to fp32; the patch does the same before the fused ops.
+    official, fused = twins(OfficialMAE, norm_pix_loss=True)
+    compat_mae.patch(fused)
+    imgs = torch.randn(BATCH, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = run(fused, imgs), run(official, imgs)
+    assert got[0][1].dtype == want[0][1].dtype == torch.bfloat16
+    assert_same_step(got, want)
+
+
 def test_forward_loss_matches_float64_official():
     model = OfficialMAE(norm_pix_loss=True)
     imgs, pred = torch.randn(BATCH, 3, 16, 16), torch.randn(BATCH, TOKENS, 48, requires_grad=True)
