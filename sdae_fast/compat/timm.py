@@ -14,6 +14,7 @@ This module does not import timm.
 """
 from __future__ import annotations
 
+import weakref
 from copy import deepcopy
 from typing import Optional
 
@@ -71,9 +72,8 @@ class ModelEmaV3(nn.Module):
         return max(min(decay, self.decay), self.min_decay)
 
     def _pairs(self, model: nn.Module, params_only: bool):
-        key = (id(model), params_only)
-        if self._slots is None or self._slots[0] != key:
-            self._slots = (key, state_slots(self.module, params_only=params_only),
+        if self._slots is None or self._slots[0][0]() is not model or self._slots[0][1] != params_only:
+            self._slots = ((weakref.ref(model), params_only), state_slots(self.module, params_only=params_only),
                            state_slots(model, params_only=params_only), None)
         _, ema_slots, model_slots, staging = self._slots
         ema, src = read_slots(ema_slots), read_slots(model_slots)
