@@ -138,3 +138,18 @@ def test_model_ema_v3_set_copies_the_model():
     ours.set(model)
     for key, value in model.state_dict().items():
         assert torch.equal(ours.module.state_dict()[key], value), key
+
+
+def test_model_ema_v3_copies_and_pickles_without_the_model(tmp_path):
+    model = small_model()
+    ours = ModelEmaV3(model, decay=0.5)
+    ours.update(model)
+    torch.save(ours, tmp_path / "ema.pt")
+    for other in (copy.deepcopy(ours), torch.load(tmp_path / "ema.pt", weights_only=False)):
+        assert other._slots is None
+        other.update(model)
+        ours_state = {k: v.clone() for k, v in ours.state_dict().items()}
+        ours.update(model)
+        for key, value in ours.state_dict().items():
+            assert torch.equal(other.state_dict()[key], value), key
+        ours.load_state_dict(ours_state)

@@ -103,3 +103,9 @@ class ModelEmaV3(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def __getstate__(self):
+        # The cached pairing points into the trained model: a copy or a pickle plans afresh.
+        state = self.__dict__.copy()
+        state["_slots"], state["_avg"] = None, PlannedEma(copy_other=True, backend=self._avg.backend)
+        return state
