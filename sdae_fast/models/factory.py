@@ -20,6 +20,7 @@ from .dino import DINO
 from .mae import MAE
 from .mixedae import MixedAE
 from .sdae import SdAE
+from .timm_encoder import as_encoder
 from .vit import VisionTransformer
 
 # Encoder sizes (SPEC table); "micro" is the CPU-friendly digits setup (32 px, 1 channel, 8x8 patches).
@@ -43,19 +44,31 @@ ENCODER_KEYS = ("mlp_ratio", "qkv_bias", "pos_embed", "topk", "attn_impl", "drop
                 "embed_dim", "num_heads")
 
 
+# Options that only shape a new built-in ViT; with ``encoder=`` the given encoder's configuration stands.
+BUILTIN_ONLY = tuple(k for k in ("img_size", "patch_size", "in_chans", *ENCODER_KEYS) if k not in ("topk", "attn_impl"))
+
+
 def build(method: str, size: str = "micro", *, img_size: int | None = None, patch_size: int | None = None,
-          in_chans: int | None = None, backend: str | None = None, **kw) -> nn.Module:
+          in_chans: int | None = None, backend: str | None = None, encoder: nn.Module | None = None,
+          **kw) -> nn.Module:
     """A ``method`` in {mae, sdae, mixedae, dino} on a ViT of ``size`` in {micro, tiny, small, base, large, huge}.
 
     Keyword arguments naming encoder options (``topk``, ``attn_impl``, ``drop_path_rate``, ...) go to
     the :class:`VisionTransformer`; the rest to the method (``mask_ratio``, ``decoder_dim``, ...).
     ``attn_impl`` reaches the decoder too.
+
+    ``encoder``: an existing ViT to train instead of a new one, e.g. a timm
+    ``timm.create_model("vit_base_patch16_224", num_classes=0)`` (see :mod:`.timm_encoder`). Its own
+    configuration stands; ``size`` then only picks the method's head and decoder defaults.
     """
     method = method.lower()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {list(SIZES)}")
+    if encoder is not None:
+        return _build_on(method, size, encoder, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                         backend=backend, **kw)
     enc_kw = dict(SIZES[size])
     for key, value in (("img_size", img_size), ("patch_size", patch_size), ("in_chans", in_chans)):
         if value is not None:
@@ -70,10 +83,28 @@ def build(method: str, size: str = "micro", *, img_size: int | None = None, patc
         enc_kw.setdefault("topk", 1.0 / kw.get("group_size", 4))  # homologous attention, K ≈ N / r
     if "attn_impl" in enc_kw and method != "dino":
         kw.setdefault("attn_impl", enc_kw["attn_impl"])
+    encoder = VisionTransformer(**enc_kw, backend=backend)
+    return METHODS[method](encoder, backend=backend, **_method_defaults(method, size, kw))
+
+
+def _method_defaults(method: str, size: str, kw: dict) -> dict:
     method_kw = dict(MICRO_DEFAULTS[method]) if size == "micro" else {}
     method_kw.update(kw)
-    encoder = VisionTransformer(**enc_kw, backend=backend)
-    return METHODS[method](encoder, backend=backend, **method_kw)
+    return method_kw
+
+
+def _build_on(method: str, size: str, encoder: nn.Module, *, backend, **kw) -> nn.Module:
+    """``build(..., encoder=...)``: the method's head and decoder around an existing encoder."""
+    fixed = [k for k in BUILTIN_ONLY if kw.get(k) is not None]
+    if fixed:
+        raise ValueError(f"{fixed} configure the built-in ViT; with encoder= the encoder's own configuration stands")
+    for k in BUILTIN_ONLY:
+        kw.pop(k, None)
+    if method == "dino" and "attn_impl" in kw:
+        raise ValueError("attn_impl picks the built-in ViT's attention; DINO on a given encoder has no decoder to take it")
+    topk = kw.pop("topk", 1.0 / kw.get("group_size", 4) if method == "mixedae" else None)
+    encoder = as_encoder(encoder, topk=topk, backend=backend)
+    return METHODS[method](encoder, backend=backend, **_method_defaults(method, size, kw))
 
 
 def _named(method: str, size: str, patch: int, **defaults):
