@@ -36,9 +36,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class BadImageError(ValueError):
     """An image file that cannot be decoded (unreadable, truncated or not an image)."""
 
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"cannot decode image {path!r}: {reason}")
-        self.path = path
+    def __init__(self, path: str, reason: str | None = None):
+        # One argument is a whole message: how a DataLoader re-raises a worker's exception.
+        super().__init__(path if reason is None else f"cannot decode image {path!r}: {reason}")
+        self.path = path if reason is not None else None
 
 
 def decode_rgb(path: str) -> torch.Tensor:
