@@ -2,9 +2,10 @@
 
 Each run is a fresh process (``ru_maxrss`` is a process-lifetime peak) with one DataLoader worker.
 The bound: the 20,000-image run's peak RSS, of the training process and of its worker, stays within
-16 MiB of the 2,000-image run's. Holding the images in memory, as the old loader did, would add
+32 MiB of the 2,000-image run's (the listing's transient Python strings are a few MiB). Holding the images in memory, as the old loader did, would add
 18,000 × 3 × 32 × 32 × 4 B = 211 MiB at 32 px (and 10 GiB for ImageNet at 224 px); the path table
-(one bytes blob + offsets) costs ~30 B per image. Measured here: +2 MiB, ~15 s for the whole test.
+(one bytes blob + offsets) costs ~30 B per image. Measured here (2 shared cores): main 746 -> 753 MiB,
+worker 432 -> 432 MiB; ~15 s for the whole test.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ RUN = textwrap.dedent("""
     usage = lambda who: resource.getrusage(who).ru_maxrss / 1024  # KiB -> MiB on Linux
     print(json.dumps({"main": usage(resource.RUSAGE_SELF), "worker": usage(resource.RUSAGE_CHILDREN)}))
 """)
-BOUND_MIB = 16
+BOUND_MIB = 32
 
 
 def _folder(root, n):
