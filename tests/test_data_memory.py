@@ -1,11 +1,12 @@
 """Memory does not grow with the image count: 2,000 vs 20,000 small JPEGs, a few MAE steps each.
 
 Each run is a fresh process (``ru_maxrss`` is a process-lifetime peak) with one DataLoader worker.
-The bound: the 20,000-image run's peak RSS, of the training process and of its worker, stays within
-32 MiB of the 2,000-image run's (the listing's transient Python strings are a few MiB). Holding the images in memory, as the old loader did, would add
-18,000 × 3 × 32 × 32 × 4 B = 211 MiB at 32 px (and 10 GiB for ImageNet at 224 px); the path table
-(one bytes blob + offsets) costs ~30 B per image. Measured here (2 shared cores): main 746 -> 753 MiB,
-worker 432 -> 432 MiB; ~15 s for the whole test.
+The bound: the 20,000-image run's peak RSS, of the training process and of its worker, stays
+within 32 MiB of the 2,000-image run's (the listing's transient Python strings are a few MiB).
+Holding the images in memory, as the old loader did, would add 18,000 × 3 × 32 × 32 × 4 B =
+211 MiB at 32 px (10 GiB for ImageNet at 224 px); the path table (one bytes blob + offsets) costs
+~30 B per image. Measured here (2 shared cores): main 746 -> 753 MiB, worker 432 -> 432 MiB;
+about 15 s for the whole test.
 """
 from __future__ import annotations
 
