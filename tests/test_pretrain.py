@@ -16,7 +16,7 @@ from torch import nn
 
 from sdae_fast.train import checkpoint as ckpt
 from sdae_fast.train.cli import make_args
-from sdae_fast.data import ShardedBatchSampler, load_splits
+from sdae_fast.data import ShardedBatchSampler
 from sdae_fast.train.knn import knn_accuracy
 from sdae_fast.train.loop import pretrain
 from sdae_fast.train.optim import lr_at
@@ -132,12 +132,6 @@ def test_sampler_is_deterministic_resumable_and_shards_like_distributed_sampler(
         assert r.indices(1) == list(ds)
     with pytest.raises(ValueError, match="do not fill one batch"):
         ShardedBatchSampler(10, 16)
-
-
-def test_digits_splits():
-    s = load_splits(None, img_size=16)
-    assert s.train_images.shape == (1438, 1, 16, 16) and s.heldout_images.shape == (359, 1, 16, 16)
-    assert abs(s.train_images.mean().item()) < 1e-4 and s.train_labels.max().item() == 9
 
 
 def test_knn_separable_features_are_perfect():

@@ -8,17 +8,9 @@ import sys
 import pytest
 import torch
 
-from test_pretrain import StandIn, _args, standin_build
+from test_pretrain import StandIn, _args, _one_thread, standin_build  # noqa: F401 (autouse fixture)
 
 from sdae_fast.train.loop import pretrain
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 LOOP_FILES = ("train/loop.py", "train/progress.py")

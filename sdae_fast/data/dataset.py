@@ -1,9 +1,9 @@
 """The streaming, resumable training dataset and its collate function.
 
 Items are addressed by a key ``(epoch, index)`` (the batch sampler yields them), and every random
-draw of the augmentation comes from torch's RNG seeded with :func:`sample_seed` of (seed, epoch,
-index), its state restored after: the same key gives the same pixels in any worker, in any process, after
-any resume, and the caller's RNG (which the models use for masks) is left untouched.
+draw of the augmentation comes from torch's CPU generator seeded with :func:`sample_seed` of (seed,
+epoch, index), its state restored after: the same key gives the same pixels in any worker, in any
+process, after any resume, and the caller's RNG (which the models use for masks) is left untouched.
 
 Bad files: ``bad_images="error"`` raises :class:`BadImageError` naming the file (in a worker, the
 DataLoader re-raises it in the main process with the message); ``"skip"`` (default) replaces it by
