@@ -178,12 +178,13 @@ def test_bad_files_skip_and_count_in_pretrain(tmp_path, capsys):
     from sdae_fast.train.loop import pretrain
 
     root = _bad_folder(tmp_path)
-    res = pretrain(_args(tmp_path, data=str(root), steps=6, batch_size=8, holdout=0.0, workers=1, quiet=False),
-                   build_fn=standin_build)
+    res = pretrain(_args(tmp_path, data=str(root), steps=6, batch_size=8, holdout=0.25, workers=1, quiet=False,
+                         knn=True), build_fn=standin_build)
     out = capsys.readouterr().out
     assert res["skipped_images"] >= 2 and "img00002.jpg" in out and "img00003.jpg" in out
+    assert 0.0 <= res["knn_trained"] <= 1.0  # the final k-NN reads the folder with the same policy
     with pytest.raises(Exception, match="img0000[23].jpg"):  # re-raised from the worker, file named
-        pretrain(_args(tmp_path / "e", data=str(root), steps=6, batch_size=8, holdout=0.0, workers=1,
+        pretrain(_args(tmp_path / "e", data=str(root), steps=6, batch_size=8, holdout=0.25, workers=1,
                        bad_images="error"), build_fn=standin_build)
 
 

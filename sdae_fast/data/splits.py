@@ -48,22 +48,24 @@ def eval_loader(source, img_size: int, batch_size: int = 256, workers: int | Non
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_views)
 
 
-def materialize(source, img_size: int, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def materialize(source, img_size: int, workers: int | None = None,
+                bad_images: str = "error") -> tuple[torch.Tensor, torch.Tensor]:
     """All of ``source`` as (images, labels) tensors; the digits are indexed directly (no workers)."""
     if source.profile == "digits":
         workers = 0
-    batches = list(eval_loader(source, img_size, workers=workers))
+    batches = list(eval_loader(source, img_size, workers=workers, bad_images=bad_images))
     if not batches:
         shape = (0, source.in_chans, img_size, img_size)
         return torch.empty(shape), torch.empty(0, dtype=torch.long)
     return torch.cat([b["images"] for b in batches]), torch.cat([b["labels"] for b in batches])
 
 
-def load_splits(data: str | None, img_size: int = 32, holdout: float = 0.2,
-                workers: int | None = None) -> ImageSplits:
+def load_splits(data: str | None, img_size: int = 32, holdout: float = 0.2, workers: int | None = None,
+                bad_images: str = "error") -> ImageSplits:
     """Train and held-out splits (``data=None``: the embedded digits; else an image folder) as
-    normalised, un-augmented tensors."""
+    normalised, un-augmented tensors. ``bad_images="skip"`` puts the next decodable image (and its
+    label) in an undecodable file's place, as in training."""
     train, held = open_sources(data, img_size, holdout)
-    x, y = materialize(train, img_size, workers)
-    hx, hy = materialize(held, img_size, workers)
+    x, y = materialize(train, img_size, workers, bad_images)
+    hx, hy = materialize(held, img_size, workers, bad_images)
     return ImageSplits(x, y, hx, hy, list(train.classes), train.name)

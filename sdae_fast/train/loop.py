@@ -224,7 +224,7 @@ def _pretrain(args, build_fn, info) -> dict:
     result = {"losses": losses, "step": step, "total_steps": total, "model": model, "skipped_images": skipped}
     if step >= total and info.is_main:
         if args.knn:
-            splits = load_splits(args.data, args.img_size, args.holdout, workers=workers)
+            splits = load_splits(args.data, args.img_size, args.holdout, workers, args.bad_images)
             result.update(knn_report(model, build_fn, args, splits, info, say))
         if args.export:
             from .export import export_encoder
