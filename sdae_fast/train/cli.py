@@ -49,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: 1 for --size micro on the CPU, whose tiny matmuls gain "
                         "nothing from threads and lose much to OpenMP spin-waits on a busy CPU; else torch's choice)")
-    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--log-every", type=int, default=20,
+                   help="print and read the step losses from the device every N steps (one sync; a NaN/inf "
+                        "loss stops the run there, naming its step)")
     p.add_argument("--knn-k", type=int, default=20)
     p.add_argument("--no-knn", dest="knn", action="store_false", help="skip the final k-NN evaluation")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip the timm encoder export")
