@@ -8,7 +8,8 @@ import torch
 
 import sdae_fast
 from sdae_fast.dispatch import OPS
-from sdae_fast.models import MODELS, MultiCrop, VisionTransformer, build, create_model, set_backend
+from sdae_fast.data import collate_views, dino_views
+from sdae_fast.models import DINO, MODELS, VisionTransformer, build, create_model, set_backend
 from sdae_fast.models.vit import get_2d_sincos_pos_embed
 from sdae_fast.testing import assert_close
 
@@ -21,11 +22,19 @@ def images(batch=BATCH, seed=1):
     return torch.rand(batch, 1, 32, 32, generator=g)
 
 
+def model_input(model, imgs):
+    """DINO takes the data pipeline's crops (one tensor per resolution); the others the images."""
+    if not isinstance(model, DINO):
+        return imgs
+    views = dino_views(model.global_size, model.local_size, model.num_local, (0.0,), (1.0,), "digits")
+    return collate_views([(views(x), 0, []) for x in imgs])["images"]
+
+
 def run_step(model, imgs, seed):
     """Forward + backward from a fixed RNG state; returns (out dict, {name: grad})."""
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
-    out = model(imgs)
+    out = model(model_input(model, imgs))
     out["loss"].backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return out, grads
@@ -165,18 +174,11 @@ def test_sdae_folds_partition_the_masked_tokens():
     assert torch.equal(folds.sort(1).values, m.ids_masked.sort(1).values)  # disjoint and complete
 
 
-def test_multicrop_identity_and_shapes():
-    x = images(2)
-    same = MultiCrop(32, 16, 3, global_scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)
-    glob, local = same(x)
-    assert_close(glob, x.repeat(2, 1, 1, 1))  # a full-image crop at full size is the image
-    assert local.shape == (6, 1, 16, 16)
-    # Crops are view-major: row v·B + b is a crop of image b (constant images make it visible).
-    consts = torch.arange(3.0)[:, None, None, None].expand(3, 1, 32, 32)
-    crops = MultiCrop(32, 16, 4)(consts)[1]
-    assert_close(crops.amax(dim=(1, 2, 3)), torch.arange(3.0).repeat(4))
-    flipped = MultiCrop(32, 16, 0, global_scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=1.0)(x)[0]
-    assert_close(flipped, x.flip(-1).repeat(2, 1, 1, 1))
+def test_dino_takes_crops_not_images():
+    model = build("dino", "micro")
+    assert (model.global_size, model.local_size, model.num_local) == (32, 16, 2)
+    with pytest.raises(TypeError, match="one tensor per resolution"):
+        model(images())
 
 
 def test_dino_teacher_temp_warmup_and_center():
@@ -188,11 +190,11 @@ def test_dino_teacher_temp_warmup_and_center():
     model.step = 30
     assert model.current_teacher_temp() == pytest.approx(0.07)
     center = model.center.clone()
-    model(images())
+    model(model_input(model, images()))
     assert not torch.equal(center, model.center)  # updated in place in training mode
     model.eval()
     center = model.center.clone()
-    model(images())
+    model(model_input(model, images()))
     assert torch.equal(center, model.center)
 
 
@@ -329,7 +331,7 @@ def test_every_op_call_carries_the_backend(method, monkeypatch):
 
     monkeypatch.setattr(sdae_fast.dispatch.Op, "__call__", spy)
     model = build(method, "micro", backend="torch")
-    model(images())
+    model(model_input(model, images()))
     assert {name for name, _ in calls} == set(model.OPS_USED)
     assert {b for _, b in calls} == {"torch"}
     calls.clear()

@@ -16,7 +16,7 @@ from torch import nn
 
 from sdae_fast.train import checkpoint as ckpt
 from sdae_fast.train.cli import make_args
-from sdae_fast.train.data import EpochBatchSampler, load_splits
+from sdae_fast.data import ShardedBatchSampler
 from sdae_fast.train.knn import knn_accuracy
 from sdae_fast.train.loop import pretrain
 from sdae_fast.train.optim import lr_at
@@ -112,21 +112,26 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(100, 100, 1.0, 10, 0.01) == pytest.approx(0.01)
 
 
-def test_sampler_is_deterministic_and_shards_disjointly():
-    a = EpochBatchSampler(103, 8, seed=3)
-    assert [b.tolist() for _, b in a.batches(2)] == [b.tolist() for _, b in EpochBatchSampler(103, 8, seed=3).batches(2)]
-    assert list(a.batches(0))[5][1].tolist() == list(a.batches(0, start=5))[0][1].tolist()
-    r0, r1 = EpochBatchSampler(103, 8, 3, 0, 2), EpochBatchSampler(103, 8, 3, 1, 2)
+def test_sampler_is_deterministic_resumable_and_shards_like_distributed_sampler():
+    from torch.utils.data.distributed import DistributedSampler
+
+    def keys(sampler, epoch, start=0):
+        sampler.set_position(epoch, start)
+        return list(sampler)
+
+    a = ShardedBatchSampler(103, 8, seed=3)
+    assert keys(a, 2) == keys(ShardedBatchSampler(103, 8, seed=3), 2)
+    assert keys(a, 0)[5:] == keys(a, 0, start=5) and len(a) == len(keys(a, 0, start=5))
+    assert all(e == 0 for batch in keys(a, 0) for e, _ in batch)
+    r0, r1 = ShardedBatchSampler(103, 8, 3, 0, 2), ShardedBatchSampler(103, 8, 3, 1, 2)
     assert r0.steps_per_epoch == r1.steps_per_epoch == 51 // 8
-    assert not set(r0.indices(1).tolist()) & set(r1.indices(1).tolist())
+    assert not set(r0.indices(1)) & set(r1.indices(1))
+    for rank, r in enumerate((r0, r1)):  # exactly DistributedSampler's shard of the epoch
+        ds = DistributedSampler(range(103), num_replicas=2, rank=rank, shuffle=True, seed=3, drop_last=True)
+        ds.set_epoch(1)
+        assert r.indices(1) == list(ds)
     with pytest.raises(ValueError, match="do not fill one batch"):
-        EpochBatchSampler(10, 16)
-
-
-def test_digits_splits():
-    s = load_splits(None, img_size=16)
-    assert s.train_images.shape == (1438, 1, 16, 16) and s.heldout_images.shape == (359, 1, 16, 16)
-    assert abs(s.train_images.mean().item()) < 1e-4 and s.train_labels.max().item() == 9
+        ShardedBatchSampler(10, 16)
 
 
 def test_knn_separable_features_are_perfect():

@@ -39,9 +39,9 @@ def step_flops(method: str, model: nn.Module, batch: int) -> int:
     n, d, depth = enc.num_patches, enc.embed_dim, len(enc.blocks)
     p_enc = _linear_params(enc)
     if method == "dino":
-        v_g, v_l = 2, model.multicrop.num_local
-        g_tok = (model.multicrop.global_size // enc.patch_size) ** 2 + 1
-        l_tok = (model.multicrop.local_size // enc.patch_size) ** 2 + 1
+        v_g, v_l = 2, model.num_local
+        g_tok = (model.global_size // enc.patch_size) ** 2 + 1
+        l_tok = (model.local_size // enc.patch_size) ** 2 + 1
         p_head = _linear_params(model.head)
         student = (_part(p_enc, v_g * batch, g_tok, depth, d, True) + _part(p_enc, v_l * batch, l_tok, depth, d, True)
                    + 6 * p_head * (v_g + v_l) * batch)
@@ -69,7 +69,11 @@ def _make(method: str, variant: str):
         forward = torch.compile(model) if variant == "compile(reference)" else model
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                 betas=(0.9, 0.95), weight_decay=0.05, fused=True)
-        imgs = torch.randn(BATCH[method], 3, 224, 224, device="cuda")
+        b = BATCH[method]
+        imgs = torch.randn(b, 3, 224, 224, device="cuda")
+        if method == "dino":  # the crops the data pipeline makes: one tensor per resolution
+            imgs = [torch.randn(2 * b, 3, model.global_size, model.global_size, device="cuda"),
+                    torch.randn(model.num_local * b, 3, model.local_size, model.local_size, device="cuda")]
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):

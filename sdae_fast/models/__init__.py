@@ -3,7 +3,7 @@
 ``build(method, size, ...)`` or a named constructor (``mae_vit_base_patch16``, ...); every model
 takes ``backend=None|"torch"|"triton"|"cuda"`` and passes it to every sdae_fast op it calls.
 """
-from .dino import DINO, DINOHead, MultiCrop
+from .dino import DINO, DINOHead
 from .factory import METHODS, MODELS, SIZES, build, create_model
 from .mae import MAE
 from .mixedae import MixedAE
@@ -11,5 +11,5 @@ from .sdae import SdAE
 from .topk_attention import TopKAttention
 from .vit import VisionTransformer, get_2d_sincos_pos_embed, set_backend
 
-__all__ = ["VisionTransformer", "TopKAttention", "MAE", "SdAE", "MixedAE", "DINO", "DINOHead", "MultiCrop",
+__all__ = ["VisionTransformer", "TopKAttention", "MAE", "SdAE", "MixedAE", "DINO", "DINOHead",
            "build", "create_model", "MODELS", "METHODS", "SIZES", "get_2d_sincos_pos_embed", "set_backend"]

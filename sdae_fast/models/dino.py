@@ -1,8 +1,8 @@
 """DINO (Caron et al., ICCV 2021): self-distillation with no labels (SPEC §6, §7).
 
-* :class:`MultiCrop` makes 2 global + n local random resized crops (with horizontal flips) of an
-  image batch on its device, all crops of one size in one ``affine_grid``/``grid_sample``. DINO's
-  colour jitter, blur and solarisation are left to the data pipeline.
+* The crops come from the data pipeline (``sdae_fast.data.dino_views``: torchvision v2 multi-crop
+  with DINO's flip, colour jitter, grayscale, blur and solarisation); ``forward`` takes them as one
+  tensor per resolution. ``global_size``, ``local_size`` and ``num_local`` say what it expects.
 * :class:`DINOHead`: 3-layer MLP to a bottleneck, L2 normalisation, weight-normalised last layer
   (``last_layer.weight_g``/``weight_v`` as in DINO; ``weight_g`` frozen at 1 when
   ``norm_last_layer``).
@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
@@ -22,46 +21,6 @@ from torch import nn
 from ..ops.dino_loss import dino_loss
 from .teacher import EmaTeacherMixin
 from .vit import VisionTransformer
-
-
-class MultiCrop(nn.Module):
-    """Random resized crops + flips with torch ops, using the global RNG on the images' device."""
-
-    def __init__(self, global_size: int = 224, local_size: int = 96, num_local: int = 8,
-                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5):
-        super().__init__()
-        self.global_size, self.local_size, self.num_local = global_size, local_size, num_local
-        self.global_scale, self.local_scale, self.ratio, self.flip_p = global_scale, local_scale, ratio, flip_p
-
-    def crops(self, imgs: torch.Tensor, n: int, size: int, scale) -> torch.Tensor:
-        """``n`` crops of every image, view-major: (n·B, C, size, size)."""
-        b, c, h, w = imgs.shape
-        rows, dev = n * b, imgs.device
-        area = torch.empty(rows, device=dev).uniform_(*scale)  # fraction of the image area
-        log_r = torch.empty(rows, device=dev).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
-        aspect = log_r.exp()  # width / height of the crop, in pixels
-        cw = (area * h * w * aspect).sqrt().clamp(max=w) / w  # crop width as a fraction of the image width
-        ch = (area * h * w / aspect).sqrt().clamp(max=h) / h
-        cx = (torch.rand(rows, device=dev) * 2 - 1) * (1 - cw)  # crop centre in [-1, 1] coordinates
-        cy = (torch.rand(rows, device=dev) * 2 - 1) * (1 - ch)
-        flip = torch.where(torch.rand(rows, device=dev) < self.flip_p, -1.0, 1.0)
-        theta = torch.zeros(rows, 2, 3, device=dev)
-        theta[:, 0, 0], theta[:, 0, 2] = cw * flip, cx
-        theta[:, 1, 1], theta[:, 1, 2] = ch, cy
-        grid = F.affine_grid(theta, (rows, c, size, size), align_corners=False)  # (n·B, s, s, 2)
-        # Stack the n crops of an image along the output height so the images are read as they
-        # are (no n-fold copy of the batch): grid (B, n·s, s, 2) -> samples (B, C, n·s, s).
-        grid = grid.reshape(n, b, size, size, 2).transpose(0, 1).reshape(b, n * size, size, 2)
-        src = imgs.float()
-        out = F.grid_sample(src, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        out = out.reshape(b, c, n, size, size).permute(2, 0, 1, 3, 4).reshape(rows, c, size, size)
-        return out.to(imgs.dtype)
-
-    def forward(self, imgs: torch.Tensor):
-        """(global crops (2·B, C, g, g), local crops (n·B, C, l, l) or None), crop-major."""
-        glob = self.crops(imgs, 2, self.global_size, self.global_scale)
-        local = self.crops(imgs, self.num_local, self.local_size, self.local_scale) if self.num_local else None
-        return glob, local
 
 
 class WeightNormLinear(nn.Module):
@@ -104,8 +63,7 @@ class DINO(EmaTeacherMixin, nn.Module):
 
     def __init__(self, encoder: VisionTransformer, *, out_dim: int = 65536, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, norm_last_layer: bool = True, global_size: int | None = None,
-                 local_size: int | None = None, num_local: int = 8, global_scale=(0.4, 1.0),
-                 local_scale=(0.05, 0.4), student_temp: float = 0.1, teacher_temp: float = 0.04,
+                 local_size: int | None = None, num_local: int = 8, student_temp: float = 0.1, teacher_temp: float = 0.04,
                  warmup_teacher_temp: float | None = None, warmup_teacher_temp_epochs: int = 0,
                  center_momentum: float = 0.9, base_momentum: float = 0.996, final_momentum: float = 1.0,
                  backend: str | None = None):
@@ -115,7 +73,7 @@ class DINO(EmaTeacherMixin, nn.Module):
         self.encoder, self.backend = encoder, backend
         gsize = global_size or encoder.img_size
         lsize = local_size or max(encoder.patch_size, round(gsize * 96 / 224 / encoder.patch_size) * encoder.patch_size)
-        self.multicrop = MultiCrop(gsize, lsize, num_local, global_scale, local_scale)
+        self.global_size, self.local_size, self.num_local = gsize, lsize, num_local
         self.head = DINOHead(encoder.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
         self.teacher = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "head": copy.deepcopy(self.head)})
         self.register_buffer("center", torch.zeros(1, out_dim))
@@ -138,8 +96,13 @@ class DINO(EmaTeacherMixin, nn.Module):
         feats = torch.cat([encoder.embed(c) for c in crops if c is not None])
         return head(feats)
 
-    def forward(self, imgs: torch.Tensor) -> dict:
-        glob, local = self.multicrop(imgs)
+    def forward(self, crops) -> dict:
+        """``crops``: [global crops (2·B, C, g, g), local crops (n·B, C, l, l)] (the local entry absent
+        or None without local crops), view-major: row v·B + b is crop v of image b."""
+        if isinstance(crops, torch.Tensor) or not 1 <= len(crops) <= 2:
+            raise TypeError("DINO.forward takes [global crops, local crops] (one tensor per resolution, "
+                            "from sdae_fast.data.dino_views + collate_views), not an image batch")
+        glob, local = crops[0], (crops[1] if len(crops) > 1 else None)
         student_out = self._embed(self.encoder, self.head, (glob, local))  # (V·B, K)
         with torch.no_grad():
             teacher_out = self._embed(self.teacher["encoder"], self.teacher["head"], (glob,))  # (2·B, K)

@@ -40,12 +40,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics", default=None, help="JSON-lines file (default: <out>/metrics.jsonl)")
-    p.add_argument("--num-workers", type=int, default=0,
-                   help="accepted for compatibility; data is held in memory, so batches need no workers")
+    p.add_argument("--workers", "--num-workers", dest="workers", type=int, default=None,
+                   help="DataLoader worker processes decoding and augmenting images (default: this process's "
+                        "cores less one, at most 8; 0 decodes in the training process)")
+    p.add_argument("--bad-images", choices=["skip", "error"], default="skip",
+                   help="an undecodable image file: skip it (replaced by the next image, counted and named "
+                        "in a warning) or stop with an error naming it")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: 1 for --size micro on the CPU, whose tiny matmuls gain "
                         "nothing from threads and lose much to OpenMP spin-waits on a busy CPU; else torch's choice)")
-    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--log-every", type=int, default=20,
+                   help="print and read the step losses from the device every N steps (one sync; a NaN/inf "
+                        "loss stops the run there, naming its step)")
     p.add_argument("--knn-k", type=int, default=20)
     p.add_argument("--no-knn", dest="knn", action="store_false", help="skip the final k-NN evaluation")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip the timm encoder export")

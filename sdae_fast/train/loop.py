@@ -1,26 +1,30 @@
 """The pretraining loop behind ``sdae-fast pretrain``.
 
-One process or a ``torchrun`` launch (DDP). Per step: batch from the deterministic sampler, forward
-under bf16 autocast on CUDA (fp32 on the CPU), backward, optional gradient clipping, AdamW step with
-the warm-up + cosine lr, ``model.after_step()`` (EMA teachers) on the unwrapped model. Checkpoints
-every ``ckpt_every`` steps; a resumed run repeats an uninterrupted one bit for bit on the CPU.
+One process or a ``torchrun`` launch (DDP). Data streams through ``sdae_fast.data``: DataLoader
+workers decode and augment (the method's paper augmentation, seeded per sample from (seed, epoch,
+index)), batches come from the sharded, resumable sampler, pinned and copied without blocking.
+Per step: forward under bf16 autocast on CUDA (fp32 on the CPU), backward, optional gradient
+clipping, AdamW step with the warm-up + cosine lr, ``model.after_step()`` (EMA teachers) on the
+unwrapped model. No per-step host sync: the step's scalars stay on the device and are read every
+``log_every`` steps (``progress.StepWindow``). Checkpoints every ``ckpt_every`` steps; a resumed run
+repeats an uninterrupted one bit for bit on the CPU, with any number of workers.
 At the end: k-NN accuracy of the trained vs the randomly initialised encoder, and a timm export.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import random
-import time
 
 import numpy as np
 import torch
 
+from ..data import (AugmentedDataset, ShardedBatchSampler, default_workers, load_splits, make_loader,
+                    open_sources, to_device, train_views)
 from . import checkpoint as ckpt
 from .metrics import MetricsWriter
-from .data import EpochBatchSampler, load_splits
-from .distributed import all_gather_objects, barrier, init_distributed, mean_across_ranks, shutdown
+from .distributed import all_gather_objects, barrier, init_distributed, shutdown
 from .optim import lr_at, make_optimizer
+from .progress import Progress, StepWindow, first_nonfinite
 
 
 def default_build(method, size, **kwargs):
@@ -39,17 +43,6 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _scalars(out: dict) -> dict:
-    """Loggable scalars of the model's output dict (the loss and any other 0-d tensors/numbers)."""
-    res = {}
-    for key, value in out.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            res[key] = value.detach().float().item()
-        elif isinstance(value, (int, float)):
-            res[key] = float(value)
-    return res
 
 
 def _build(build_fn, args, in_chans: int, seed: int):
@@ -86,12 +79,23 @@ def pretrain(args, build_fn=None) -> dict:
         shutdown(info)
 
 
+def _training_data(args, info, model, train_src, sampler):
+    """The streaming loader of the method's augmented views; the first sample is decoded and augmented
+    here, so an unusable folder or transform fails before the first step, naming the file."""
+    dataset = AugmentedDataset(train_src, train_views(args.method, train_src, args.img_size, model),
+                               seed=args.seed, bad_images=args.bad_images)
+    dataset[(0, 0)]
+    workers = default_workers(info.world) if args.workers is None else args.workers
+    loader = make_loader(dataset, sampler, workers, pin_memory=info.device.type == "cuda", seed=args.seed)
+    return loader, workers
+
+
 def _pretrain(args, build_fn, info) -> dict:
     say = print if info.is_main and not args.quiet else (lambda *a, **k: None)
     if args.method == "mixedae" and args.batch_size % 4:
         raise ValueError(f"MixedAE mixes groups of 4 images: --batch-size {args.batch_size} must be divisible by 4")
-    splits = load_splits(args.data, args.img_size, args.holdout)
-    sampler = EpochBatchSampler(len(splits.train_images), args.batch_size, args.seed, info.rank, info.world)
+    train_src, held_src = open_sources(args.data, args.img_size, args.holdout)
+    sampler = ShardedBatchSampler(len(train_src), args.batch_size, args.seed, info.rank, info.world)
     spe = sampler.steps_per_epoch
     total = args.steps if args.steps else args.epochs * spe
     if total < 1:
@@ -100,7 +104,7 @@ def _pretrain(args, build_fn, info) -> dict:
     resume_path, state = ckpt.resume_checkpoint(args.resume, args.out)
 
     seed_everything(args.seed)
-    model = _build(build_fn, args, splits.in_chans, args.seed).to(info.device)
+    model = _build(build_fn, args, train_src.in_chans, args.seed).to(info.device)
     model.set_schedule(total, spe)
     optimizer = make_optimizer(model, args.method, args.lr, args.weight_decay)
     step = 0
@@ -119,6 +123,7 @@ def _pretrain(args, build_fn, info) -> dict:
         seed_everything(args.seed + info.rank)  # different masks per rank, same initial weights
     if step >= total:
         say(f"already at step {step} of {total}: nothing to train")
+    loader, workers = _training_data(args, info, model, train_src, sampler)
 
     net = model
     if info.enabled:
@@ -127,70 +132,85 @@ def _pretrain(args, build_fn, info) -> dict:
         ids = [info.device.index] if info.device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=args.find_unused)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    train_images = splits.train_images.to(info.device) if info.device.type == "cuda" else splits.train_images
     metrics = MetricsWriter(args.metrics if info.is_main else None, resume_step=int(state["step"]) if state else None)
     global_batch = args.batch_size * info.world
-    say(f"pretrain {args.method} ({args.size}) on {splits.name}: {len(splits.train_images)} train / "
-        f"{len(splits.heldout_images)} held-out images, {total} steps ({spe}/epoch), global batch "
-        f"{global_batch}, {info.world} process(es) on {info.device}")
+    say(f"pretrain {args.method} ({args.size}) on {train_src.name}: {len(train_src)} train / "
+        f"{len(held_src)} held-out images, {total} steps ({spe}/epoch), global batch "
+        f"{global_batch}, {info.world} process(es) on {info.device}, {workers} loader worker(s)")
 
-    losses, t_window, n_window = [], time.perf_counter(), 0
+    losses, skipped = [], 0
     stop_at = min(total, args.stop_after) if args.stop_after else total
+    window = StepWindow()
+    progress = Progress(total, step, enabled=info.is_main and not args.quiet)
+
+    def flush_window():
+        records = window.flush(info, global_batch)
+        for r in records:
+            metrics.write(r | {"skipped_images": skipped} if skipped else r)
+        losses.extend(r["loss"] for r in records)
+        bad = first_nonfinite(records)
+        if bad is not None:
+            raise FloatingPointError(f"loss is {bad['loss']} at step {bad['step']}: lower --lr or set --clip-grad")
+        return records[-1] if records else None
+
     model.train()
     epoch, batch = divmod(step, spe)
-    while step < stop_at:
-        for _, idx in sampler.batches(epoch, start=batch):
-            t0 = time.perf_counter()
-            images = train_images[idx.to(train_images.device)].to(info.device, non_blocking=True)
-            lr = lr_at(step, total, args.lr, warmup, args.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with _autocast(info.device):
-                out = net(images)
-            loss = out["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = None
-            if args.clip_grad:
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
-            optimizer.step()
-            model.after_step()
-            step += 1
-            logged = mean_across_ranks(loss.detach().float(), info).item()
-            if not math.isfinite(logged):
-                raise FloatingPointError(f"loss is {logged} at step {step}: lower --lr or set --clip-grad")
-            losses.append(logged)
-            n_window += 1
-            dt = time.perf_counter() - t0
-            record = {"step": step, "epoch": epoch, **_scalars(out), "loss": logged, "lr": lr,
-                      "images_per_s": global_batch / dt if dt > 0 else None}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            metrics.write(record)
-            if step % args.log_every == 0 or step == stop_at:
-                now = time.perf_counter()
-                rate = n_window * global_batch / max(now - t_window, 1e-9)
-                say(f"step {step:>6}/{total} epoch {epoch:>3} loss {logged:.4f} lr {lr:.2e} {rate:8.1f} img/s",
-                    flush=True)
-                t_window, n_window = now, 0
-            if args.ckpt_every and (step % args.ckpt_every == 0 or step == total):
-                _save(model, optimizer, step, spe, args, info)
-            if step >= stop_at:
-                break
-        else:
-            epoch, batch = epoch + 1, 0
-    metrics.close()
+    try:
+        while step < stop_at:
+            sampler.set_position(epoch, batch)
+            for data in loader:
+                if data["skipped"]:
+                    skipped += len(data["skipped"])
+                    for path in data["skipped"]:
+                        progress.write(f"warning: skipped unreadable image {path} ({skipped} so far)")
+                images = to_device(data["images"], info.device)
+                lr = lr_at(step, total, args.lr, warmup, args.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with _autocast(info.device):
+                    out = net(images)
+                loss = out["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = None
+                if args.clip_grad:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+                optimizer.step()
+                model.after_step()
+                step += 1
+                window.add({"step": step, "epoch": epoch, "lr": lr}, out, grad_norm)
+                progress.update()
+                if step % args.log_every == 0 or step == stop_at:
+                    last = flush_window()
+                    progress.show(last["loss"], last["images_per_s"])
+                    if info.is_main and not args.quiet:
+                        progress.write(f"step {step:>6}/{total} epoch {epoch:>3} loss {last['loss']:.4f} "
+                                       f"lr {lr:.2e} {last['images_per_s']:8.1f} img/s")
+                if args.ckpt_every and (step % args.ckpt_every == 0 or step == total):
+                    flush_window()  # the metrics of every step up to the checkpoint are on disk first
+                    _save(model, optimizer, step, spe, args, info)
+                if step >= stop_at:
+                    break
+            else:
+                epoch, batch = epoch + 1, 0
+        flush_window()
+    finally:
+        progress.close()
+        metrics.close()
+    if skipped:
+        say(f"skipped {skipped} unreadable image(s) in this run (--bad-images skip; see the warnings above)")
 
-    result = {"losses": losses, "step": step, "total_steps": total, "model": model}
+    result = {"losses": losses, "step": step, "total_steps": total, "model": model, "skipped_images": skipped}
     if step >= total and info.is_main:
         if args.knn:
+            splits = load_splits(args.data, args.img_size, args.holdout, workers, args.bad_images)
             result.update(knn_report(model, build_fn, args, splits, info, say))
         if args.export:
             from .export import export_encoder
 
-            paths = export_encoder(model.encoder, args.out, args.img_size, args.patch_size, splits.in_chans,
+            paths = export_encoder(model.encoder, args.out, args.img_size, args.patch_size, train_src.in_chans,
                                    extra={k: v for k, v in result.items() if k.startswith("knn")}
-                                   | {"args": vars(args), "steps": step})
+                                   | {"args": ckpt.plain_args(args), "steps": step})
             say(f"exported encoder (timm format): {paths[0]} + {paths[1]}")
     barrier(info)
     return result

@@ -1,0 +1,167 @@
+"""Where images come from: an image folder decoded per item, or the embedded digits.
+
+A *source* is indexable: ``len(source)``, ``source.load(i)`` -> one image as a (C, H, W) tensor
+(uint8 for decoded files, float in [0, 1] for the digits), ``source.labels`` (int64 numpy array)
+and ``source.describe(i)`` (what to name in an error: the file path). Nothing is decoded before
+it is asked for, so memory does not grow with the number of images.
+
+Folder policy (documented choices):
+
+* Layout as torchvision's ``ImageFolder``: ``root/<class>/**/<image>``; images directly under
+  ``root`` (no class folders) form one class. Files with other extensions are ignored.
+* Every image is decoded to **RGB** (grey is replicated, alpha dropped), so folders that mix grey,
+  RGB and RGBA files train as 3-channel images.
+* JPEG, PNG, WebP and GIF decode with ``torchvision.io.decode_image`` (libjpeg-turbo/libpng, no PIL
+  object); other extensions (BMP, TIFF, PPM...) with PIL.
+* A file that cannot be decoded raises :class:`BadImageError` naming it; the dataset decides
+  whether to stop or to skip and count (``bad_images`` in :class:`~sdae_fast.data.dataset.AugmentedDataset`).
+* Paths live in one bytes blob + numpy offsets, not a Python list of str: forked DataLoader workers
+  touching Python objects would copy their pages (refcounts), growing every worker's memory with
+  the image count.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+TORCHVISION_DECODES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded (unreadable, truncated or not an image)."""
+
+    def __init__(self, path: str, reason: str | None = None):
+        # One argument is a whole message: how a DataLoader re-raises a worker's exception.
+        super().__init__(path if reason is None else f"cannot decode image {path!r}: {reason}")
+        self.path = path if reason is not None else None
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    """One file as a (3, H, W) uint8 tensor; :class:`BadImageError` naming the file on any failure."""
+    try:
+        if path.lower().endswith(TORCHVISION_DECODES):
+            from torchvision.io import ImageReadMode, decode_image, read_file
+
+            return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    except Exception as exc:  # decoders raise RuntimeError, OSError, PIL's UnidentifiedImageError...
+        raise BadImageError(path, f"{type(exc).__name__}: {exc}".strip()) from exc
+
+
+def list_image_files(root: str) -> tuple[list[str], list[int], list[str]]:
+    """(paths, labels, class names) of an ImageFolder-like tree, sorted; clear errors if unusable."""
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"--data {root!r}: no such file or directory")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"--data {root!r} is not a directory (expected class subfolders of images)")
+    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    folders = [(os.path.join(root, d), i) for i, d in enumerate(subdirs)] or [(root, 0)]
+    classes = subdirs or [os.path.basename(os.path.normpath(root))]
+    paths, labels = [], []
+    for folder, label in folders:
+        for dirpath, dirnames, names in os.walk(folder):
+            dirnames.sort()
+            for n in sorted(names):
+                if n.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(os.path.join(dirpath, n))
+                    labels.append(label)
+    if not paths:
+        raise ValueError(f"--data {root!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                         "directly inside it or in class subfolders)")
+    return paths, labels, classes
+
+
+class FolderSource:
+    """Files of an image folder (or a subset of them), decoded on demand as RGB uint8."""
+
+    in_chans, profile = 3, "photo"
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+
+    def __init__(self, paths: list[str], labels, classes: list[str], name: str):
+        encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
+        self._blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes, self.name = classes, name
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def describe(self, i: int) -> str:
+        start = self._ends[i - 1] if i else 0
+        return self._blob[start:self._ends[i]].tobytes().decode("utf-8", "surrogateescape")
+
+    def load(self, i: int) -> torch.Tensor:
+        return decode_rgb(self.describe(i))
+
+    def subset(self, keep: np.ndarray) -> "FolderSource":
+        return FolderSource([self.describe(int(i)) for i in np.flatnonzero(keep)], self.labels[keep],
+                            self.classes, self.name)
+
+
+class TensorSource:
+    """Images already in memory, (N, C, H, W) float in [0, 1]: the embedded digits."""
+
+    profile = "digits"
+
+    def __init__(self, images: torch.Tensor, labels, classes: list[str], name: str, mean, std):
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+        self.classes, self.name, self.mean, self.std = classes, name, mean, std
+        self.in_chans = images.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def describe(self, i: int) -> str:
+        return f"{self.name} image {i}"
+
+    def load(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def digits_sources(img_size: int = 32, holdout: float = 0.2) -> tuple[TensorSource, TensorSource]:
+    """scikit-learn's 1797 grey 8x8 digits, scaled to [0, 1] and upsampled bilinearly to ``img_size``;
+    the last ``holdout`` fraction is held out; mean/std are the train split's (one channel)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # scikit-learn is only needed for this embedded dataset
+        raise ImportError(
+            "the embedded digits dataset needs scikit-learn: pip install 'sdae_fast[data]' "
+            "(or pass --data PATH to an image folder)") from exc
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # values 0..16
+    if img_size != images.shape[-1]:
+        images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    n_train = len(images) - int(round(len(images) * holdout))
+    mean, std = (images[:n_train].mean().item(),), (images[:n_train].std().item(),)
+    classes = [str(i) for i in range(10)]
+    return (TensorSource(images[:n_train].contiguous(), digits.target[:n_train], classes, "digits", mean, std),
+            TensorSource(images[n_train:].contiguous(), digits.target[n_train:], classes, "digits", mean, std))
+
+
+def folder_sources(root: str, holdout: float = 0.2) -> tuple[FolderSource, FolderSource]:
+    """Train and held-out parts of an image folder: every ``round(1/holdout)``-th file is held out."""
+    paths, labels, classes = list_image_files(root)
+    full = FolderSource(paths, labels, classes, os.path.basename(os.path.normpath(root)))
+    held = np.zeros(len(full), dtype=bool)
+    if holdout > 0:
+        every = max(2, int(round(1.0 / holdout)))
+        held[every - 1::every] = True
+    return full.subset(~held), full.subset(held)
+
+
+def open_sources(data: str | None, img_size: int = 32, holdout: float = 0.2):
+    """``data=None`` is the embedded digits; otherwise an image folder. Returns (train, held-out)."""
+    if data is None:
+        return digits_sources(img_size, holdout)
+    return folder_sources(data, holdout)

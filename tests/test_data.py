@@ -1,0 +1,249 @@
+"""sdae_fast.data: streaming folders, per-sample seeded augmentation (exact resume with workers),
+the methods' torchvision v2 recipes, DINO crops batched per resolution, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from sdae_fast.data import (AugmentedDataset, BadImageError, ShardedBatchSampler, collate_views, default_workers,
+                            dino_views, eval_views, folder_sources, load_splits, make_loader, masked_image_views,
+                            open_sources, sample_seed, train_views)
+from sdae_fast.data.sources import IMAGENET_MEAN, IMAGENET_STD, list_image_files
+from test_pretrain import _one_thread  # noqa: F401 (autouse: one torch thread, as the loop's micro runs)
+
+
+def write_folder(root, n=24, size=(20, 24), classes=2, ext="jpg", seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = root / f"class{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(d / f"img{i:05d}.{ext}")
+    return root
+
+
+def _epoch_batches(loader, sampler, epoch, start=0):
+    sampler.set_position(epoch, start)
+    return [b["images"] for b in loader]
+
+
+def _same(a, b):
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["mae", "dino"])
+def test_resumed_loader_sees_the_same_pixels_with_workers(tmp_path, method):
+    """A loader restarted mid-epoch (a killed run resuming) gives the uninterrupted run's batches,
+    with 2 workers or none; the caller's global RNG is not touched."""
+    train, _ = folder_sources(str(write_folder(tmp_path)), holdout=0.0)
+    views = train_views(method, train, 16)
+    ds = AugmentedDataset(train, views, seed=5)
+    sampler = ShardedBatchSampler(len(ds), 4, seed=5)
+    rng = torch.get_rng_state()
+    straight = _epoch_batches(make_loader(ds, sampler, workers=2, seed=5), sampler, epoch=1)
+    resumed = _epoch_batches(make_loader(ds, sampler, workers=2, seed=5), sampler, epoch=1, start=2)
+    in_process = _epoch_batches(make_loader(ds, sampler, workers=0, seed=5), sampler, epoch=1)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert len(straight) == 6 and len(resumed) == 4
+    assert all(_same(a, b) for a, b in zip(straight[2:], resumed))
+    assert all(_same(a, b) for a, b in zip(straight, in_process))
+    other_epoch = _epoch_batches(make_loader(ds, sampler, workers=0, seed=5), sampler, epoch=2)
+    assert not _same(straight[0], other_epoch[0])
+
+
+def test_pretrain_stop_and_resume_is_exact_with_workers_on_a_folder(tmp_path):
+    from test_pretrain import _stop_and_resume
+
+    folder = write_folder(tmp_path / "imgs", n=40)
+    _stop_and_resume(tmp_path, None, "dino", 3, batch_size=8, workers=2, data=str(folder), img_size=16)
+
+
+def test_sample_seed_mixes_every_argument():
+    seeds = {sample_seed(s, e, i) for s in range(3) for e in range(3) for i in range(50)}
+    assert len(seeds) == 450 and all(0 <= x < 2 ** 63 for x in seeds)
+
+
+def _ops(compose):
+    return [type(t).__name__ for t in compose.transforms]
+
+
+def test_masked_image_recipe_is_the_papers():
+    (t,) = masked_image_views(224, IMAGENET_MEAN, IMAGENET_STD).transforms
+    crop, flip = t.transforms[:2]
+    assert _ops(t) == ["RandomResizedCrop", "RandomHorizontalFlip", "ToDtype", "Normalize"]
+    assert crop.scale == (0.2, 1.0) and crop.interpolation == v2.InterpolationMode.BICUBIC and flip.p == 0.5
+    assert tuple(t.transforms[3].mean) == IMAGENET_MEAN
+    out = t(torch.randint(0, 256, (3, 300, 260), dtype=torch.uint8))
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+
+
+def _dino_parts(compose):
+    parts = {}
+    for op in compose.transforms:
+        if isinstance(op, v2.RandomApply):
+            parts[type(op.transforms[0]).__name__] = (op.p, op.transforms[0])
+        else:
+            parts[type(op).__name__] = (getattr(op, "p", 1.0), op)
+    return parts
+
+
+def test_dino_multicrop_recipe_is_the_papers():
+    views = dino_views(224, 96, 8, IMAGENET_MEAN, IMAGENET_STD)
+    assert len(views.transforms) == 10
+    blur_p, solarize = [], []
+    for v, t in enumerate(views.transforms):
+        parts = _dino_parts(t)
+        crop = parts["RandomResizedCrop"][1]
+        assert tuple(crop.size) == ((224, 224) if v < 2 else (96, 96))
+        assert crop.scale == ((0.4, 1.0) if v < 2 else (0.05, 0.4))
+        assert crop.interpolation == v2.InterpolationMode.BICUBIC
+        assert parts["RandomHorizontalFlip"][0] == 0.5 and parts["RandomGrayscale"][0] == 0.2
+        p, jitter = parts["ColorJitter"]
+        assert p == 0.8 and jitter.brightness == (0.6, 1.4) and jitter.contrast == (0.6, 1.4)
+        assert jitter.saturation == (0.8, 1.2) and jitter.hue == (-0.1, 0.1)
+        assert parts["GaussianBlur"][1].sigma == [0.1, 2.0]
+        blur_p.append(parts["GaussianBlur"][0])
+        solarize.append(parts.get("RandomSolarize", (0.0, None))[0])
+    assert blur_p == [1.0, 0.1] + [0.5] * 8 and solarize == [0.0, 0.2] + [0.0] * 8
+
+
+def test_dino_crops_are_batched_per_resolution_view_major():
+    views = dino_views(16, 8, 3, (0.0,), (1.0,), "digits")
+    x = torch.rand(1, 24, 24)
+    assert [tuple(v.shape) for v in views(x)] == [(1, 16, 16)] * 2 + [(1, 8, 8)] * 3
+    # collate: view v of sample b lands on row v·B + b of its resolution's tensor
+    samples = [([torch.full((1, 4, 4), 10.0 * v + b) if v < 2 else torch.full((1, 2, 2), 10.0 * v + b)
+                 for v in range(5)], b, []) for b in range(3)]
+    glob, local = collate_views(samples)["images"]
+    assert glob.shape == (6, 1, 4, 4) and local.shape == (9, 1, 2, 2)
+    assert glob[:, 0, 0, 0].tolist() == [0, 1, 2, 10, 11, 12]
+    assert local[:, 0, 0, 0].tolist() == [20, 21, 22, 30, 31, 32, 40, 41, 42]
+    single = collate_views([([torch.zeros(1, 4, 4)], 7, ["x"])] * 2)
+    assert single["images"].shape == (2, 1, 4, 4) and single["labels"].tolist() == [7, 7]
+    assert single["skipped"] == ["x", "x"]
+
+
+def test_digits_recipe_keeps_digits_readable():
+    train, held = open_sources(None, 32)
+    assert train.profile == "digits" and train.in_chans == 1 and (len(train), len(held)) == (1438, 359)
+    (t,) = masked_image_views(32, train.mean, train.std, "digits").transforms
+    assert "RandomHorizontalFlip" not in _ops(t) and t.transforms[0].scale == (0.5, 1.0)
+    dino = dino_views(32, 16, 2, train.mean, train.std, "digits")
+    assert all("RandomGrayscale" not in _ops(c) and "RandomHorizontalFlip" not in _ops(c) for c in dino.transforms)
+    out = AugmentedDataset(train, dino)[(0, 3)][0]
+    assert [tuple(v.shape) for v in out] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 2
+
+
+def test_digits_eval_split_is_the_normalised_digits():
+    s = load_splits(None, img_size=16)
+    assert s.train_images.shape == (1438, 1, 16, 16) and s.heldout_images.shape == (359, 1, 16, 16)
+    assert abs(s.train_images.mean().item()) < 1e-4 and abs(s.train_images.std().item() - 1) < 1e-4
+
+
+def test_folder_eval_split_streams_resize_centre_crop(tmp_path):
+    write_folder(tmp_path, n=10, size=(40, 30))
+    s = load_splits(str(tmp_path), img_size=16, holdout=0.2, workers=0)
+    assert s.train_images.shape == (8, 3, 16, 16) and s.heldout_images.shape == (2, 3, 16, 16)
+    assert s.heldout_labels.tolist() == [0, 1]  # files 4 and 9 of the sorted listing and s.classes == ["class0", "class1"]
+    assert [type(t).__name__ for t in eval_views(16, IMAGENET_MEAN, IMAGENET_STD).transforms[0].transforms][:2] == \
+        ["Resize", "CenterCrop"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+def _bad_folder(tmp_path):
+    root = write_folder(tmp_path / "bad", n=32)
+    good = (root / "class0" / "img00000.jpg").read_bytes()
+    (root / "class0" / "img00002.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    (root / "class1" / "img00003.jpg").write_text("not an image at all")  # not an image
+    return root
+
+
+def test_undecodable_files_raise_naming_the_file(tmp_path):
+    train, _ = folder_sources(str(_bad_folder(tmp_path)), holdout=0.0)
+    paths = [train.describe(i) for i in range(len(train))]
+    truncated = paths.index(str(tmp_path / "bad" / "class0" / "img00002.jpg"))
+    with pytest.raises(BadImageError, match="img00002.jpg.*truncated"):
+        AugmentedDataset(train, train_views("mae", train, 16), bad_images="error")[truncated]
+
+
+def test_bad_files_skip_and_count_in_pretrain(tmp_path, capsys):
+    from test_pretrain import _args, standin_build
+
+    from sdae_fast.train.loop import pretrain
+
+    root = _bad_folder(tmp_path)
+    res = pretrain(_args(tmp_path, data=str(root), steps=6, batch_size=8, holdout=0.25, workers=1, quiet=False,
+                         knn=True), build_fn=standin_build)
+    out = capsys.readouterr().out
+    assert res["skipped_images"] >= 2 and "img00002.jpg" in out and "img00003.jpg" in out
+    assert 0.0 <= res["knn_trained"] <= 1.0  # the final k-NN reads the folder with the same policy
+    with pytest.raises(Exception, match="img0000[23].jpg"):  # re-raised from the worker, file named
+        pretrain(_args(tmp_path / "e", data=str(root), steps=6, batch_size=8, holdout=0.25, workers=1,
+                       bad_images="error"), build_fn=standin_build)
+
+
+def test_a_folder_of_only_bad_files_is_an_error_before_training(tmp_path):
+    root = tmp_path / "junk" / "a"
+    root.mkdir(parents=True)
+    for i in range(20):
+        (root / f"{i}.png").write_bytes(b"garbage")
+    from test_pretrain import _args, standin_build
+
+    from sdae_fast.train.loop import pretrain
+
+    with pytest.raises(BadImageError, match="unreadable images in a row"):
+        pretrain(_args(tmp_path, data=str(tmp_path / "junk"), steps=2, batch_size=4, holdout=0.0),
+                 build_fn=standin_build)
+
+
+def test_empty_folders(tmp_path):
+    (tmp_path / "e" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no images"):
+        list_image_files(str(tmp_path / "e"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        list_image_files(str(tmp_path / "missing"))
+
+
+def test_mixed_channel_counts_and_formats_all_decode_to_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "mixed" / "x"
+    d.mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (9, 11), dtype=np.uint8)).save(d / "grey.png")
+    Image.fromarray(rng.integers(0, 255, (9, 11, 4), dtype=np.uint8)).save(d / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (9, 11, 3), dtype=np.uint8)).save(d / "rgb.jpg")
+    Image.fromarray(rng.integers(0, 255, (9, 11, 3), dtype=np.uint8)).save(d / "rgb.bmp")  # PIL path
+    Image.fromarray(rng.integers(0, 255, (9, 11), dtype=np.uint8)).convert("P").save(d / "palette.gif")
+    train, _ = folder_sources(str(tmp_path / "mixed"), holdout=0.0)
+    assert len(train) == 5
+    for i in range(5):
+        img = train.load(i)
+        assert img.shape == (3, 9, 11) and img.dtype == torch.uint8, train.describe(i)
+    batch = collate_views([AugmentedDataset(train, train_views("dino", train, 32))[i] for i in range(5)])
+    assert batch["images"][0].shape == (10, 3, 32, 32)
+
+
+def test_crop_larger_than_the_image_upsamples(tmp_path):
+    d = tmp_path / "small" / "x"
+    d.mkdir(parents=True)
+    Image.fromarray(np.full((5, 7, 3), 100, dtype=np.uint8)).save(d / "tiny.png")
+    train, _ = folder_sources(str(tmp_path / "small"), holdout=0.0)
+    (view,) = AugmentedDataset(train, train_views("mae", train, 64))[0][0]
+    assert view.shape == (3, 64, 64) and torch.isfinite(view).all()
+    (ev,) = eval_views(64, train.mean, train.std)(train.load(0))
+    assert ev.shape == (3, 64, 64)
+
+
+def test_default_workers_and_bad_options():
+    assert 0 <= default_workers() <= 8 and default_workers(world=10 ** 6) == 0
+    with pytest.raises(ValueError, match="bad_images"):
+        AugmentedDataset(None, None, bad_images="ignore")
+    with pytest.raises(ValueError, match="workers"):
+        make_loader([], ShardedBatchSampler(4, 2), workers=-1)
+    with pytest.raises(ValueError, match="outside an epoch"):
+        ShardedBatchSampler(8, 2).set_position(0, 5)
