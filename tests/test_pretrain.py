@@ -252,8 +252,11 @@ def test_mixedae_batch_must_divide_by_group_size(tmp_path):
 def test_cli_registers_pretrain():
     from sdae_fast.cli import build_parser
 
+    from sdae_fast.train.cli import finalize_args
+
     args = build_parser().parse_args(["pretrain", "--method", "mae", "--steps", "3", "--resume", "auto"])
-    assert args.method == "mae" and args.steps == 3 and args.resume == "auto" and args.size == "micro"
+    assert args.method == "mae" and args.steps == 3 and args.resume == "auto" and args.size is None
+    assert finalize_args(args).size == "micro" and args.recipe == "demo"  # no --data: the demo recipe
 
 
 @pytest.mark.skipif(not REAL, reason="sdae_fast.models.build is not there yet")

@@ -21,7 +21,8 @@ import torch
 from . import checkpoint as ckpt
 from .data import EpochBatchSampler, load_splits
 from .distributed import all_gather_objects, barrier, init_distributed, mean_across_ranks, shutdown
-from .optim import lr_at, make_optimizer
+from .optim import StepSchedule, make_optimizer, scaled_lr
+from .recipes import accum_iter_for
 
 
 def default_build(method, size, **kwargs):
@@ -75,7 +76,7 @@ class MetricsWriter:
 def _build(build_fn, args, in_chans: int, seed: int):
     torch.manual_seed(seed)
     return build_fn(args.method, args.size, img_size=args.img_size, patch_size=args.patch_size,
-                    in_chans=in_chans, backend=args.backend)
+                    in_chans=in_chans, backend=args.backend, **(getattr(args, "model_kw", None) or {}))
 
 
 def _save(model, optimizer, step, steps_per_epoch, args, info):
@@ -116,14 +117,18 @@ def _pretrain(args, build_fn, info) -> dict:
     total = args.steps if args.steps else args.epochs * spe
     if total < 1:
         raise ValueError("nothing to train: give --steps or --epochs >= 1")
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.05 * total))
     resume_path = ckpt.resolve_resume(args.resume, args.out) if args.resume else None
     state = ckpt.load_checkpoint(resume_path) if resume_path else None
 
     seed_everything(args.seed)
     model = _build(build_fn, args, splits.in_chans, args.seed).to(info.device)
     model.set_schedule(total, spe)
-    optimizer = make_optimizer(model, args.method, args.lr, args.weight_decay)
+    if args.accum_iter is None:  # the recipe's effective batch on this many processes
+        args.accum_iter = accum_iter_for(args.effective_batch, args.batch_size, info.world)
+    if args.lr is None:  # lr = blr · global batch / 256, the global batch including accumulation
+        args.lr = scaled_lr(args.blr, args.batch_size * info.world * args.accum_iter)
+    optimizer = make_optimizer(model, args.method, args.lr, args.weight_decay, args.betas)
+    schedule = StepSchedule(args, spe, total)  # lr / wd schedules, accumulation, clipping, freezing
     step = 0
     if state is not None:
         try:
@@ -147,7 +152,6 @@ def _pretrain(args, build_fn, info) -> dict:
 
         ids = [info.device.index] if info.device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=args.find_unused)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     train_images = splits.train_images.to(info.device) if info.device.type == "cuda" else splits.train_images
     metrics = MetricsWriter(args.metrics if info.is_main else None, resume=state is not None)
     global_batch = args.batch_size * info.world
@@ -163,18 +167,11 @@ def _pretrain(args, build_fn, info) -> dict:
         for _, idx in sampler.batches(epoch, start=batch):
             t0 = time.perf_counter()
             images = train_images[idx.to(train_images.device)].to(info.device, non_blocking=True)
-            lr = lr_at(step, total, args.lr, warmup, args.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = schedule.apply(optimizer, step)
             with _autocast(info.device):
                 out = net(images)
             loss = out["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = None
-            if args.clip_grad:
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
-            optimizer.step()
+            grad_norm = schedule.backward_and_step(model, optimizer, loss, step)
             model.after_step()
             step += 1
             logged = mean_across_ranks(loss.detach().float(), info).item()

@@ -112,3 +112,76 @@ def cancel_last_layer_gradients(model: torch.nn.Module, epoch: int, freeze_epoch
     for name, p in model.named_parameters():
         if "last_layer" in name:
             p.grad = None
+
+
+# --------------------------------------------------------------------------------------------
+# One recipe's per-iteration settings, for the training loop
+# --------------------------------------------------------------------------------------------
+class StepSchedule:
+    """What the loop does around each data iteration ``step`` (0-based), from the recipe options:
+
+    * :meth:`apply` sets the learning rate (and the scheduled weight decay) before the forward:
+      ``lr_schedule="mae"``: :func:`mae_lr` at ``step / steps_per_epoch``, set only at the first
+      iteration of each accumulation window (MAE/SdAE engine_pretrain.py); ``"dino"``: entry ``step``
+      of :func:`cosine_schedule` (warm-up from 0, to ``min_lr``), and the weight decay of the
+      decayed group from entry ``step`` of the ``weight_decay -> weight_decay_end`` table
+      (main_dino.py); ``"warmup_cosine"``: the demo's :func:`lr_at`.
+    * :meth:`backward_and_step`: ``loss / accum_iter`` backward; at the end of each window the
+      optional global-norm clip, DINO's per-parameter clip, the last-layer freeze, the AdamW step
+      and zeroing of the gradients. Returns the global grad norm when it was computed.
+
+    With ``accum_iter > 1`` a checkpoint inside a window does not carry the partial gradients:
+    checkpoint at window ends (``--ckpt-every`` a multiple of ``--accum-iter``) for an exact resume.
+    """
+
+    def __init__(self, args, steps_per_epoch: int, total_steps: int):
+        if args.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {args.lr_schedule!r}")
+        self.method, self.kind = args.method, args.lr_schedule
+        self.spe, self.total = steps_per_epoch, total_steps
+        self.lr, self.min_lr = args.lr, args.min_lr or 0.0
+        if getattr(args, "warmup_epochs", None) is not None:
+            self.warmup_epochs = args.warmup_epochs
+            self.warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
+        else:
+            self.warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.05 * total_steps))
+            self.warmup_epochs = self.warmup_steps / steps_per_epoch
+        self.weight_decay, self.weight_decay_end = args.weight_decay, getattr(args, "weight_decay_end", None)
+        self.accum = getattr(args, "accum_iter", None) or 1
+        self.clip_grad = args.clip_grad
+        self.clip_per_param = getattr(args, "clip_per_param", None)
+        self.freeze_last_layer = getattr(args, "freeze_last_layer", None) or 0
+
+    def lr_at(self, step: int) -> float:
+        if self.kind == "mae":
+            start = step - step % self.accum  # adjust_learning_rate runs when data_iter_step % accum_iter == 0
+            return mae_lr(start / self.spe, self.lr, self.min_lr, self.warmup_epochs, self.total / self.spe)
+        if self.kind == "dino":
+            return cosine_schedule(step, self.lr, self.min_lr, self.total, min(self.warmup_steps, self.total))
+        return lr_at(step, self.total, self.lr, self.warmup_steps, self.min_lr)
+
+    def weight_decay_at(self, step: int) -> float:
+        if self.weight_decay_end is None:
+            return self.weight_decay
+        return cosine_schedule(step, self.weight_decay, self.weight_decay_end, self.total)
+
+    def apply(self, optimizer, step: int) -> float:
+        lr = self.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        decayed_group(optimizer, self.method)["weight_decay"] = self.weight_decay_at(step)
+        return lr
+
+    def backward_and_step(self, model: torch.nn.Module, optimizer, loss: torch.Tensor, step: int):
+        (loss / self.accum if self.accum > 1 else loss).backward()
+        if (step + 1) % self.accum:
+            return None
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad) if self.clip_grad else None
+        if self.clip_per_param:
+            clip_gradients_per_param(params, self.clip_per_param)
+        if self.freeze_last_layer:
+            cancel_last_layer_gradients(model, step // self.spe, self.freeze_last_layer)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
