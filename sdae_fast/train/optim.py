@@ -126,7 +126,8 @@ class StepSchedule:
       of :func:`cosine_schedule` (warm-up from 0, to ``min_lr``), and the weight decay of the
       decayed group from entry ``step`` of the ``weight_decay -> weight_decay_end`` table
       (main_dino.py); ``"warmup_cosine"``: the demo's :func:`lr_at`.
-    * :meth:`backward_and_step`: ``loss / accum_iter`` backward; at the end of each window the
+    * :meth:`backward_and_step`: ``loss / accum_iter`` backward; at the end of each window (windows
+      count from every epoch's first iteration, as the official ``data_iter_step``) the
       optional global-norm clip, DINO's per-parameter clip, the last-layer freeze, the AdamW step
       and zeroing of the gradients. Returns the global grad norm when it was computed.
 
@@ -154,7 +155,9 @@ class StepSchedule:
 
     def lr_at(self, step: int) -> float:
         if self.kind == "mae":
-            start = step - step % self.accum  # adjust_learning_rate runs when data_iter_step % accum_iter == 0
+            # adjust_learning_rate runs when data_iter_step % accum_iter == 0, data_iter_step
+            # counting from 0 in every epoch.
+            start = step - (step % self.spe) % self.accum
             return mae_lr(start / self.spe, self.lr, self.min_lr, self.warmup_epochs, self.total / self.spe)
         if self.kind == "dino":
             return cosine_schedule(step, self.lr, self.min_lr, self.total, min(self.warmup_steps, self.total))
@@ -173,8 +176,11 @@ class StepSchedule:
         return lr
 
     def backward_and_step(self, model: torch.nn.Module, optimizer, loss: torch.Tensor, step: int):
+        in_epoch = step % self.spe  # engine_pretrain.py: windows restart with every epoch, which
+        if in_epoch == 0 and self.accum > 1:  # begins with optimizer.zero_grad(): an unfinished
+            optimizer.zero_grad(set_to_none=True)  # window of the last epoch is dropped
         (loss / self.accum if self.accum > 1 else loss).backward()
-        if (step + 1) % self.accum:
+        if (in_epoch + 1) % self.accum:
             return None
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad) if self.clip_grad else None
