@@ -163,3 +163,65 @@ def test_shrink_num_below_the_masked_count():
     assert torch.equal(seen["folds"].reshape(BATCH, 39), m.ids_masked[:, :39])
     with pytest.raises(ValueError, match="shrink_num"):
         build("sdae", "micro", shrink_num=49)
+
+
+def official_sdae_forward(model, imgs, mask_ratio=0.75, folds=3):
+    """SdAE's training loss composed as the official files do, with the model's weights and plain torch:
+    models_mae.py forward_encoder (patch embed + pos, MAE random_masking from torch.rand(N, L), cls +
+    pos[0], blocks, norm) and forward_decoder (embed, mask tokens appended then unshuffled by
+    ids_restore, + decoder pos, blocks, norm, pred, cls dropped); models_teacher.py forward_teachers
+    with shrink_num = all masked, ncrop_loss = folds (ids_unkeep gathered, reshaped to (B·F, ·, D),
+    one cls each); engine_pretrain.py: teacher standardised over features, outputs gathered by
+    ids_unkeep and reshaped alike, 1 - F.cosine_similarity(teacher, outputs).mean()."""
+    enc, dec, t = model.encoder, model.decoder, model.teacher["encoder"]
+
+    def along(x, ids):
+        return torch.gather(x, 1, ids.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+
+    x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:]
+    b, length, d = x.shape
+    keep = int(length * (1 - mask_ratio))
+    noise = torch.rand(b, length, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep, ids_unkeep = ids_shuffle[:, :keep], ids_shuffle[:, keep:]
+    x = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(b, -1, -1), along(x, ids_keep)], dim=1)
+    for blk in enc.blocks:
+        x = blk(x)
+    x = dec.embed(enc.norm(x))
+    mask_tokens = dec.mask_token.repeat(b, length + 1 - x.shape[1], 1)
+    x = torch.cat([x[:, :1], along(torch.cat([x[:, 1:], mask_tokens], dim=1), ids_restore)], dim=1) + dec.pos_embed
+    for blk in dec.blocks:
+        x = blk(x)
+    outputs = dec.pred(dec.norm(x))[:, 1:]
+    with torch.no_grad():
+        y = along(t.patch_embed(imgs) + t.pos_embed[:, 1:], ids_unkeep)
+        y = y.reshape(b * folds, y.shape[1] // folds, d)
+        y = torch.cat([(t.cls_token + t.pos_embed[:, :1]).expand(y.shape[0], -1, -1), y], dim=1)
+        for blk in t.blocks:
+            y = blk(y)
+        y = t.norm(y)[:, 1:]
+        y = (y - y.mean(dim=-1, keepdim=True)) / (y.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+    outputs = along(outputs, ids_unkeep).reshape(b * folds, -1, d)
+    return 1 - F.cosine_similarity(y, outputs).mean()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_whole_model_loss_and_every_gradient_match_the_official_composition(backend):
+    from sdae_fast.testing import triton_device
+
+    device = triton_device() if backend == "triton" else torch.device("cpu")
+    model = build("sdae", "micro", depth=2, backend=backend).to(device)
+    imgs = images().to(device)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    torch.manual_seed(7)
+    loss = model(imgs)["loss"]
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    torch.manual_seed(7)
+    expected = official_sdae_forward(model, imgs)
+    expected_grads = dict(zip(params, torch.autograd.grad(expected, list(params.values()), allow_unused=True)))
+    reduction = BATCH * 65 * 64  # the longest fp32 sum behind a gradient element
+    assert_close(loss, expected, dtype=torch.float32, reduction=reduction, name="loss")
+    for n in params:
+        assert expected_grads[n] is not None, n
+        assert_close(grads[n], expected_grads[n], dtype=torch.float32, reduction=reduction, name=f"grad {n}")
