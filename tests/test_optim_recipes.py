@@ -186,7 +186,7 @@ def test_gradient_accumulation_equals_the_big_batch_step():
     b = copy.deepcopy(a)
     x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
     opt_a, opt_b = torch.optim.AdamW(a.parameters(), lr=0.1), torch.optim.AdamW(b.parameters(), lr=0.1)
-    sched = StepSchedule(_args(lr=0.1, accum_iter=2, lr_schedule="warmup_cosine", warmup_steps=0), 4, 4)
+    sched = StepSchedule(_args(lr=0.1, accum_iter=2, lr_schedule="warmup_cosine", warmup_epochs=None), 4, 4, 0)
     for step, rows in enumerate((slice(0, 4), slice(4, 8))):
         sched.backward_and_step(a, opt_a, ((a(x[rows]) - y[rows]) ** 2).mean(), step)
         if step == 0:

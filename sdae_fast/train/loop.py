@@ -117,6 +117,7 @@ def _pretrain(args, build_fn, info) -> dict:
     total = args.steps if args.steps else args.epochs * spe
     if total < 1:
         raise ValueError("nothing to train: give --steps or --epochs >= 1")
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.05 * total))
     resume_path = ckpt.resolve_resume(args.resume, args.out) if args.resume else None
     state = ckpt.load_checkpoint(resume_path) if resume_path else None
 
@@ -128,7 +129,7 @@ def _pretrain(args, build_fn, info) -> dict:
     if args.lr is None:  # lr = blr · global batch / 256, the global batch including accumulation
         args.lr = scaled_lr(args.blr, args.batch_size * info.world * args.accum_iter)
     optimizer = make_optimizer(model, args.method, args.lr, args.weight_decay, args.betas)
-    schedule = StepSchedule(args, spe, total)  # lr / wd schedules, accumulation, clipping, freezing
+    schedule = StepSchedule(args, spe, total, warmup)  # lr / wd schedules, accumulation, clipping, freezing
     step = 0
     if state is not None:
         try:
@@ -152,6 +153,7 @@ def _pretrain(args, build_fn, info) -> dict:
 
         ids = [info.device.index] if info.device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=args.find_unused)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     train_images = splits.train_images.to(info.device) if info.device.type == "cuda" else splits.train_images
     metrics = MetricsWriter(args.metrics if info.is_main else None, resume=state is not None)
     global_batch = args.batch_size * info.world
@@ -171,7 +173,7 @@ def _pretrain(args, build_fn, info) -> dict:
             with _autocast(info.device):
                 out = net(images)
             loss = out["loss"]
-            grad_norm = schedule.backward_and_step(model, optimizer, loss, step)
+            grad_norm = schedule.backward_and_step(model, optimizer, loss, step, trainable)
             model.after_step()
             step += 1
             logged = mean_across_ranks(loss.detach().float(), info).item()

@@ -135,7 +135,8 @@ class StepSchedule:
     checkpoint at window ends (``--ckpt-every`` a multiple of ``--accum-iter``) for an exact resume.
     """
 
-    def __init__(self, args, steps_per_epoch: int, total_steps: int):
+    def __init__(self, args, steps_per_epoch: int, total_steps: int, warmup_steps: int | None = None):
+        """``warmup_steps`` serves when ``args.warmup_epochs`` is None (the demo), default 5% of the steps."""
         if args.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {args.lr_schedule!r}")
         self.method, self.kind = args.method, args.lr_schedule
@@ -145,7 +146,7 @@ class StepSchedule:
             self.warmup_epochs = args.warmup_epochs
             self.warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
         else:
-            self.warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.05 * total_steps))
+            self.warmup_steps = warmup_steps if warmup_steps is not None else max(1, round(0.05 * total_steps))
             self.warmup_epochs = self.warmup_steps / steps_per_epoch
         self.weight_decay, self.weight_decay_end = args.weight_decay, getattr(args, "weight_decay_end", None)
         self.accum = getattr(args, "accum_iter", None) or 1
@@ -175,14 +176,15 @@ class StepSchedule:
         decayed_group(optimizer, self.method)["weight_decay"] = self.weight_decay_at(step)
         return lr
 
-    def backward_and_step(self, model: torch.nn.Module, optimizer, loss: torch.Tensor, step: int):
+    def backward_and_step(self, model: torch.nn.Module, optimizer, loss: torch.Tensor, step: int, params=None):
+        """``params``: the trainable parameters (default: those of ``model`` with requires_grad)."""
         in_epoch = step % self.spe  # engine_pretrain.py: windows restart with every epoch, which
         if in_epoch == 0 and self.accum > 1:  # begins with optimizer.zero_grad(): an unfinished
             optimizer.zero_grad(set_to_none=True)  # window of the last epoch is dropped
         (loss / self.accum if self.accum > 1 else loss).backward()
         if (in_epoch + 1) % self.accum:
             return None
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad] if params is None else params
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad) if self.clip_grad else None
         if self.clip_per_param:
             clip_gradients_per_param(params, self.clip_per_param)
