@@ -6,6 +6,12 @@ along n; otherwise it owns a [n, BLOCK_V] tile of one outer slab, contiguous alo
 official dim=1 on (B·F, M, D) reads M × BLOCK_V with D contiguous). Either way the reduction runs
 along axis 0 of a register tile.
 
+The target is standardised along ``standardize_dim``. When that is the cosine axis the tile
+standardises itself in registers. When it is another axis (SdAE's official dim=1 with features
+standardised per token), a first small kernel computes each target vector's mean and 1/std along
+that axis (8 bytes per vector, never the standardised target) and the loss kernel applies them
+element by element as it loads the target.
+
 Liger-style: the forward writes the gradient for a unit upstream gradient; the backward only
 scales it, never re-reading pred or target.
 """
@@ -18,21 +24,18 @@ import triton.language as tl
 from ..alloc import empty
 from ..dispatch import triton_interpreting
 from .loss_grad import defers_mean_factor, scale_saved_grad
-from .row_stats import standardize_along
+from .row_stats import mean_rstd_along, standardize_along
 
-COS_EPS = tl.constexpr(1e-8)  # F.cosine_similarity's clamp on each norm (sdae_fast.reference.cosine_loss.COS_EPS)
 MAX_BLOCK_N = 16384  # a whole vector lives in registers; longer ones are refused by the op's why_not
+# STANDARDIZE modes of the loss kernel.
+NO_STD, STD_IN_TILE, STD_FROM_STATS = 0, 1, 2
 
 
 @triton.jit
-def _cosine_loss_fwd_kernel(
-    pred_ptr, target_ptr, grad_ptr, partial_ptr,
-    n, inner, num_inner_blocks, num_vectors,
-    inv_n, inv_n_minus_1, eps, grad_scale,
-    STANDARDIZE: tl.constexpr, WRITE_GRAD: tl.constexpr, INNER_ONE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    pid = tl.program_id(0)
+def _tile_offsets(pid, n, inner, num_inner_blocks, num_vectors,
+                  INNER_ONE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Element offsets of a [BLOCK_N, BLOCK_V] tile of vectors along n in the (outer, n, inner)
+    view, the validity mask, the vectors' validity and their flat vector index."""
     k = tl.arange(0, BLOCK_N)
     lane = tl.arange(0, BLOCK_V)
     if INNER_ONE:
@@ -44,26 +47,61 @@ def _cosine_loss_fwd_kernel(
         i = (pid % num_inner_blocks) * BLOCK_V + lane
         vec_ok = i < inner
         offs = slab * n * inner + k[:, None] * inner + i[None, :]
+        vec = slab * inner + i
     valid = (k[:, None] < n) & vec_ok[None, :]
+    return offs, valid, vec_ok, vec
 
+
+@triton.jit
+def _vector_stats_kernel(
+    x_ptr, mean_ptr, rstd_ptr, n, inner, num_inner_blocks, num_vectors, inv_n, inv_n_minus_1, eps,
+    INNER_ONE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Mean and 1/sqrt(var_unbiased + eps) of every vector along n: one fp32 pair per vector."""
+    offs, valid, vec_ok, vec = _tile_offsets(tl.program_id(0), n, inner, num_inner_blocks, num_vectors,
+                                             INNER_ONE, BLOCK_N, BLOCK_V)
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    _, mean, rstd = mean_rstd_along(x, valid, inv_n, inv_n_minus_1, eps, 0)
+    tl.store(mean_ptr + vec, mean, mask=vec_ok)
+    tl.store(rstd_ptr + vec, rstd, mask=vec_ok)
+
+
+@triton.jit
+def _cosine_loss_fwd_kernel(
+    pred_ptr, target_ptr, grad_ptr, partial_ptr, mean_ptr, rstd_ptr,
+    n, inner, num_inner_blocks, num_vectors,
+    inv_n, inv_n_minus_1, std_eps, cos_eps, grad_scale, std_block, std_inner,
+    STANDARDIZE: tl.constexpr, WRITE_GRAD: tl.constexpr, INNER_ONE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs, valid, vec_ok, vec = _tile_offsets(pid, n, inner, num_inner_blocks, num_vectors,
+                                             INNER_ONE, BLOCK_N, BLOCK_V)
     p = tl.load(pred_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     t = tl.load(target_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    if STANDARDIZE:
-        t = standardize_along(t, valid, inv_n, inv_n_minus_1, eps, 0)
+    if STANDARDIZE == 1:
+        t = standardize_along(t, valid, inv_n, inv_n_minus_1, std_eps, 0)
+    elif STANDARDIZE == 2:
+        # The target vector along standardize_dim holding element o, in that axis's
+        # (outer, size, inner) view: (o // (size·inner)) · inner + o % inner.
+        stat = (offs // std_block) * std_inner + offs % std_inner
+        mean = tl.load(mean_ptr + stat, mask=valid, other=0.0)
+        rstd = tl.load(rstd_ptr + stat, mask=valid, other=0.0)
+        t = tl.where(valid, (t - mean) * rstd, 0.0)
 
     dot = tl.sum(p * t, axis=0)
     norm_p = tl.sqrt(tl.sum(p * p, axis=0))
     norm_t = tl.sqrt(tl.sum(t * t, axis=0))
-    clamped_p = tl.maximum(norm_p, COS_EPS)
-    inv_norms = 1.0 / (clamped_p * tl.maximum(norm_t, COS_EPS))
+    clamped_p = tl.maximum(norm_p, cos_eps)
+    inv_norms = 1.0 / (clamped_p * tl.maximum(norm_t, cos_eps))
     cos = dot * inv_norms
     tl.store(partial_ptr + pid, tl.sum(tl.where(vec_ok, cos, 0.0), axis=0))
 
     if WRITE_GRAD:
         # d cos / d p = t / (|p|c |t|c) - cos · p / |p|², the second term only where |p| is not
-        # clamped: clamp_min passes gradient where |p| >= 1e-8 and is flat below it (autograd of
+        # clamped: clamp_min passes gradient where |p| >= eps and is flat below it (autograd of
         # the reference). clamped_p in the divisor keeps a zero vector finite (its coefficient is 0).
-        coef = tl.where(norm_p >= COS_EPS, cos / (clamped_p * clamped_p), 0.0)
+        coef = tl.where(norm_p >= cos_eps, cos / (clamped_p * clamped_p), 0.0)
         grad = grad_scale * (t * inv_norms[None, :] - coef[None, :] * p)
         tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=valid)
 
@@ -80,33 +118,62 @@ def _launch_config(n: int, inner: int, num_vectors: int):
     return block_n, block_v, num_warps
 
 
-def cosine_loss_forward(pred, target, dim: int, standardize_target: bool, eps: float, write_grad: bool):
+def _view(shape, dim: int):
+    """(outer, n, inner) of ``shape`` around axis ``dim``."""
+    return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
+
+
+def _grid(outer: int, inner: int, block_v: int):
+    """(programs, inner blocks per outer slab) of the tile layout."""
+    if inner == 1:
+        return triton.cdiv(outer, block_v), 1
+    blocks = triton.cdiv(inner, block_v)
+    return outer * blocks, blocks
+
+
+def target_stats(t, standardize_dim: int, std_eps: float):
+    """Per-vector fp32 mean and 1/std of ``t`` (contiguous) along ``standardize_dim``, and the
+    (size·inner, inner) of that axis's view that maps an element offset to its vector."""
+    outer, n, inner = _view(t.shape, standardize_dim)
+    num_vectors = outer * inner
+    block_n, block_v, num_warps = _launch_config(n, inner, num_vectors)
+    grid, num_inner_blocks = _grid(outer, inner, block_v)
+    mean = empty(num_vectors, dtype=torch.float32, device=t.device)
+    rstd = empty(num_vectors, dtype=torch.float32, device=t.device)
+    _vector_stats_kernel[(grid,)](
+        t, mean, rstd, n, inner, num_inner_blocks, num_vectors, 1.0 / n, 1.0 / max(n - 1, 1), float(std_eps),
+        INNER_ONE=inner == 1, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps,
+    )
+    return mean, rstd, n * inner, inner
+
+
+def cosine_loss_forward(pred, target, dim: int, standardize_target: bool, standardize_dim: int, eps: float,
+                        std_eps: float, write_grad: bool):
     """(fp32 scalar loss, grad w.r.t. pred or None, the mean's factor the grad still lacks or None).
 
     The grad is for a unit upstream gradient; for fp16 pred it is V times that (see loss_grad).
     """
     shape = pred.shape
-    n = shape[dim]
-    outer = math.prod(shape[:dim])
-    inner = math.prod(shape[dim + 1:])
+    outer, n, inner = _view(shape, dim)
     num_vectors = outer * inner
     p = pred.contiguous()
     t = target.detach().contiguous()
     block_n, block_v, num_warps = _launch_config(n, inner, num_vectors)
     deferred = write_grad and defers_mean_factor(pred.dtype)
-    if inner == 1:
-        num_inner_blocks = 1
-        grid = triton.cdiv(num_vectors, block_v)
+    grid, num_inner_blocks = _grid(outer, inner, block_v)
+    mode = NO_STD if not standardize_target else STD_IN_TILE if standardize_dim == dim else STD_FROM_STATS
+    if mode == STD_FROM_STATS:
+        mean, rstd, std_block, std_inner = target_stats(t, standardize_dim, std_eps)
     else:
-        num_inner_blocks = triton.cdiv(inner, block_v)
-        grid = outer * num_inner_blocks
+        mean, rstd, std_block, std_inner = t, t, 1, 1  # unread
     grad = empty(*shape, dtype=pred.dtype, device=pred.device) if write_grad else p
     partials = empty(grid, dtype=torch.float32, device=pred.device)
     _cosine_loss_fwd_kernel[(grid,)](
-        p, t, grad, partials,
+        p, t, grad, partials, mean, rstd,
         n, inner, num_inner_blocks, num_vectors,
-        1.0 / n, 1.0 / max(n - 1, 1), float(eps), -1.0 if deferred else -1.0 / num_vectors,
-        STANDARDIZE=bool(standardize_target), WRITE_GRAD=write_grad, INNER_ONE=inner == 1,
+        1.0 / n, 1.0 / max(n - 1, 1), float(std_eps), float(eps), -1.0 if deferred else -1.0 / num_vectors,
+        std_block, std_inner,
+        STANDARDIZE=mode, WRITE_GRAD=write_grad, INNER_ONE=inner == 1,
         BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps,
     )
     # Per-program partial sums reduced by torch: deterministic (no atomics), fp32.
@@ -116,9 +183,9 @@ def cosine_loss_forward(pred, target, dim: int, standardize_target: bool, eps: f
 
 class CosineLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pred, target, dim, standardize_target, eps):
+    def forward(ctx, pred, target, dim, standardize_target, standardize_dim, eps, std_eps):
         loss, grad, ctx.deferred_factor = cosine_loss_forward(
-            pred, target, dim, standardize_target, eps, ctx.needs_input_grad[0])
+            pred, target, dim, standardize_target, standardize_dim, eps, std_eps, ctx.needs_input_grad[0])
         if grad is not None:
             ctx.save_for_backward(grad)
         return loss
@@ -126,11 +193,13 @@ class CosineLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return scale_saved_grad(grad, grad_output, ctx.deferred_factor), None, None, None, None
+        return scale_saved_grad(grad, grad_output, ctx.deferred_factor), None, None, None, None, None, None
 
 
-def cosine_loss(pred, target, *, dim: int, standardize_target: bool = True, eps: float = 1e-6):
-    """Triton backend of :func:`sdae_fast.ops.cosine_loss` (``dim`` already non-negative)."""
+def cosine_loss(pred, target, *, dim: int, standardize_target: bool = True, standardize_dim: int | None = None,
+                eps: float = 1e-8, std_eps: float = 1e-6):
+    """Triton backend of :func:`sdae_fast.ops.cosine_loss` (``dim``, ``standardize_dim`` non-negative)."""
     # target is a constant (SPEC §4): detached here, so a target that requires grad neither makes
     # the loss differentiable when pred is not, nor reaches the backward.
-    return CosineLossFunction.apply(pred, target.detach(), dim, standardize_target, eps)
+    standardize_dim = dim if standardize_dim is None else standardize_dim
+    return CosineLossFunction.apply(pred, target.detach(), dim, standardize_target, standardize_dim, eps, std_eps)

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import math
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from .ops.ema import EmaUpdate
+from .schedules import cosine_schedule
 
 
 _WRAPPERS = ("DistributedDataParallel", "DataParallel")
@@ -32,38 +32,44 @@ def local_tensor(p: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else data
 
 
-def cosine_momentum(step: int, total: int, base: float, final: float) -> float:
-    """Cosine ramp from ``base`` at step 0 to ``final`` at ``total`` (DINO's ``cosine_scheduler``)."""
-    if total <= 0:
-        return final
-    step = min(max(step, 0), total)
-    return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
-
-
 class EmaTeacher:
     """A teacher kept as the exponential moving average of a student.
 
     * pairing by parameter name, computed once; ``exclude`` (glob patterns or a predicate on the
       name) drops student-only parts, e.g. SdAE's ``("decoder*", "mask_token")``;
-    * cosine momentum from ``base_momentum`` to ``final_momentum`` over ``total_steps``, stepped per
-      iteration (DINO) or per epoch (SdAE: ``per="epoch"`` with ``steps_per_epoch``);
+    * the momentum: entry ``i`` of the official ``cosine_scheduler`` table of ``total_steps``
+      entries from ``base_momentum`` toward ``final_momentum`` (optionally after a linear warm-up of
+      ``warmup`` entries from ``warmup_start``, SdAE's ``--momentum_teacher_warmup_ep``), indexed by
+      the iteration (``per="iteration"``, DINO) or by its epoch (``per="epoch"`` with
+      ``steps_per_epoch``, SdAE);
+    * the cadence, a separate thing: :meth:`step` (call it after every iteration) updates after
+      every iteration (``cadence="iteration"``: DINO, SdAE's ``per_ite``) or only after the last
+      iteration of every ``every``-th epoch (``cadence="epoch"``: SdAE's default ``per_epoch`` with
+      ``--ema_frequent``). Both follow from the iteration counter alone, so a resumed run neither
+      repeats nor skips an update;
     * ``copy_buffers`` copies the student's buffers (e.g. BatchNorm statistics) after each update;
     * ``state_dict()``/``load_state_dict()`` for resume.
 
     A DistributedDataParallel student is unwrapped (its module is paired). Under FSDP2 build the
     teacher with the same ``fully_shard`` layout and pass it in: the update pairs the local shards.
 
-    Call :meth:`update` once after every optimizer step.
+    Call :meth:`step` once after every iteration (:meth:`update` forces one update now).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, base_momentum: float = 0.996,
                  final_momentum: float = 1.0, total_steps: int = 1, per: str = "iteration",
                  steps_per_epoch: int | None = None, exclude: Iterable[str] | Callable[[str], bool] = (),
-                 copy_buffers: bool = True, backend: str | None = None):
-        if per not in ("iteration", "epoch"):
-            raise ValueError(f"per must be 'iteration' or 'epoch', got {per!r}")
-        if per == "epoch" and not steps_per_epoch:
-            raise ValueError("per='epoch' needs steps_per_epoch")
+                 copy_buffers: bool = True, backend: str | None = None, cadence: str = "iteration",
+                 every: int = 1, warmup: int = 0, warmup_start: float = 0.0):
+        for name, value in (("per", per), ("cadence", cadence)):
+            if value not in ("iteration", "epoch"):
+                raise ValueError(f"{name} must be 'iteration' or 'epoch', got {value!r}")
+        if (per == "epoch" or cadence == "epoch") and not steps_per_epoch:
+            raise ValueError("per='epoch' or cadence='epoch' needs steps_per_epoch")
+        if every < 1:
+            raise ValueError(f"every must be >= 1 epoch, got {every}")
+        if not 0 <= warmup <= total_steps:
+            raise ValueError(f"warmup {warmup} must lie in [0, total_steps={total_steps}]")
         self.student = student
         student_module = unwrap(student)
         if teacher is None:
@@ -73,6 +79,7 @@ class EmaTeacher:
             p.requires_grad_(False)
         self.base_momentum, self.final_momentum = base_momentum, final_momentum
         self.total_steps, self.per, self.steps_per_epoch = total_steps, per, steps_per_epoch
+        self.cadence, self.every, self.warmup, self.warmup_start = cadence, every, warmup, warmup_start
         self.copy_buffers, self.backend = copy_buffers, backend
         self.iteration = 0
         if callable(exclude):
@@ -105,17 +112,38 @@ class EmaTeacher:
     def momentum(self, iteration: int | None = None) -> float:
         it = self.iteration if iteration is None else iteration
         step = it // self.steps_per_epoch if self.per == "epoch" else it
-        return cosine_momentum(step, self.total_steps, self.base_momentum, self.final_momentum)
+        return cosine_schedule(step, self.base_momentum, self.final_momentum, self.total_steps, self.warmup,
+                               self.warmup_start)
+
+    def due(self, iteration: int | None = None) -> bool:
+        """Whether the cadence updates the teacher after ``iteration`` (0-based)."""
+        it = self.iteration if iteration is None else iteration
+        if self.cadence == "iteration":
+            return True
+        done = it + 1  # iterations finished once this one is
+        return done % self.steps_per_epoch == 0 and (done // self.steps_per_epoch) % self.every == 0
 
     @torch.no_grad()
-    def update(self) -> float:
-        """One EMA step with the scheduled momentum; returns the momentum used."""
-        m = self.momentum()
+    def _apply(self, m: float) -> None:
         if self._update is None:
             self._update = EmaUpdate(self._teacher_params, self._student_params, backend=self.backend)
         self._update(m)
         for t, s in self._buffer_pairs:
             t.copy_(s)
+
+    def step(self) -> float | None:
+        """End of one iteration: update if the cadence says so (with the momentum of this iteration,
+        i.e. of its epoch when ``per="epoch"``), then advance; returns the momentum used or None."""
+        m = self.momentum() if self.due() else None
+        if m is not None:
+            self._apply(m)
+        self.iteration += 1
+        return m
+
+    def update(self) -> float:
+        """One EMA update now with the scheduled momentum, whatever the cadence; advances the counter."""
+        m = self.momentum()
+        self._apply(m)
         self.iteration += 1
         return m
 

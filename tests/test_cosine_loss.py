@@ -13,13 +13,36 @@ from sdae_fast.ops.cosine_loss import TRITON_MAX_VECTOR, cosine_loss
 from sdae_fast.testing import assert_close, triton_device, triton_dtypes, compile_for_hopper
 
 
-def sdae_official_loss(pred, target, dim, eps=1e-6):
-    """SdAE's loss re-derived from the official code: standardise the target along ``dim`` (torch's
-    unbiased var), then ``1 - F.cosine_similarity(pred, target, dim=dim).mean()``."""
+def standardized_along(target, dim, eps=1e-6):
+    """The target standardised along ``dim`` with torch's unbiased var and eps 1e-6 under the root."""
     mean = target.mean(dim, keepdim=True)
     var = target.var(dim, keepdim=True)
-    target = (target - mean) / (var + eps) ** 0.5
+    return (target - mean) / (var + eps) ** 0.5
+
+
+def sdae_official_loss(pred, target, dim, standardize_dim=None):
+    """``1 - F.cosine_similarity(pred, standardized(target), dim=dim).mean()``."""
+    target = standardized_along(target, dim if standardize_dim is None else standardize_dim)
     return 1 - F.cosine_similarity(pred, target, dim=dim).mean()
+
+
+def sdae_official_loss_fold_by_fold(pred, target):
+    """SdAE's official loss on (B·F, M, D), written out per fold from AbrahamYabo/SdAE
+    engine_pretrain.py (train_one_epoch_ema): every teacher token is standardised over its D
+    features (``var(dim=-1)`` unbiased, ``(var + 1e-6) ** .5``); then ``F.cosine_similarity`` with
+    its default dim=1 compares, for every fold row r and feature d, the M-vector of student
+    predictions with the M-vector of standardised teacher values (the token axis), eps 1e-8 on
+    each norm; the loss is 1 minus the mean of those B·F·D cosines. float64, explicit loops."""
+    rows, m, d = pred.shape
+    total = torch.zeros((), dtype=torch.float64)
+    for r in range(rows):
+        t = target[r].double()  # (M, D): the fold's teacher tokens
+        t = (t - t.mean(1, keepdim=True)) / (t.var(1, keepdim=True) + 1e-6).sqrt()
+        p = pred[r]
+        for j in range(d):
+            a, b = p[:, j], t[:, j]  # one feature across the fold's tokens
+            total = total + (a * b).sum() / (a.norm().clamp_min(1e-8) * b.norm().clamp_min(1e-8))
+    return 1 - total / (rows * d)
 
 
 # ------------------------------------------------------------------------------------------
@@ -43,20 +66,61 @@ def test_reference_hand_values():
 def test_reference_matches_sdae_official(shape, dim):
     pred = torch.randn(shape, dtype=torch.float64)
     target = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
-    torch.testing.assert_close(reference.cosine_loss(pred, target, dim=dim), sdae_official_loss(pred, target, dim))
+    torch.testing.assert_close(reference.cosine_loss(pred, target, dim=dim, standardize_dim=dim),
+                               sdae_official_loss(pred, target, dim))
+
+
+@pytest.mark.parametrize("shape,dim,standardize_dim", [((6, 7, 33), 1, -1), ((6, 7, 33), 0, 2), ((6, 7, 33), -1, 1),
+                                                       ((4, 49, 16), 1, 2), ((3, 5, 2, 3), 2, 0)])
+def test_reference_independent_axes(shape, dim, standardize_dim):
+    pred = torch.randn(shape, dtype=torch.float64)
+    target = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
+    torch.testing.assert_close(reference.cosine_loss(pred, target, dim=dim, standardize_dim=standardize_dim),
+                               sdae_official_loss(pred, target, dim, standardize_dim))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape", [(6, 7, 5), (2 * 3, 49, 16), (4, 2, 3)])
+def test_sdae_official_mode_forward_and_gradient_fold_by_fold(backend, shape):
+    # dim=1 (tokens), standardize_dim=-1 (features): the official loss, to float64 rounding on the
+    # torch backend; the Triton kernel (fp32 inside) to fp32 rounding of the same inputs.
+    pred = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
+    expected = sdae_official_loss_fold_by_fold(pred, target)
+    (grad_expected,) = torch.autograd.grad(expected, pred)
+    if backend == "torch":  # the torch backend is the reference itself; the op's dtypes stop at fp32
+        loss = reference.cosine_loss(pred, target, dim=1, standardize_dim=-1)
+        (grad,) = torch.autograd.grad(loss, pred)
+        torch.testing.assert_close(loss, expected, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(grad, grad_expected, rtol=1e-12, atol=1e-15)
+        return
+    device = triton_device()
+    p32 = pred.detach().float().to(device).requires_grad_()
+    t32 = target.float().to(device)
+    loss = cosine_loss(p32, t32, dim=1, standardize_dim=-1, backend="triton")
+    loss.backward()
+    p64 = p32.detach().double().cpu().requires_grad_()
+    expected = sdae_official_loss_fold_by_fold(p64, t32.double().cpu())
+    expected.backward()
+    n, vectors = shape[1], shape[0] * shape[2]
+    assert_close(loss, expected, dtype=torch.float32, reduction=n * vectors, name="loss")
+    assert_close(p32.grad, p64.grad, dtype=torch.float32, reduction=shape[2], name="grad pred")
 
 
 # ------------------------------------------------------------------------------------------
 # Triton against the reference
 # ------------------------------------------------------------------------------------------
-def _compare(shape, dim, dtype, standardize_target, *, scale=1.0, offset=0.0):
+def _compare(shape, dim, dtype, standardize_target, *, scale=1.0, offset=0.0, standardize_dim=None):
     device = triton_device()
     pred = torch.randn(shape, device=device).to(dtype).requires_grad_()
     target = (torch.randn(shape, device=device) * scale + offset).to(dtype)
-    loss = cosine_loss(pred, target, dim=dim, standardize_target=standardize_target, backend="triton")
+    sdim = dim if standardize_dim is None else standardize_dim
+    loss = cosine_loss(pred, target, dim=dim, standardize_target=standardize_target, standardize_dim=sdim,
+                       backend="triton")
     loss.backward()
     pred64 = pred.detach().double().requires_grad_()
-    expected = reference.cosine_loss(pred64, target.double(), dim=dim, standardize_target=standardize_target)
+    expected = reference.cosine_loss(pred64, target.double(), dim=dim, standardize_target=standardize_target,
+                                     standardize_dim=sdim)
     expected.backward()
     n = shape[dim]
     vectors = pred.numel() // n
@@ -65,9 +129,17 @@ def _compare(shape, dim, dtype, standardize_target, *, scale=1.0, offset=0.0):
     # differs: each cosine accumulates n products, the mean V cosines.
     assert_close(loss, expected, dtype=torch.float32, reduction=n * vectors, name="loss")
     # Each gradient element is rounded to pred's dtype after sums of n terms (mean, variance,
-    # dot product, norms).
+    # dot product, norms) and of the standardised axis' size for its statistics.
     assert pred.grad.dtype == dtype
-    assert_close(pred.grad, pred64.grad, dtype=dtype, reduction=n, name="grad pred")
+    assert_close(pred.grad, pred64.grad, dtype=dtype, reduction=max(n, shape[sdim]), name="grad pred")
+
+
+@pytest.mark.parametrize("dtype", triton_dtypes())
+@pytest.mark.parametrize("shape,dim,standardize_dim", [((6, 7, 33), 1, 2), ((6, 7, 33), 0, 2), ((6, 7, 33), 2, 1),
+                                                       ((5, 49, 64), 1, 2), ((3, 5, 2, 3), 2, 0), ((3, 5, 2, 3), 0, 3),
+                                                       ((9, 4), 0, 1)])
+def test_triton_independent_axes_match_reference(shape, dim, standardize_dim, dtype):
+    _compare(shape, dim, dtype, True, scale=3.0, offset=1.0, standardize_dim=standardize_dim)
 
 
 @pytest.mark.parametrize("dtype", triton_dtypes())
@@ -84,7 +156,7 @@ def test_triton_one_element_vectors(dtype):
     device = triton_device()
     pred = torch.randn(4, 1, 3, device=device).to(dtype).requires_grad_()
     target = torch.randn(4, 1, 3, device=device).to(dtype)
-    loss = cosine_loss(pred, target, dim=1, backend="triton")
+    loss = cosine_loss(pred, target, dim=1, standardize_dim=1, backend="triton")
     loss.backward()
     assert loss.item() == 1.0
     assert torch.equal(pred.grad, torch.zeros_like(pred))
@@ -134,7 +206,7 @@ def test_triton_grad_scales_with_upstream_and_skips_target():
     target = torch.randn(33, 7, 6, device=device, requires_grad=True)
     (3.0 * cosine_loss(pred, target, dim=1, backend="triton")).backward()
     pred64 = pred.detach().double().requires_grad_()
-    (3.0 * reference.cosine_loss(pred64, target.detach().double(), dim=1)).backward()
+    (3.0 * reference.cosine_loss(pred64, target.detach().double(), dim=1)).backward()  # features standardised
     assert_close(pred.grad, pred64.grad, dtype=torch.float32, reduction=7)
     assert target.grad is None
 
@@ -174,13 +246,21 @@ def test_triton_without_grad():
 
 def test_kernel_compiles_for_hopper():
     signature = {"pred_ptr": "*bf16", "target_ptr": "*bf16", "grad_ptr": "*bf16", "partial_ptr": "*fp32",
+                 "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                  "n": "i32", "inner": "i32", "num_inner_blocks": "i32", "num_vectors": "i32",
-                 "inv_n": "fp32", "inv_n_minus_1": "fp32", "eps": "fp32", "grad_scale": "fp32",
+                 "inv_n": "fp32", "inv_n_minus_1": "fp32", "std_eps": "fp32", "cos_eps": "fp32", "grad_scale": "fp32",
+                 "std_block": "i32", "std_inner": "i32",
                  "STANDARDIZE": "constexpr", "WRITE_GRAD": "constexpr", "INNER_ONE": "constexpr",
                  "BLOCK_N": "constexpr", "BLOCK_V": "constexpr"}
-    variants = [{"STANDARDIZE": True, "WRITE_GRAD": True, "INNER_ONE": True, "BLOCK_N": 1024, "BLOCK_V": 4},
-                {"STANDARDIZE": True, "WRITE_GRAD": True, "INNER_ONE": False, "BLOCK_N": 64, "BLOCK_V": 64}]
+    variants = [{"STANDARDIZE": 1, "WRITE_GRAD": True, "INNER_ONE": True, "BLOCK_N": 1024, "BLOCK_V": 4},
+                {"STANDARDIZE": 1, "WRITE_GRAD": True, "INNER_ONE": False, "BLOCK_N": 64, "BLOCK_V": 64},
+                {"STANDARDIZE": 2, "WRITE_GRAD": True, "INNER_ONE": False, "BLOCK_N": 64, "BLOCK_V": 64}]
     compile_for_hopper("sdae_fast.kernels.cosine_loss", "_cosine_loss_fwd_kernel", signature, variants, num_warps=8)
+    stats_signature = {"x_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "n": "i32", "inner": "i32",
+                       "num_inner_blocks": "i32", "num_vectors": "i32", "inv_n": "fp32", "inv_n_minus_1": "fp32",
+                       "eps": "fp32", "INNER_ONE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr"}
+    compile_for_hopper("sdae_fast.kernels.cosine_loss", "_vector_stats_kernel", stats_signature,
+                       [{"INNER_ONE": True, "BLOCK_N": 1024, "BLOCK_V": 4}], num_warps=8)
 
 
 # ------------------------------------------------------------------------------------------
@@ -198,8 +278,12 @@ def test_validation_errors():
         cosine_loss(x, x, dim=-3)
     with pytest.raises(ValueError, match="empty"):
         cosine_loss(torch.randn(0, 3), torch.randn(0, 3))
+    with pytest.raises(ValueError, match="standardize_dim=2"):
+        cosine_loss(x, x, standardize_dim=2)
     with pytest.raises(ValueError, match="eps"):
         cosine_loss(x, x, eps=-1.0)
+    with pytest.raises(ValueError, match="std_eps"):
+        cosine_loss(x, x, std_eps=-1.0)
     with pytest.raises(TypeError, match="torch.Tensor"):
         cosine_loss([1.0, 2.0], x)
 
@@ -217,7 +301,7 @@ def test_triton_refuses_vectors_longer_than_a_tile():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("dim", [-1, 1])
 def test_gpu_sdae_shapes(dtype, dim):
-    _compare((3 * 16, 49, 768), dim, dtype, True)
+    _compare((3 * 16, 49, 768), dim, dtype, True, standardize_dim=-1)
 
 
 @pytest.mark.gpu

@@ -25,7 +25,7 @@ RUN = textwrap.dedent("""
     from sdae_fast.train.cli import make_args
     from sdae_fast.train.loop import pretrain
 
-    args = make_args(method="mae", data=sys.argv[1], img_size=32, batch_size=32, steps=4, out=sys.argv[2],
+    args = make_args(method="mae", recipe="demo", data=sys.argv[1], img_size=32, batch_size=32, steps=4, out=sys.argv[2],
                      ckpt_every=0, knn=False, export=False, quiet=True, workers=1, holdout=0.0, device="cpu")
     res = pretrain(args)
     assert res["step"] == 4 and all(l == l for l in res["losses"])

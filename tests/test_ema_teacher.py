@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sdae_fast import reference
-from sdae_fast.ema_teacher import EmaTeacher, cosine_momentum
+from sdae_fast.ema_teacher import EmaTeacher
 
 
 class Toy(nn.Module):
@@ -43,17 +43,91 @@ def test_missing_student_parameter_is_an_error():
         EmaTeacher(nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3)), total_steps=1)
 
 
+def official_cosine_table(base, final, entries, warmup=0, warmup_start=0.0):
+    """The momentum table of DINO utils.py / SdAE util/cosine_scheduler.py ``cosine_scheduler``, as
+    float64 values: ``warmup`` evenly spaced values from warmup_start to base (both ends included),
+    then for j in 0 .. n-1 (n = entries - warmup) ``final + (base - final)(1 + cos(pi j / n)) / 2``."""
+    ramp = [warmup_start + (base - warmup_start) * i / (warmup - 1) for i in range(warmup)] if warmup > 1 else \
+        [warmup_start] * warmup
+    n = entries - warmup
+    return ramp + [final + 0.5 * (base - final) * (1 + math.cos(math.pi * j / n)) for j in range(n)]
+
+
 def test_cosine_schedules_per_iteration_and_per_epoch():
-    assert cosine_momentum(0, 100, 0.996, 1.0) == pytest.approx(0.996)
-    assert cosine_momentum(50, 100, 0.996, 1.0) == pytest.approx(0.998)
-    assert cosine_momentum(100, 100, 0.996, 1.0) == pytest.approx(1.0)
+    # SdAE main_pretrain.py: cosine_scheduler(0.96, 0.99, epochs, niter_per_ep=1): one entry per epoch.
+    table = official_cosine_table(0.96, 0.99, 4)
     ema = EmaTeacher(Toy(), base_momentum=0.96, final_momentum=0.99, total_steps=4, per="epoch", steps_per_epoch=10)
-    assert [ema.momentum(i) for i in (0, 9)] == [pytest.approx(0.96)] * 2  # constant within an epoch
-    assert ema.momentum(20) == pytest.approx(0.975)
-    assert ema.momentum(40) == pytest.approx(0.99)
-    assert ema.momentum(1000) == pytest.approx(0.99)
+    assert [ema.momentum(i) for i in (0, 9)] == [pytest.approx(table[0], abs=1e-15)] * 2  # constant within an epoch
+    for epoch in range(4):
+        assert ema.momentum(10 * epoch + 3) == pytest.approx(table[epoch], abs=1e-15)
+    assert ema.momentum(1000) == pytest.approx(table[-1], abs=1e-15)  # past the end: the last entry
+    # DINO main_dino.py: cosine_scheduler(0.996, 1, epochs, len(data_loader)): one entry per iteration.
+    table = official_cosine_table(0.996, 1.0, 12)
+    ema = EmaTeacher(Toy(), total_steps=12)
+    assert [ema.momentum(i) for i in range(12)] == pytest.approx(table, abs=1e-15)
+    # SdAE's momentum warm-up (--momentum_teacher_warmup_ep 2 from --momentum_teacher_warmup 0.9).
+    table = official_cosine_table(0.96, 0.99, 6, warmup=2, warmup_start=0.9)
+    ema = EmaTeacher(Toy(), base_momentum=0.96, final_momentum=0.99, total_steps=6, per="epoch", steps_per_epoch=3,
+                     warmup=2, warmup_start=0.9)
+    assert [ema.momentum(3 * e) for e in range(6)] == pytest.approx(table, abs=1e-15)
+    assert table[:2] == [0.9, 0.96]
     with pytest.raises(ValueError, match="steps_per_epoch"):
         EmaTeacher(Toy(), per="epoch")
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        EmaTeacher(Toy(), cadence="epoch")
+
+
+def _run_cadence(epochs, spe, cadence, every=1, stop_at=None, state=None):
+    """Train a Toy for epochs × spe iterations, calling ``step()`` after each; returns (list of
+    (iteration, momentum) updates made, teacher state) or, at ``stop_at``, a checkpoint."""
+    torch.manual_seed(1)
+    student = Toy()
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    ema = EmaTeacher(student, exclude=("decoder*", "mask_token"), base_momentum=0.96, final_momentum=0.99,
+                     total_steps=epochs, per="epoch", steps_per_epoch=spe, cadence=cadence, every=every,
+                     copy_buffers=False)
+    start, updates = 0, []
+    if state is not None:
+        student.load_state_dict(state["student"])
+        opt.load_state_dict(state["opt"])
+        ema.load_state_dict(state["ema"])
+        start, updates = state["step"], list(state["updates"])
+    for it in range(start, epochs * spe):
+        if it == stop_at:
+            return {"student": student.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(),
+                    "step": it, "updates": updates}
+        train_step(student, opt, it)
+        m = ema.step()
+        if m is not None:
+            updates.append((it, m))
+    return updates, ema.teacher.state_dict()
+
+
+def test_epoch_cadence_updates_once_per_epoch_with_that_epochs_momentum():
+    # SdAE engine_pretrain.py, --ema_op per_epoch --ema_frequent 1: after the last iteration of
+    # epoch e, one update with momentum_schedule[e]. 2 epochs x 3 iterations: 2 updates, not 6.
+    table = official_cosine_table(0.96, 0.99, 2)
+    updates, _ = _run_cadence(2, 3, "epoch")
+    assert updates == [(2, pytest.approx(table[0], abs=1e-15)), (5, pytest.approx(table[1], abs=1e-15))]
+    # --ema_frequent 2 (main_pretrain.py: is_ema when (epoch + 1) % ema_frequent == 0): epochs 1 and 3.
+    table = official_cosine_table(0.96, 0.99, 4)
+    updates, _ = _run_cadence(4, 2, "epoch", every=2)
+    assert [it for it, _ in updates] == [3, 7]
+    assert [m for _, m in updates] == pytest.approx([table[1], table[3]], abs=1e-15)
+    # --ema_op per_ite: every iteration, with the epoch's momentum.
+    table = official_cosine_table(0.96, 0.99, 2)
+    updates, _ = _run_cadence(2, 3, "iteration")
+    assert updates == [(i, pytest.approx(table[i // 3], abs=1e-15)) for i in range(6)]
+
+
+@pytest.mark.parametrize("stop_at", [1, 2, 3, 4])
+def test_epoch_cadence_resume_mid_epoch_neither_doubles_nor_skips(stop_at):
+    straight_updates, straight = _run_cadence(2, 3, "epoch")
+    ckpt = _run_cadence(2, 3, "epoch", stop_at=stop_at)
+    resumed_updates, resumed = _run_cadence(2, 3, "epoch", state=ckpt)
+    assert resumed_updates == straight_updates
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
 
 
 def test_update_matches_reference_and_copies_buffers():

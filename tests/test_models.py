@@ -228,7 +228,8 @@ def test_contract_and_torch_determinism(method):
 def test_teacher_ema_and_exact_resume(method):
     imgs = images()
     model = build(method, "micro", backend="torch")
-    model.set_schedule(20, 5)
+    spe = 1 if method == "sdae" else 5  # SdAE updates at the end of each epoch: make every step one
+    model.set_schedule(20, spe)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     teacher0 = copy.deepcopy(model.teacher.state_dict())
     for i in range(2):
@@ -250,7 +251,7 @@ def test_teacher_ema_and_exact_resume(method):
     state = copy.deepcopy(model.state_dict())
     torch.manual_seed(123)
     resumed = build(method, "micro", backend="torch")
-    resumed.set_schedule(20, 5)
+    resumed.set_schedule(20, spe)
     resumed.load_state_dict(state)
     assert resumed.step == model.step == 3 and resumed.momentum() == model.momentum()
     a, _ = run_step(model, imgs, seed=9)
@@ -340,7 +341,9 @@ def test_every_op_call_carries_the_backend(method, monkeypatch):
     assert {b for _, b in calls} <= {"torch"}
 
 
-@pytest.mark.parametrize("method, kw", [("sdae", dict(loss_dim=1, momentum_per="iteration")),
+@pytest.mark.parametrize("method, kw", [("sdae", dict(loss_dim=-1, ema_op="per_ite")),
+                                        ("sdae", dict(shrink_num=None)), ("sdae", dict(shrink_num=40)),
+                                        ("sdae", dict(num_folds=None, shrink_num=20, teacher_init="student")),
                                         ("mixedae", dict(contrastive_weight=0.0)),
                                         ("mae", dict(norm_pix_loss=False, mask_ratio=0.5))])
 def test_method_options(method, kw):
@@ -348,6 +351,8 @@ def test_method_options(method, kw):
     model.set_schedule(10, 5)
     out, grads = run_step(model, images(), seed=2)
     assert torch.isfinite(out["loss"]) and grads
+    teacher0 = copy.deepcopy(model.teacher.state_dict()) if hasattr(model, "teacher") else None
     model.after_step()
-    if method == "sdae":
-        assert model.momentum() > 0.96  # stepped per iteration: moved after one step
+    if kw.get("ema_op") == "per_ite":  # updated after the first iteration, with epoch 0's momentum
+        assert model.momentum() == pytest.approx(0.96)
+        assert any(not torch.equal(v, teacher0[k]) for k, v in model.teacher.state_dict().items())

@@ -93,7 +93,7 @@ def standin_build(method, size, img_size=32, patch_size=4, in_chans=1, backend=N
 
 
 def _args(tmp_path, **kw):
-    base = dict(method="sdae", img_size=16, batch_size=16, steps=40, lr=2e-3, out=str(tmp_path / "run"),
+    base = dict(method="sdae", recipe="demo", img_size=16, batch_size=16, steps=40, lr=2e-3, out=str(tmp_path / "run"),
                 ckpt_every=0, knn=False, export=False, quiet=True, log_every=1000)
     base.update(kw)
     return make_args(**base)
@@ -257,8 +257,11 @@ def test_mixedae_batch_must_divide_by_group_size(tmp_path):
 def test_cli_registers_pretrain():
     from sdae_fast.cli import build_parser
 
+    from sdae_fast.train.cli import finalize_args
+
     args = build_parser().parse_args(["pretrain", "--method", "mae", "--steps", "3", "--resume", "auto"])
-    assert args.method == "mae" and args.steps == 3 and args.resume == "auto" and args.size == "micro"
+    assert args.method == "mae" and args.steps == 3 and args.resume == "auto" and args.size is None
+    assert finalize_args(args).size == "micro" and args.recipe == "demo"  # no --data: the demo recipe
 
 
 @pytest.mark.skipif(not REAL, reason="sdae_fast.models.build is not there yet")

@@ -16,6 +16,7 @@ timm = pytest.importorskip("timm")
 from sdae_fast.models import VisionTransformer, build  # noqa: E402
 from sdae_fast.models.timm_encoder import TimmEncoder  # noqa: E402
 from sdae_fast.testing import assert_close  # noqa: E402
+from test_models import model_input  # noqa: E402 (DINO takes the data pipeline's crops)
 
 METHODS = ["mae", "sdae", "mixedae", "dino"]
 
@@ -45,7 +46,7 @@ def test_method_trains_the_timm_parameters(method):
     model.set_schedule(4, 2)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for _ in range(2):
-        loss = model(torch.randn(4, 3, 32, 32))["loss"]
+        loss = model(model_input(model, torch.rand(4, 3, 32, 32)))["loss"]
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()

@@ -52,12 +52,12 @@ def _cosine_cases(device, quick, dtype):
     out = []
     for shape in shapes:
         numel = shape[0] * shape[1] * shape[2]
-        for dim in (-1, 1):
+        for dim in (-1, 1):  # the paper reading, then the official token-axis cosine (features standardised)
             for variant, fn in fns.items():
                 def make(fn=fn, shape=shape, dim=dim):
                     pred = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
                     target = torch.randn(shape, device=device, dtype=dtype)
-                    return _loss_and_grad(fn, pred, target, dim=dim, standardize_target=True, eps=1e-6)
+                    return _loss_and_grad(fn, pred, target, dim=dim, standardize_target=True, standardize_dim=-1)
 
                 out.append(Case(
                     op="cosine_loss fwd+bwd", shape=f"{'x'.join(map(str, shape))} dim={dim} {str(dtype)[6:]}",

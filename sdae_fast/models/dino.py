@@ -3,11 +3,13 @@
 * The crops come from the data pipeline (``sdae_fast.data.dino_views``: torchvision v2 multi-crop
   with DINO's flip, colour jitter, grayscale, blur and solarisation); ``forward`` takes them as one
   tensor per resolution. ``global_size``, ``local_size`` and ``num_local`` say what it expects.
-* :class:`DINOHead`: 3-layer MLP to a bottleneck, L2 normalisation, weight-normalised last layer
-  (``last_layer.weight_g``/``weight_v`` as in DINO; ``weight_g`` frozen at 1 when
-  ``norm_last_layer``).
+* :class:`~sdae_fast.models.dino_head.DINOHead`: the official head (``use_bn_in_head``,
+  ``norm_last_layer``; PyTorch's default init for the weight-normalised last layer).
 * Student = encoder + head on every crop; teacher = their EMA (0.996 -> 1, cosine per iteration)
-  on the global crops; ``dino_loss`` with the centre buffer updated in place and the teacher
+  on the global crops. As officially (main_dino.py) the teacher starts as a copy of the student,
+  has no drop_path, and every parameter pair is averaged. Without BatchNorm in the head the
+  teacher's train mode computes what eval does, so it runs in eval; with ``use_bn_in_head`` it
+  runs in train mode (batch statistics), as the official teacher does; ``dino_loss`` with the centre buffer updated in place and the teacher
   temperature warmed up linearly over ``warmup_teacher_temp_epochs``.
 """
 from __future__ import annotations
@@ -19,51 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dino_loss import dino_loss
+from .dino_head import DINOHead
 from .teacher import EmaTeacherMixin
-from .vit import VisionTransformer
-
-
-class WeightNormLinear(nn.Module):
-    """``y = x Wᵀ`` with ``W = g · v / ||v||`` per output row (bias-free), DINO's last layer."""
-
-    def __init__(self, in_dim: int, out_dim: int, freeze_norm: bool = True):
-        super().__init__()
-        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not freeze_norm)
-        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
-
-    def forward(self, x):
-        w = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
-        return F.linear(x, w)
-
-
-class DINOHead(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, norm_last_layer: bool = True):
-        super().__init__()
-        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
-        layers = []
-        for i in range(nlayers):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < nlayers - 1:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, freeze_norm=norm_last_layer)
-
-    def forward(self, x):
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+from .vit import VisionTransformer, without_drop_path
 
 
 class DINO(EmaTeacherMixin, nn.Module):
     OPS_USED = ("dino_loss",)
 
     def __init__(self, encoder: VisionTransformer, *, out_dim: int = 65536, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, norm_last_layer: bool = True, global_size: int | None = None,
-                 local_size: int | None = None, num_local: int = 8, student_temp: float = 0.1, teacher_temp: float = 0.04,
+                 bottleneck_dim: int = 256, norm_last_layer: bool = True, use_bn_in_head: bool = False,
+                 global_size: int | None = None, local_size: int | None = None, num_local: int = 8,
+                 student_temp: float = 0.1, teacher_temp: float = 0.04,
                  warmup_teacher_temp: float | None = None, warmup_teacher_temp_epochs: int = 0,
                  center_momentum: float = 0.9, base_momentum: float = 0.996, final_momentum: float = 1.0,
                  backend: str | None = None):
@@ -74,8 +43,11 @@ class DINO(EmaTeacherMixin, nn.Module):
         gsize = global_size or encoder.img_size
         lsize = local_size or max(encoder.patch_size, round(gsize * 96 / 224 / encoder.patch_size) * encoder.patch_size)
         self.global_size, self.local_size, self.num_local = gsize, lsize, num_local
-        self.head = DINOHead(encoder.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
-        self.teacher = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "head": copy.deepcopy(self.head)})
+        self.head = DINOHead(encoder.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer,
+                             use_bn=use_bn_in_head)
+        # main_dino.py builds the teacher ViT without drop_path_rate.
+        self.teacher = nn.ModuleDict({"encoder": without_drop_path(encoder), "head": copy.deepcopy(self.head)})
+        self.teacher_train_mode = use_bn_in_head
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.student_temp, self.teacher_temp, self.center_momentum = student_temp, teacher_temp, center_momentum
         self.warmup_teacher_temp, self.warmup_teacher_temp_epochs = warmup_teacher_temp, warmup_teacher_temp_epochs

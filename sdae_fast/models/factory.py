@@ -41,7 +41,7 @@ MICRO_DEFAULTS = {
 }
 METHODS = {"mae": MAE, "sdae": SdAE, "mixedae": MixedAE, "dino": DINO}
 ENCODER_KEYS = ("mlp_ratio", "qkv_bias", "pos_embed", "topk", "attn_impl", "drop_path_rate", "depth",
-                "embed_dim", "num_heads")
+                "embed_dim", "num_heads", "weight_init")
 
 
 # Options that only shape a new built-in ViT; with ``encoder=`` the given encoder's configuration stands.
@@ -79,6 +79,7 @@ def build(method: str, size: str = "micro", *, img_size: int | None = None, patc
     if method == "dino":
         enc_kw.setdefault("pos_embed", "learned")  # DINO learns its position table
         enc_kw.setdefault("drop_path_rate", 0.1)
+        enc_kw.setdefault("weight_init", "trunc_normal")  # DINO vision_transformer.py: trunc-normal 0.02 linears
     if method == "mixedae":
         enc_kw.setdefault("topk", 1.0 / kw.get("group_size", 4))  # homologous attention, K ≈ N / r
     if "attn_impl" in enc_kw and method != "dino":

@@ -15,6 +15,11 @@ encoder sees B / r full images: MAE's cost at mask ratio 1 - 1/r.
   decoder, ``ids_restore`` per source); loss ``masked_mse_loss`` over the source's missing patches.
 * ``homologous_contrastive_loss`` over the encoder's patch tokens with the source map as labels,
   weighted by ``contrastive_weight``.
+
+MixedAE has no public official code, so all of the above is a reading of the paper (and of SPEC
+§3/§7), not a reproduction: the exact mixing draw, the segment embedding's init, the top-K per
+layer, the contrastive weight and temperature (this project's defaults) and the training recipe
+(MAE's, ``sdae_fast.train.recipes``) are choices the paper leaves open or states only in words.
 """
 from __future__ import annotations
 

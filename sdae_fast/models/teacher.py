@@ -7,6 +7,10 @@ whose parameter names equal the student's (the student is the model itself, so t
 the schedule travel as the model's extra state (``_extra_state``), so ``load_state_dict`` resumes
 the momentum schedule exactly.
 
+Every teacher parameter is paired, frozen student tensors included: SdAE's official
+``weight_delivery`` averages the teacher's learnable pos_embed toward the student's fixed sin-cos
+table, and DINO's update zips all parameters (its frozen unit ``weight_g`` with the teacher's).
+
 The :class:`~sdae_fast.ema_teacher.EmaTeacher` doing the update holds references to the
 parameters' storage, so it is (re)built lazily: after ``.to()``/``.cuda()``/``.half()`` and after a
 backend change.
@@ -22,8 +26,14 @@ class EmaTeacherMixin:
     teacher: nn.Module
     backend: str | None
 
-    def _init_ema(self, *, base_momentum: float, final_momentum: float, per: str):
+    def _init_ema(self, *, base_momentum: float, final_momentum: float, per: str, cadence: str = "iteration",
+                  every: int = 1, warmup_epochs: int = 0, warmup_start: float = 0.0):
+        """``per``: the momentum's unit ("iteration" or "epoch"); ``cadence``: when updates happen
+        ("iteration" or "epoch", the latter every ``every`` epochs); ``warmup_epochs`` /
+        ``warmup_start``: a linear momentum warm-up (in ``per`` units: SdAE's is per epoch)."""
         self.ema_base, self.ema_final, self.ema_per = base_momentum, final_momentum, per
+        self.ema_cadence, self.ema_every = cadence, every
+        self.ema_warmup, self.ema_warmup_start = warmup_epochs, warmup_start
         self.total_steps, self.steps_per_epoch, self.step = 1, 1, 0
         self._ema = None
         for p in self.teacher.parameters():
@@ -31,13 +41,13 @@ class EmaTeacherMixin:
 
     def _ema_teacher(self) -> EmaTeacher:
         if self._ema is None:
-            total = self.total_steps if self.ema_per == "iteration" else max(self.total_steps // self.steps_per_epoch, 1)
-            # student=self: pairs teacher.X.* with X.* by name (ema_teacher.EmaTeacher._pair). Frozen
-            # student tensors (fixed sincos tables, DINO's unit weight_g) are equal in both: skipped.
-            frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
+            epochs = -(-self.total_steps // self.steps_per_epoch)  # a last partial epoch counts
+            total = self.total_steps if self.ema_per == "iteration" else epochs
+            # student=self: pairs teacher.X.* with X.* by name (ema_teacher.EmaTeacher._pair), all of them.
             self._ema = EmaTeacher(self, self.teacher, base_momentum=self.ema_base, final_momentum=self.ema_final,
                                    total_steps=total, per=self.ema_per, steps_per_epoch=self.steps_per_epoch,
-                                   exclude=lambda n: n in frozen,
+                                   cadence=self.ema_cadence, every=self.ema_every,
+                                   warmup=min(self.ema_warmup, total), warmup_start=self.ema_warmup_start,
                                    copy_buffers=False, backend=self.backend)
         self._ema.iteration = self.step
         return self._ema
@@ -53,8 +63,8 @@ class EmaTeacherMixin:
         return self._ema_teacher().momentum()
 
     def after_step(self) -> None:
-        """EMA-update the teacher from the student just stepped, then advance the schedule."""
-        self._ema_teacher().update()
+        """End of one training iteration: EMA-update the teacher if the cadence says so, advance."""
+        self._ema_teacher().step()
         self.step += 1
 
     # --- state ------------------------------------------------------------------------------
@@ -70,8 +80,13 @@ class EmaTeacherMixin:
         self._ema = None  # parameter storage may have moved
         return out
 
+    teacher_train_mode = False  # DINO with BatchNorm in its head: the official teacher runs in train mode
+
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # the teacher never drops paths or tokens
+        # The teacher has no drop_path (rate 0, as built officially) and never drops tokens: eval
+        # is the same computation, and it keeps any BatchNorm on its running statistics unless
+        # the method asks for the official train-mode teacher.
+        self.teacher.train(mode and self.teacher_train_mode)
         return self
 

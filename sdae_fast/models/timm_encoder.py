@@ -17,11 +17,13 @@ for a :class:`TopKAttention` holding the same ``qkv`` / ``proj`` layers (same ke
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from .topk_attention import TopKAttention
-from .vit import VisionTransformer
+from .vit import VisionTransformer, init_linears_and_norms, without_drop_path
 
 
 class TimmTopKAttention(TopKAttention):
@@ -71,6 +73,27 @@ class TimmEncoder(VisionTransformer):
         self.norm_pre, self.blocks, self.norm = getattr(vit, "norm_pre", nn.Identity()), vit.blocks, vit.norm
         if topk is not None:
             self._use_topk(topk)
+
+    def fresh(self, pos_embed: str = "learned", weight_init: str = "trunc_normal",
+              drop_path_rate: float | None = None) -> "TimmEncoder":
+        """A newly initialised twin (SdAE's official teacher starts from its own random init): a copy
+        of the timm modules re-initialised as timm 0.3.2 / the official teacher does (trunc-normal
+        0.02 table, cls token and linears; PyTorch's Conv2d init for the patch projection), with
+        drop_path off when ``drop_path_rate=0``. timm's table is always learnable: ``pos_embed`` must
+        be ``"learned"``; other drop rates than 0 or None (keep) are refused, the blocks are timm's."""
+        if pos_embed != "learned":
+            raise ValueError(f"a timm encoder's position table is learnable: pos_embed={pos_embed!r} is not served")
+        if drop_path_rate not in (None, 0, 0.0):
+            raise ValueError(f"a timm encoder keeps its blocks' drop_path: drop_path_rate={drop_path_rate!r} "
+                             "is not served (0 or None)")
+        twin = without_drop_path(self) if drop_path_rate == 0 else copy.deepcopy(self)
+        with torch.no_grad():
+            nn.init.trunc_normal_(twin.pos_embed, std=0.02)
+            nn.init.trunc_normal_(twin.cls_token, std=0.02)
+            twin.patch_embed.proj.reset_parameters()
+        init_linears_and_norms(twin.blocks, weight_init)
+        init_linears_and_norms(twin.norm, weight_init)
+        return twin
 
     def _use_topk(self, topk) -> None:
         topks = list(topk) if isinstance(topk, (list, tuple)) else [topk] * len(self.blocks)

@@ -10,6 +10,7 @@ a gather op -> ``forward_tokens``); ``forward_features``/``embed`` run a whole i
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
@@ -20,6 +21,7 @@ from torch import nn
 from .topk_attention import TopKAttention
 
 ATTN_IMPLS = ("sdpa", "xformers", "flash")
+WEIGHT_INITS = ("xavier", "trunc_normal")
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,8 +55,17 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | tuple[int, int], cl
     return emb.float()
 
 
-def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
-    """Resize a (P + g·g, D) table to ``grid`` by bicubic interpolation of the patch part (DINO)."""
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1,
+                          offset: float | None = 0.1) -> torch.Tensor:
+    """Resize a (P + g·g, D) table to ``grid`` by bicubic interpolation of the patch part, in the
+    table's own dtype.
+
+    ``offset=0.1`` is DINO's ``interpolate_pos_encoding`` (vision_transformer.py): ``interpolate``
+    with ``scale_factor = ((gh + 0.1) / g, (gw + 0.1) / g)`` rather than a target size. The 0.1
+    only makes the output size floor to (gh, gw), but PyTorch then samples with the given scale
+    factor instead of g / gh, so the values differ from ``size=grid`` (37% normwise for 8x8 -> 4x4).
+    The quirk is the official computation; ``offset=None`` interpolates to ``size=grid``.
+    """
     patch = pos_embed[num_prefix:]
     n, dim = patch.shape
     side = int(math.isqrt(n))
@@ -62,9 +73,16 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_pr
         raise ValueError(f"cannot interpolate a non-square position table of {n} patches")
     if (side, side) == tuple(grid):
         return pos_embed
-    patch = patch.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
-    patch = F.interpolate(patch, size=grid, mode="bicubic", align_corners=False)
-    patch = patch.permute(0, 2, 3, 1).reshape(-1, dim).to(pos_embed.dtype)
+    patch = patch.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    if offset is None:
+        patch = F.interpolate(patch, size=tuple(grid), mode="bicubic", align_corners=False)
+    else:
+        scale = ((grid[0] + offset) / math.sqrt(n), (grid[1] + offset) / math.sqrt(n))
+        patch = F.interpolate(patch, scale_factor=scale, mode="bicubic")
+        if tuple(patch.shape[-2:]) != tuple(grid):
+            raise ValueError(f"interpolating the {side}x{side} position table by {scale} gave "
+                             f"{tuple(patch.shape[-2:])}, not the {tuple(grid)} grid")
+    patch = patch.permute(0, 2, 3, 1).reshape(-1, dim)
     return torch.cat([pos_embed[:num_prefix], patch], dim=0)
 
 
@@ -126,7 +144,11 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (drops the whole residual branch); identity at rate 0 or in eval."""
+    """Stochastic depth per sample (drops the whole residual branch); identity at rate 0 or in eval.
+
+    Draws as timm 0.3.2's and DINO's ``drop_path`` do (``floor(keep + U[0, 1))`` per sample, then
+    ``x / keep · mask``), so the same RNG state drops the same samples as the official code.
+    """
 
     def __init__(self, rate: float = 0.0):
         super().__init__()
@@ -135,8 +157,22 @@ class DropPath(nn.Module):
     def forward(self, x):
         if self.rate == 0.0 or not self.training:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.rate)
-        return x * keep / (1 - self.rate)
+        keep = 1 - self.rate
+        mask = (keep + torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)).floor_()
+        return x.div(keep) * mask
+
+
+def without_drop_path(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every stochastic-depth layer at rate 0: the official teachers
+    (SdAE's models_teacher, DINO's main_dino.py) are built without drop_path. Serves this file's
+    :class:`DropPath` (``rate``) and timm's (``drop_prob``), so timm encoders get the same teacher."""
+    twin = copy.deepcopy(module)
+    for m in twin.modules():
+        if isinstance(m, DropPath):
+            m.rate = 0.0
+        elif hasattr(m, "drop_prob"):
+            m.drop_prob = 0.0
+    return twin
 
 
 class Block(nn.Module):
@@ -166,7 +202,7 @@ def make_blocks(depth, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, topk=None, 
     topks = list(topk) if isinstance(topk, (list, tuple)) else [topk] * depth
     if len(topks) != depth:
         raise ValueError(f"topk lists {len(topks)} layers but depth is {depth}")
-    rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+    rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]  # the official "stochastic depth decay rule"
     return nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias, topks[i], attn_impl, rates[i], backend)
                          for i in range(depth))
 
@@ -190,13 +226,23 @@ class VisionTransformer(nn.Module):
     ``pos_embed="sincos"`` is MAE's fixed table (a frozen parameter), ``"learned"`` DINO's
     trainable one. Other input resolutions interpolate the table bicubically (DINO's local crops).
     ``topk`` (one value or per layer) swaps blocks to top-K attention (MixedAE).
+    ``weight_init="xavier"`` is MAE's ``initialize_weights`` (xavier-uniform linears and patch
+    projection, normal(0.02) cls token); ``"trunc_normal"`` is timm 0.3.2's / DINO's (trunc-normal
+    0.02 linears, cls token and learned table; the patch projection keeps PyTorch's Conv2d init).
+    ``config`` holds the constructor arguments (:meth:`fresh` builds a newly initialised twin).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  pos_embed: str = "sincos", topk: int | float | Sequence | None = None, attn_impl: str = "sdpa",
-                 drop_path_rate: float = 0.0, backend: str | None = None):
+                 drop_path_rate: float = 0.0, weight_init: str = "xavier", backend: str | None = None):
         super().__init__()
+        self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                           depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                           pos_embed=pos_embed, topk=topk, attn_impl=attn_impl, drop_path_rate=drop_path_rate,
+                           weight_init=weight_init)
+        if weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         if pos_embed not in ("sincos", "learned"):
@@ -212,19 +258,25 @@ class VisionTransformer(nn.Module):
         self.blocks = make_blocks(depth, embed_dim, num_heads, mlp_ratio, qkv_bias, topk, attn_impl,
                                   drop_path_rate, backend)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self._init_weights(pos_embed)
+        self._init_weights(pos_embed, weight_init)
 
-    def _init_weights(self, pos_embed: str):
-        # MAE's initialisation: fixed sincos table (or trunc-normal when learned), xavier linears.
+    def _init_weights(self, pos_embed: str, weight_init: str):
         with torch.no_grad():
             if pos_embed == "sincos":
                 self.pos_embed.copy_(get_2d_sincos_pos_embed(self.embed_dim, self.grid, cls_token=True)[None])
             else:
                 nn.init.trunc_normal_(self.pos_embed, std=0.02)
-            w = self.patch_embed.proj.weight
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            nn.init.normal_(self.cls_token, std=0.02)
-        init_linears_and_norms(self.blocks)
+            if weight_init == "xavier":  # MAE models_mae.initialize_weights
+                w = self.patch_embed.proj.weight
+                nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+                nn.init.normal_(self.cls_token, std=0.02)
+            else:  # timm 0.3.2 VisionTransformer.__init__ / DINO vision_transformer.py
+                nn.init.trunc_normal_(self.cls_token, std=0.02)
+        init_linears_and_norms(self.blocks, weight_init)
+
+    def fresh(self, **overrides) -> "VisionTransformer":
+        """A newly initialised encoder of the same configuration (``overrides`` replace entries)."""
+        return VisionTransformer(**{**self.config, **overrides}, backend=self.backend)
 
     # --- pieces the self-supervised models compose -------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -282,11 +334,15 @@ class VisionTransformer(nn.Module):
     forward = embed
 
 
-def init_linears_and_norms(module: nn.Module) -> None:
-    """MAE's ``_init_weights``: xavier-uniform linears with zero bias, unit LayerNorms."""
+def init_linears_and_norms(module: nn.Module, weight_init: str = "xavier") -> None:
+    """``_init_weights`` of MAE (``"xavier"``: xavier-uniform linears) or of timm 0.3.2 / DINO
+    (``"trunc_normal"``: trunc-normal 0.02 linears); zero biases, unit LayerNorms."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
+            if weight_init == "xavier":
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):

@@ -12,27 +12,37 @@ COSINE_LOSS.register("torch")(reference.cosine_loss)
 TRITON_MAX_VECTOR = 16384
 
 
-def _triton_why_not(pred, target, *, dim, standardize_target=True, eps=1e-6):
-    n = pred.shape[dim]
-    if n > TRITON_MAX_VECTOR:
-        return [f"the Triton kernel holds a whole vector in registers: size {n} along dim {dim} exceeds {TRITON_MAX_VECTOR}"]
-    return []
+def _triton_why_not(pred, target, *, dim, standardize_target=True, standardize_dim=-1, eps=1e-8, std_eps=1e-6):
+    why = []
+    axes = (dim, standardize_dim) if standardize_target else (dim,)
+    for axis in sorted(set(axes)):
+        n = pred.shape[axis]
+        if n > TRITON_MAX_VECTOR:
+            why.append(f"the Triton kernel holds a whole vector in registers: size {n} along dim {axis} "
+                       f"exceeds {TRITON_MAX_VECTOR}")
+    return why
 
 
 @COSINE_LOSS.register("triton", why_not=_triton_why_not)
-def _triton(pred, target, *, dim, standardize_target=True, eps=1e-6):
+def _triton(pred, target, *, dim, standardize_target=True, standardize_dim=-1, eps=1e-8, std_eps=1e-6):
     from ..kernels.cosine_loss import cosine_loss as triton_cosine_loss
 
-    return triton_cosine_loss(pred, target, dim=dim, standardize_target=standardize_target, eps=eps)
+    return triton_cosine_loss(pred, target, dim=dim, standardize_target=standardize_target,
+                              standardize_dim=standardize_dim, eps=eps, std_eps=std_eps)
 
 
-def cosine_loss(pred, target, *, dim=-1, standardize_target=True, eps=1e-6, backend=None):
-    """``1 - mean(cos(pred, standardize(target)))`` along ``dim``; fp32 scalar; no gradient to target.
+def cosine_loss(pred, target, *, dim=-1, standardize_target=True, standardize_dim=-1, eps=1e-8, std_eps=1e-6,
+                backend=None):
+    """``1 - mean(cos(pred, standardize(target)))``; fp32 scalar; no gradient to target.
 
-    See :func:`sdae_fast.reference.cosine_loss` for the exact formula. The Triton backend reads
-    pred and target once and writes d loss / d pred in the same pass; its backward only scales that
-    buffer (and returns it as is for a unit upstream gradient, at the cost of one 4-byte
-    device->host copy).
+    The target is standardised along ``standardize_dim`` (unbiased variance, ``std_eps``), the
+    cosine taken along ``dim`` (each norm clamped to ``eps``): two independent axes. SdAE's
+    official loss is ``dim=1, standardize_dim=-1`` on (B·F, M, D); the paper's reading
+    ``dim=-1``. See :func:`sdae_fast.reference.cosine_loss` for the exact formula. The Triton
+    backend reads pred and target once (plus one read of the target for its per-vector mean and
+    1/std when the two axes differ, never writing the standardised target) and writes d loss /
+    d pred in the same pass; its backward only scales that buffer (and returns it as is for a
+    unit upstream gradient, at the cost of one 4-byte device->host copy).
     """
     check_tensor("pred", pred)
     check_tensor("target", target)
@@ -40,8 +50,10 @@ def cosine_loss(pred, target, *, dim=-1, standardize_target=True, eps=1e-6, back
         raise ValueError(f"pred and target must share one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     check_same_device(pred=pred, target=target)
     # Every axis argument through one check (normalised to [0, ndim)), every epsilon through another.
-    dim = check_dims(pred.dim(), dim=dim)["dim"]
+    dims = check_dims(pred.dim(), dim=dim, standardize_dim=standardize_dim)
     eps = check_float("eps", eps, ge=0.0)
+    std_eps = check_float("std_eps", std_eps, ge=0.0)
     if pred.numel() == 0:
         raise ValueError("pred is empty: the mean cosine of no vectors is undefined")
-    return COSINE_LOSS(pred, target, dim=dim, standardize_target=standardize_target, eps=eps, backend=backend)
+    return COSINE_LOSS(pred, target, dim=dims["dim"], standardize_target=standardize_target,
+                       standardize_dim=dims["standardize_dim"], eps=eps, std_eps=std_eps, backend=backend)

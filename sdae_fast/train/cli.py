@@ -1,7 +1,9 @@
 """``sdae-fast pretrain``: pretrain a ViT with MAE, SdAE, MixedAE or DINO.
 
 With no ``--data`` it trains on the embedded digits (scikit-learn's ``load_digits``) and ends with
-the k-NN accuracy of the trained encoder against a randomly initialised one. Launch with ``torchrun
+the k-NN accuracy of the trained encoder against a randomly initialised one. ``--recipe paper``
+(the default with ``--data``) takes each method's official hyperparameters, ``--recipe demo`` (the
+default without) the digits values; any option given explicitly overrides the recipe's. Launch with ``torchrun
 --nproc_per_node N -m sdae_fast.cli pretrain ...`` for data-parallel training.
 """
 from __future__ import annotations
@@ -9,29 +11,43 @@ from __future__ import annotations
 import argparse
 import os
 
-METHODS = ("mae", "sdae", "mixedae", "dino")
 from .demo_recipe import DEMO
+from .recipes import RECIPES, apply_recipe
 
+METHODS = ("mae", "sdae", "mixedae", "dino")
 DEFAULT_LR = {method: values["lr"] for method, values in DEMO.items()}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=METHODS, required=True)
-    p.add_argument("--size", default="micro", help="model size (micro is the CPU-sized default)")
+    p.add_argument("--recipe", choices=RECIPES, default=None,
+                   help="hyperparameters: 'paper' (the official ImageNet recipe; default with --data) or 'demo' "
+                        "(the embedded digits; default without --data). Options given explicitly override it")
+    p.add_argument("--size", default=None, help="model size (recipe: micro for demo, base / DINO small for paper)")
     p.add_argument("--data", default=None, help="image folder (class subfolders); default: embedded digits")
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--img-size", type=int, default=None, help="recipe: 32 demo, 224 paper")
+    p.add_argument("--patch-size", type=int, default=None, help="recipe: 4 demo, 16 paper")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction for k-NN")
-    p.add_argument("--epochs", type=int, default=36)
-    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--epochs", type=int, default=None, help="recipe: 36 demo; paper 800 MAE, 300 SdAE, 100 DINO")
+    p.add_argument("--steps", type=int, default=None, help="total iterations (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=None, help="per process (recipe: 64 demo; paper per GPU)")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate, absolute (default, tuned on the micro digits demo: "
-                        + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + ")")
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+                   help="peak learning rate, absolute (demo default, tuned on the micro digits: "
+                        + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + "; paper: blr x batch / 256)")
+    p.add_argument("--blr", type=float, default=None, help="base lr: lr = blr x global batch (x accum) / 256")
+    p.add_argument("--min-lr", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None, help="demo: default 5%% of the steps")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="paper: the official warm-up epochs")
+    p.add_argument("--lr-schedule", choices=["warmup_cosine", "mae", "dino"], default=None,
+                   help="per-iteration schedule: the demo's, MAE's lr_sched formula, DINO's cosine_scheduler")
     p.add_argument("--weight-decay", type=float, default=None, help="default: the method's (0.05 MAE/MixedAE, 0.04 SdAE/DINO)")
+    p.add_argument("--weight-decay-end", type=float, default=None, help="cosine weight-decay target (DINO: 0.4)")
+    p.add_argument("--betas", type=float, nargs=2, default=None, help="AdamW betas (default: the method's)")
+    p.add_argument("--accum-iter", type=int, default=None,
+                   help="gradient accumulation (paper default: to reach the official effective batch)")
     p.add_argument("--clip-grad", type=float, default=None, help="max global grad norm (off by default)")
+    p.add_argument("--clip-per-param", type=float, default=None, help="DINO's per-parameter grad-norm clip (paper: 3.0)")
+    p.add_argument("--freeze-last-layer", type=int, default=None, help="epochs without DINO last-layer updates (paper: 1)")
     p.add_argument("--out", default="runs/pretrain", help="output folder: checkpoints, metrics, encoder export")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps and at the end (0: never)")
     p.add_argument("--keep-ckpts", type=int, default=2, help="newest checkpoints to keep (0: all)")
@@ -62,8 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
-    if args.lr is None:
-        args.lr = DEFAULT_LR[args.method]
+    """Fill what the user left unset from the recipe (``--recipe``, or the default for ``--data``)."""
+    apply_recipe(args)
     if args.metrics is None:
         args.metrics = os.path.join(args.out, "metrics.jsonl")
     return args
@@ -84,7 +100,11 @@ def make_args(**overrides) -> argparse.Namespace:
 def cmd_pretrain(args) -> int:
     from .loop import pretrain
 
-    pretrain(finalize_args(args))
+    chosen = args.recipe
+    args = finalize_args(args)
+    why = "as asked" if chosen else ("the default with --data" if args.data else "the default without --data")
+    print(f"recipe: {args.recipe} ({why})", flush=True)
+    pretrain(args)
     return 0
 
 

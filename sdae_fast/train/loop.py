@@ -23,8 +23,9 @@ from ..data import (AugmentedDataset, ShardedBatchSampler, default_workers, load
 from . import checkpoint as ckpt
 from .metrics import MetricsWriter
 from .distributed import all_gather_objects, barrier, init_distributed, shutdown
-from .optim import lr_at, make_optimizer
+from .optim import StepSchedule, make_optimizer, scaled_lr
 from .progress import Progress, StepWindow, first_nonfinite
+from .recipes import accum_iter_for
 
 
 def default_build(method, size, **kwargs):
@@ -48,7 +49,7 @@ def _autocast(device: torch.device):
 def _build(build_fn, args, in_chans: int, seed: int):
     torch.manual_seed(seed)
     return build_fn(args.method, args.size, img_size=args.img_size, patch_size=args.patch_size,
-                    in_chans=in_chans, backend=args.backend)
+                    in_chans=in_chans, backend=args.backend, **(getattr(args, "model_kw", None) or {}))
 
 
 def _save(model, optimizer, step, steps_per_epoch, args, info):
@@ -106,7 +107,12 @@ def _pretrain(args, build_fn, info) -> dict:
     seed_everything(args.seed)
     model = _build(build_fn, args, train_src.in_chans, args.seed).to(info.device)
     model.set_schedule(total, spe)
-    optimizer = make_optimizer(model, args.method, args.lr, args.weight_decay)
+    if args.accum_iter is None:  # the recipe's effective batch on this many processes
+        args.accum_iter = accum_iter_for(args.effective_batch, args.batch_size, info.world)
+    if args.lr is None:  # lr = blr · global batch / 256, the global batch including accumulation
+        args.lr = scaled_lr(args.blr, args.batch_size * info.world * args.accum_iter)
+    optimizer = make_optimizer(model, args.method, args.lr, args.weight_decay, args.betas)
+    schedule = StepSchedule(args, spe, total, warmup)  # lr / wd schedules, accumulation, clipping, freezing
     step = 0
     if state is not None:
         try:
@@ -164,18 +170,11 @@ def _pretrain(args, build_fn, info) -> dict:
                     for path in data["skipped"]:
                         progress.write(f"warning: skipped unreadable image {path} ({skipped} so far)")
                 images = to_device(data["images"], info.device)
-                lr = lr_at(step, total, args.lr, warmup, args.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                lr = schedule.apply(optimizer, step)
                 with _autocast(info.device):
                     out = net(images)
                 loss = out["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = None
-                if args.clip_grad:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
-                optimizer.step()
+                grad_norm = schedule.backward_and_step(model, optimizer, loss, step, trainable)
                 model.after_step()
                 step += 1
                 window.add({"step": step, "epoch": epoch, "lr": lr}, out, grad_norm)
