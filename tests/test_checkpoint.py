@@ -94,9 +94,10 @@ CORRUPTIONS = {"half": lambda b: b[: len(b) // 2], "empty": lambda b: b"", "minu
 @pytest.mark.parametrize("how", sorted(CORRUPTIONS))
 def test_resume_auto_falls_back_past_a_corrupt_checkpoint(tmp_path, how):
     """Killed after step 10 (checkpoints at 4 and 8, steps 9-10 logged), newest checkpoint corrupt:
-    auto resumes from step 4, warns naming the file, keeps it, and the run equals a straight one."""
-    straight = pretrain(_args(tmp_path / "a", steps=12), build_fn=standin_build)
-    run = dict(steps=12, ckpt_every=4, keep_ckpts=0)
+    auto resumes from step 4, warns naming the file, keeps it, and the run equals a straight one.
+    Two loader workers stream the batches, so the metrics and the data both resume past the workers."""
+    straight = pretrain(_args(tmp_path / "a", steps=12, workers=2), build_fn=standin_build)
+    run = dict(steps=12, ckpt_every=4, keep_ckpts=0, workers=2)
     pretrain(_args(tmp_path / "b", stop_after=10, **run), build_fn=standin_build)
     out = tmp_path / "b" / "run"
     assert _steps(out / "metrics.jsonl") == list(range(1, 11))
