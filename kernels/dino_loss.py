@@ -231,9 +231,8 @@ class DinoLossFunction(torch.autograd.Function):
         grad = None
         if ctx.needs_input_grad[0]:
             (grad,) = ctx.saved_tensors
-            # Liger's trick: the loss is usually the graph's root, so skip the scaling pass then.
-            if not torch.equal(grad_output, torch.ones_like(grad_output)):
-                grad = grad * grad_output.to(grad.dtype)
+            # Always scale by the device scalar: testing it for 1 on the host would sync every step.
+            grad = grad * grad_output.to(grad.dtype)
         return grad, None, None, None, None, None, None, None, None
 
 

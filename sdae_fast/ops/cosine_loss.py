@@ -5,7 +5,8 @@ from .. import reference
 from ..dispatch import op
 from ..validate import check_same_device, check_tensor
 
-COSINE_LOSS = op("cosine_loss", auto_order=("triton", "torch"))
+COSINE_LOSS = op("cosine_loss", auto_order=("triton", "torch"),
+                 schema="(Tensor pred, Tensor target, *, int dim, bool standardize_target=True, float eps=1e-06) -> Tensor")
 COSINE_LOSS.register("torch")(reference.cosine_loss)
 
 # Mirrors sdae_fast.kernels.cosine_loss.MAX_BLOCK_N without importing the kernel module.

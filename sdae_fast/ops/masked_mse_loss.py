@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
+from .. import checks, reference
 from ..dispatch import op
 from ..validate import check_same_device, check_shape, check_tensor
 
-MASKED_MSE_LOSS = op("masked_mse_loss", auto_order=("triton", "torch"))
+MASKED_MSE_LOSS = op("masked_mse_loss", auto_order=("triton", "torch"),
+                     schema="(Tensor pred, Tensor target, Tensor mask, *, bool norm_target=True) -> Tensor")
+EMPTY_MASK = checks.register("masked_mse_loss", ValueError,
+                             "mask selects no patch (or patches are empty): the masked mean is undefined")
 MASKED_MSE_LOSS.register("torch")(reference.masked_mse_loss)
 
 # Mirrors sdae_fast.kernels.masked_mse_loss.MAX_BLOCK_P without importing the kernel module.
@@ -33,8 +36,9 @@ MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.u
 def masked_mse_loss(pred, target, mask, *, norm_target=True, backend=None):
     """Per-patch MSE against the (standardised) target, averaged over masked patches; fp32 scalar.
 
-    pred, target (B, L, P); mask (B, L) with 1 where the patch was removed. An all-zero mask is an
-    error (the mean over no patches is undefined); checking it costs one device->host sync.
+    pred, target (B, L, P); mask (B, L) with 1 where the patch was removed. An all-zero mask is a
+    ValueError (the mean over no patches is undefined; the loss is NaN): raised at the next
+    ``sdae_fast.check_errors()`` (no host sync), or at the call with ``SDAE_FAST_CHECKS=eager``.
     The Triton backend never reads pred/target of unmasked patches (their gradient is written as
     zeros) and writes d loss / d pred in the forward pass; its backward only scales that buffer.
     """
@@ -45,6 +49,7 @@ def masked_mse_loss(pred, target, mask, *, norm_target=True, backend=None):
         raise ValueError(f"pred and target must share one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     check_shape("mask", mask, pred.shape[:2])
     check_same_device(pred=pred, target=target, mask=mask)
-    if pred.shape[-1] == 0 or not bool(mask.any()):
-        raise ValueError("mask selects no patch (or patches are empty): the masked mean is undefined")
+    if pred.shape[-1] == 0 or mask.numel() == 0:
+        raise ValueError(f"masked_mse_loss: {EMPTY_MASK.message}")
+    checks.fail_if(EMPTY_MASK, mask.any().logical_not(), 0)  # any() of uint8 is uint8
     return MASKED_MSE_LOSS(pred, target, mask, norm_target=norm_target, backend=backend)

@@ -1,0 +1,141 @@
+"""Value checks without host syncs: deferred (the default) or eager.
+
+Shape, dtype, device and contiguity checks are free (the host knows them) and always run at the
+call. A *value* check (an index in range, a mask that selects something, non-negative labels)
+needs the data, and reading data on the host stops the GPU. So by default it is deferred:
+
+* the op computes the condition on the device and, when it fails, records the op, the argument
+  and the offending values in a small per-device int64 table (``torch.where`` into the row of that
+  check: no sync, capturable by CUDA graphs, traceable by ``torch.compile``);
+* the kernels never trust the value meanwhile: bad indices are skipped (their rows read zeros, their
+  gradients go nowhere), so a bad value is never an illegal memory access;
+* the table is read where the host waits anyway: :func:`check_errors` (the training loop calls it
+  at its log interval and before checkpoints), which raises the first failed check with the same
+  exception type and message the eager mode raises at the call, then clears the table.
+
+``SDAE_FAST_CHECKS=eager`` (read at every call) or :func:`set_checks` ``("eager")`` raise at the
+call instead, at the cost of one sync per check: for debugging. Wrong results between a failed
+check and :func:`check_errors` are therefore never silent: the next read of the table raises.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+ENV_VAR = "SDAE_FAST_CHECKS"
+MODES = ("deferred", "eager")
+_override: str | None = None
+
+
+def set_checks(mode: str | None) -> None:
+    """Force ``"deferred"`` or ``"eager"`` checks in this process; ``None`` goes back to the env var."""
+    global _override
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"checks mode must be one of {MODES} or None, got {mode!r}")
+    _override = mode
+
+
+def checks_mode() -> str:
+    mode = _override or os.environ.get(ENV_VAR) or "deferred"
+    if mode not in MODES:
+        raise ValueError(f"{ENV_VAR}={mode!r}: choose one of {', '.join(MODES)}")
+    return mode
+
+
+@dataclass(frozen=True)
+class Check:
+    """One value check of one op: its slot in the table, the exception type and the message.
+
+    ``message`` is formatted with ``v0, v1, v2``, the three int64 values the check recorded.
+    """
+
+    slot: int
+    op: str
+    error: type
+    message: str
+
+    def exception(self, v0: int, v1: int, v2: int) -> Exception:
+        return self.error(f"{self.op}: " + self.message.format(v0=v0, v1=v1, v2=v2))
+
+
+CHECKS: dict[tuple, Check] = {}
+_TABLES: dict[str, torch.Tensor] = {}  # device -> (slots, 4) int64 rows: failed, v0, v1, v2
+_SLOTS = 32  # room for every check of every op, so a table is allocated once per device
+
+
+def register(op: str, error: type, message: str) -> Check:
+    """The check of ``op`` with this message (created once; ops call this at import time)."""
+    key = (op, error, message)
+    if key not in CHECKS:
+        if len(CHECKS) >= _SLOTS:
+            raise RuntimeError(f"more than {_SLOTS} value checks: raise sdae_fast.checks._SLOTS")
+        CHECKS[key] = Check(len(CHECKS), op, error, message)
+    return CHECKS[key]
+
+
+def _table(device: torch.device) -> torch.Tensor:
+    key = str(device)
+    if key not in _TABLES:
+        _TABLES[key] = torch.zeros(_SLOTS, 4, dtype=torch.int64, device=device)
+    return _TABLES[key]
+
+
+def fail_if(check: Check, failed: torch.Tensor, v0, v1=0, v2=0) -> None:
+    """Record (deferred) or raise (eager) ``check`` where the 0-dim bool ``failed`` is true.
+
+    ``v0..v2``: 0-dim tensors or ints, the values the message names. The first failure since the
+    last :func:`check_errors` is kept.
+    """
+    if checks_mode() == "eager":
+        if bool(failed):  # the one sync eager mode pays
+            raise check.exception(*(int(v) for v in (v0, v1, v2)))
+        return
+    table = _table(failed.device)
+    row = table[check.slot]
+    values = torch.stack([torch.ones((), dtype=torch.int64, device=failed.device)]
+                         + [torch.as_tensor(v, device=failed.device).to(torch.int64).reshape(()) for v in (v0, v1, v2)])
+    table[check.slot] = torch.where(failed & (row[0] == 0), values, row)
+
+
+def index_in_range(check: Check, index: torch.Tensor, upper: int) -> None:
+    """Every value of ``index`` lies in [0, upper); the message gets the index's range and ``upper``."""
+    if index.numel() == 0:
+        return
+    lo, hi = torch.aminmax(index)
+    fail_if(check, (lo < 0) | (hi >= upper), lo, hi, upper)
+
+
+def pending() -> list[Exception]:
+    """Every failed check recorded on any device (one device->host copy per device), without clearing."""
+    by_slot = {c.slot: c for c in CHECKS.values()}
+    found = []
+    for table in _TABLES.values():
+        rows = table.cpu().tolist()
+        found += [by_slot[i].exception(*row[1:]) for i, row in enumerate(rows) if row[0]]
+    return found
+
+
+def clear() -> None:
+    for table in _TABLES.values():
+        table.zero_()
+
+
+def check_errors() -> None:
+    """Raise the first value check that failed since the last call (deferred mode), and clear them.
+
+    The exception has the type and message the eager mode raises at the call (IndexError for an
+    index out of range, ValueError otherwise), naming the op, the argument and the values.
+    Costs one small device->host copy per device that ran a check: call it where the host waits
+    anyway (a log interval, a checkpoint, the end of a test).
+    """
+    found = pending()
+    if not found:
+        return
+    clear()
+    first = found[0]
+    if len(found) > 1:
+        more = "; ".join(str(e) for e in found[1:])
+        first = type(first)(f"{first} (also failed: {more})")
+    raise first
