@@ -60,3 +60,20 @@ def launch(kernel):
     from torch.library import wrap_triton
 
     return wrap_triton(kernel)
+
+
+def register_saved_grad_autograd(op, scale) -> None:
+    """Autograd of a Liger-style loss kernel op whose outputs are ``(loss, grad, factor)``: the
+    forward already wrote d loss / d (first input) for a unit upstream gradient, so the backward is
+    ``scale(grad, grad_loss, factor)`` (plain torch, traced as is) and no other input gets one."""
+
+    def setup_context(ctx, inputs, output):
+        _, grad, factor = output
+        ctx.save_for_backward(grad, factor)
+        ctx.num_inputs = len(inputs)
+
+    def backward(ctx, grad_loss, _grad, _factor):
+        grad, factor = ctx.saved_tensors
+        return (scale(grad, grad_loss, factor),) + (None,) * (ctx.num_inputs - 1)
+
+    op.register_autograd(backward, setup_context=setup_context)
