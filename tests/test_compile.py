@@ -105,3 +105,17 @@ def test_step_has_no_sync_gpu():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         sdae_fast.check_errors()
+
+
+def test_pretrain_compile_matches_eager(tmp_path):
+    """``sdae-fast pretrain --compile``: the same losses as the eager run (Dynamo's eager backend
+    here, to keep CI fast; Inductor is the default on the command line)."""
+    from sdae_fast.train.cli import make_args
+    from sdae_fast.train.loop import pretrain
+
+    def run(out, compile_backend):
+        args = make_args(method="sdae", steps=3, batch_size=8, img_size=16, out=str(out), ckpt_every=0, knn=False, export=False,
+                         quiet=True, backend="torch", compile=compile_backend)
+        return pretrain(args)["losses"]
+
+    assert run(tmp_path / "c", "eager") == run(tmp_path / "e", None)

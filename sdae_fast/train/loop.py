@@ -18,6 +18,8 @@ import time
 import numpy as np
 import torch
 
+import sdae_fast
+
 from . import checkpoint as ckpt
 from .data import EpochBatchSampler, load_splits
 from .distributed import all_gather_objects, barrier, init_distributed, mean_across_ranks, shutdown
@@ -147,6 +149,8 @@ def _pretrain(args, build_fn, info) -> dict:
 
         ids = [info.device.index] if info.device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=args.find_unused)
+    if getattr(args, "compile", None):
+        net = torch.compile(net, backend=args.compile)  # forward and, through AOTAutograd, backward
     trainable = [p for p in model.parameters() if p.requires_grad]
     train_images = splits.train_images.to(info.device) if info.device.type == "cuda" else splits.train_images
     metrics = MetricsWriter(args.metrics if info.is_main else None, resume=state is not None)
@@ -189,12 +193,14 @@ def _pretrain(args, build_fn, info) -> dict:
                 record["grad_norm"] = float(grad_norm)
             metrics.write(record)
             if step % args.log_every == 0 or step == stop_at:
+                sdae_fast.check_errors()  # deferred value checks surface where the host waits anyway
                 now = time.perf_counter()
                 rate = n_window * global_batch / max(now - t_window, 1e-9)
                 say(f"step {step:>6}/{total} epoch {epoch:>3} loss {logged:.4f} lr {lr:.2e} {rate:8.1f} img/s",
                     flush=True)
                 t_window, n_window = now, 0
             if args.ckpt_every and (step % args.ckpt_every == 0 or step == total):
+                sdae_fast.check_errors()  # never checkpoint a step that read a bad value
                 _save(model, optimizer, step, spe, args, info)
             if step >= stop_at:
                 break
