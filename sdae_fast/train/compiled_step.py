@@ -88,5 +88,5 @@ class TrainStep:
     def __call__(self, images):
         for t, group in zip(self._lrs, self.optimizer.param_groups):
             t.fill_(float(group["lr"]))  # host scalar into device memory: no sync, no recompile
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
+        with torch._dynamo.config.patch(trace_autograd_ops=True, allow_unspec_int_on_nn_module=True):
             return self._fn(images, self._lrs)
