@@ -13,8 +13,9 @@ needs the data, and reading data on the host stops the GPU. So by default it is 
   at its log interval and before checkpoints), which raises the first failed check with the same
   exception type and message the eager mode raises at the call, then clears the table.
 
-``SDAE_FAST_CHECKS=eager`` (read at every call) or :func:`set_checks` ``("eager")`` raise at the
-call instead, at the cost of one sync per check: for debugging. Wrong results between a failed
+``SDAE_FAST_CHECKS=eager`` (read at every eager call; a ``torch.compile`` graph keeps the mode
+it was traced with) or :func:`set_checks` ``("eager")`` raise at the call instead, at the cost of
+one sync per check: for debugging, in eager code (the sync would break a compiled graph). Wrong results between a failed
 check and :func:`check_errors` are therefore never silent: the next read of the table raises.
 """
 from __future__ import annotations
@@ -92,11 +93,14 @@ def fail_if(check: Check, failed: torch.Tensor, v0, v1=0, v2=0) -> None:
         if bool(failed):  # the one sync eager mode pays
             raise check.exception(*(int(v) for v in (v0, v1, v2)))
         return
-    table = _table(failed.device)
+    device = failed.device
+    table = _table(device)
     row = table[check.slot]
-    values = torch.stack([torch.ones((), dtype=torch.int64, device=failed.device)]
-                         + [torch.as_tensor(v, device=failed.device).to(torch.int64).reshape(()) for v in (v0, v1, v2)])
-    table[check.slot] = torch.where(failed & (row[0] == 0), values, row)
+    # torch.full, never torch.tensor(value, device=...): a blocking host->device copy syncs the stream.
+    values = torch.stack([failed.to(torch.int64)] + [v.to(torch.int64).reshape(()) if isinstance(v, torch.Tensor)
+                                                     else torch.full((), int(v), dtype=torch.int64, device=device)
+                                                     for v in (v0, v1, v2)])
+    row.copy_(torch.where(row[0] == 0, values, row))  # a failure already recorded is kept
 
 
 def index_in_range(check: Check, index: torch.Tensor, upper: int) -> None:

@@ -18,20 +18,24 @@ def _leaf(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype).requires_grad_()
 
 
-def public_cases():
+def _inputs(head_dim):
+    """x, pos, prefix, index (2 groups, a repeat), ids_restore, q, k, v, pred, target, mask."""
     x, pos, pre = _leaf(2, 5, 4), _leaf(5, 4), _leaf(1, 4)
     index = torch.tensor([[0, 3], [4, 4], [2, 1], [0, 0]])
     ids = torch.stack([torch.randperm(6) for _ in range(2)])
-    q, k, v = _leaf(1, 2, 5, 4), _leaf(1, 2, 5, 4), _leaf(1, 2, 5, 4)
-    pred = _leaf(2, 3, 4)
+    qkv = [_leaf(1, 2, 5, head_dim) for _ in range(3)]
+    return x, pos, pre, index, ids, *qkv, _leaf(2, 3, 4), torch.randn(2, 3, 4), torch.tensor([[1., 0, 1], [0, 1, 0]])
+
+
+def public_cases():
+    x, pos, pre, index, ids, q, k, v, pred, target, mask = _inputs(head_dim=4)
     return {
         "gather_tokens": (ops.gather_tokens.default, (x, index), dict(pos_embed=pos, prefix=pre, groups=2)),
         "unshuffle_tokens": (ops.unshuffle_tokens.default, (_leaf(2, 3, 4), ids, _leaf(4)),
                              dict(pos_embed=_leaf(7, 4), num_prefix=1)),
         "topk_attention": (ops.topk_attention.default, (q, k, v, 2), {}),
-        "cosine_loss": (ops.cosine_loss.default, (pred, torch.randn(2, 3, 4)), dict(dim=1)),
-        "masked_mse_loss": (ops.masked_mse_loss.default, (pred, torch.randn(2, 3, 4), torch.tensor([[1., 0, 1],
-                                                                                                  [0, 1, 0]])), {}),
+        "cosine_loss": (ops.cosine_loss.default, (pred, target), dict(dim=1)),
+        "masked_mse_loss": (ops.masked_mse_loss.default, (pred, target, mask), {}),
         "dino_loss": (ops.dino_loss.default, (_leaf(6, 8), torch.randn(4, 8), torch.zeros(8)), dict(num_global=2)),
         "homologous_contrastive_loss": (ops.homologous_contrastive_loss.default,
                                         (_leaf(2, 5, 4), torch.tensor([[0, 0, 1, 1, 0], [1, 2, 2, 1, 0]])), {}),
@@ -54,20 +58,15 @@ interpreter = pytest.mark.skipif(bool(triton_why_not([torch.empty(0)])), reason=
 
 
 def kernel_cases():
-    x, pos, pre = _leaf(2, 5, 4), _leaf(5, 4), _leaf(1, 4)
-    index = torch.tensor([[0, 3], [4, 4], [2, 1], [0, 0]])
-    ids = torch.stack([torch.randperm(6) for _ in range(2)])
-    q, k, v = _leaf(1, 1, 5, 16), _leaf(1, 1, 5, 16), _leaf(1, 1, 5, 16)
-    pred = _leaf(2, 3, 4)
+    x, pos, pre, index, ids, q, k, v, pred, target, mask = _inputs(head_dim=16)
     return {
         "gather": (ops.gather_tokens_triton.default, (x, index, pos, pre, 2, False)),
         "gather_deterministic": (ops.gather_tokens_triton.default, (x, index, pos, None, 2, True)),
         "unshuffle": (ops.unshuffle_tokens_triton.default, (_leaf(2, 3, 4), ids, _leaf(4), _leaf(7, 4), 1, False)),
         "unshuffle_deterministic": (ops.unshuffle_tokens_triton.default,
                                     (_leaf(2, 3, 4), ids, _leaf(4), _leaf(7, 4), 1, True)),
-        "cosine": (ops.cosine_loss_triton.default, (pred, torch.randn(2, 3, 4), 1, True, 1e-6, True)),
-        "masked_mse": (ops.masked_mse_loss_triton.default,
-                       (pred, torch.randn(2, 3, 4), torch.tensor([[1., 0, 1], [0, 1, 0]]), True, True)),
+        "cosine": (ops.cosine_loss_triton.default, (pred, target, 1, True, 1e-6, True)),
+        "masked_mse": (ops.masked_mse_loss_triton.default, (pred, target, mask, True, True)),
         "dino": (ops.dino_loss_triton.default, (_leaf(6, 8), torch.randn(4, 8), torch.zeros(8), 0.1, 0.04, 2, True,
                                                 None, None)),
         "contrastive": (ops.homologous_contrastive_loss_triton.default,
