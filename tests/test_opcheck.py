@@ -10,21 +10,23 @@ from torch.library import opcheck
 
 import sdae_fast  # noqa: F401  (registers the public ops)
 from sdae_fast.dispatch import triton_why_not
+from sdae_fast.testing import triton_device
 
 ops = torch.ops.sdae_fast
 
 
-def _leaf(*shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype).requires_grad_()
+def _leaf(*shape, device="cpu"):
+    return torch.randn(*shape, device=device).requires_grad_()
 
 
-def _inputs(head_dim):
+def _inputs(head_dim, device="cpu"):
     """x, pos, prefix, index (2 groups, a repeat), ids_restore, q, k, v, pred, target, mask."""
-    x, pos, pre = _leaf(2, 5, 4), _leaf(5, 4), _leaf(1, 4)
-    index = torch.tensor([[0, 3], [4, 4], [2, 1], [0, 0]])
-    ids = torch.stack([torch.randperm(6) for _ in range(2)])
-    qkv = [_leaf(1, 2, 5, head_dim) for _ in range(3)]
-    return x, pos, pre, index, ids, *qkv, _leaf(2, 3, 4), torch.randn(2, 3, 4), torch.tensor([[1., 0, 1], [0, 1, 0]])
+    x, pos, pre = _leaf(2, 5, 4, device=device), _leaf(5, 4, device=device), _leaf(1, 4, device=device)
+    index = torch.tensor([[0, 3], [4, 4], [2, 1], [0, 0]], device=device)
+    ids = torch.stack([torch.randperm(6) for _ in range(2)]).to(device)
+    qkv = [_leaf(1, 2, 5, head_dim, device=device) for _ in range(3)]
+    return (x, pos, pre, index, ids, *qkv, _leaf(2, 3, 4, device=device), torch.randn(2, 3, 4, device=device),
+            torch.tensor([[1., 0, 1], [0, 1, 0]], device=device))
 
 
 def public_cases():
@@ -54,23 +56,27 @@ def test_ema_op():
     opcheck(ops.ema_update_.default, (teacher, student, 0.0, torch.tensor(0.5), "torch", -1))
 
 
-interpreter = pytest.mark.skipif(bool(triton_why_not([torch.empty(0)])), reason="needs Triton (GPU or interpreter)")
+DEVICE = triton_device()  # the GPU (kernel ops are triton_ops there), else the CPU interpreter
+interpreter = pytest.mark.skipif(bool(triton_why_not([torch.empty(0, device=DEVICE)])),
+                                 reason="needs Triton (GPU or interpreter)")
 
 
 def kernel_cases():
-    x, pos, pre, index, ids, q, k, v, pred, target, mask = _inputs(head_dim=16)
+    x, pos, pre, index, ids, q, k, v, pred, target, mask = _inputs(head_dim=16, device=DEVICE)
+    leaf = lambda *shape: _leaf(*shape, device=DEVICE)  # noqa: E731
     return {
         "gather": (ops.gather_tokens_triton.default, (x, index, pos, pre, 2, False)),
         "gather_deterministic": (ops.gather_tokens_triton.default, (x, index, pos, None, 2, True)),
-        "unshuffle": (ops.unshuffle_tokens_triton.default, (_leaf(2, 3, 4), ids, _leaf(4), _leaf(7, 4), 1, False)),
+        "unshuffle": (ops.unshuffle_tokens_triton.default, (leaf(2, 3, 4), ids, leaf(4), leaf(7, 4), 1, False)),
         "unshuffle_deterministic": (ops.unshuffle_tokens_triton.default,
-                                    (_leaf(2, 3, 4), ids, _leaf(4), _leaf(7, 4), 1, True)),
+                                    (leaf(2, 3, 4), ids, leaf(4), leaf(7, 4), 1, True)),
         "cosine": (ops.cosine_loss_triton.default, (pred, target, 1, True, 1e-6, True)),
         "masked_mse": (ops.masked_mse_loss_triton.default, (pred, target, mask, True, True)),
-        "dino": (ops.dino_loss_triton.default, (_leaf(6, 8), torch.randn(4, 8), torch.zeros(8), 0.1, 0.04, 2, True,
-                                                None, None)),
+        "dino": (ops.dino_loss_triton.default, (leaf(6, 8), torch.randn(4, 8, device=DEVICE),
+                                                torch.zeros(8, device=DEVICE), 0.1, 0.04, 2, True, None, None)),
         "contrastive": (ops.homologous_contrastive_loss_triton.default,
-                        (_leaf(2, 5, 4), torch.tensor([[0, 0, 1, 1, 0], [1, 2, 2, 1, 0]]), 0.07, True)),
+                        (leaf(2, 5, 4), torch.tensor([[0, 0, 1, 1, 0], [1, 2, 2, 1, 0]], device=DEVICE), 0.07,
+                         True)),
         "topk_attention": (ops.topk_attention_triton.default, (q, k, v, 2, 0.25)),
     }
 
