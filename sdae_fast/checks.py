@@ -62,7 +62,9 @@ class Check:
 
 
 CHECKS: dict[tuple, Check] = {}
-_TABLES: dict[str, torch.Tensor] = {}  # device -> (slots, 4) int64 rows: failed, v0, v1, v2
+# device -> (1 + slots, 5) int64. Row 0: [failures recorded so far, ...]; row 1 + slot: [failed, v0,
+# v1, v2, order of the failure], so check_errors() can name the earliest one.
+_TABLES: dict[str, torch.Tensor] = {}
 _SLOTS = 32  # room for every check of every op, so a table is allocated once per device
 
 
@@ -79,7 +81,7 @@ def register(op: str, error: type, message: str) -> Check:
 def _table(device: torch.device) -> torch.Tensor:
     key = str(device)
     if key not in _TABLES:
-        _TABLES[key] = torch.zeros(_SLOTS, 4, dtype=torch.int64, device=device)
+        _TABLES[key] = torch.zeros(1 + _SLOTS, 5, dtype=torch.int64, device=device)
     return _TABLES[key]
 
 
@@ -95,12 +97,14 @@ def fail_if(check: Check, failed: torch.Tensor, v0, v1=0, v2=0) -> None:
         return
     device = failed.device
     table = _table(device)
-    row = table[check.slot]
+    row, count = table[1 + check.slot], table[0, :1]
+    failed = failed.to(torch.int64).reshape(1)
     # torch.full, never torch.tensor(value, device=...): a blocking host->device copy syncs the stream.
-    values = torch.stack([failed.to(torch.int64)] + [v.to(torch.int64).reshape(()) if isinstance(v, torch.Tensor)
-                                                     else torch.full((), int(v), dtype=torch.int64, device=device)
-                                                     for v in (v0, v1, v2)])
+    values = torch.cat([failed] + [v.to(torch.int64).reshape(1) if isinstance(v, torch.Tensor)
+                                   else torch.full((1,), int(v), dtype=torch.int64, device=device)
+                                   for v in (v0, v1, v2)] + [count])
     row.copy_(torch.where(row[0] == 0, values, row))  # a failure already recorded is kept
+    count.add_(failed)
 
 
 def index_in_range(check: Check, index: torch.Tensor, upper: int) -> None:
@@ -116,9 +120,9 @@ def pending() -> list[Exception]:
     by_slot = {c.slot: c for c in CHECKS.values()}
     found = []
     for table in _TABLES.values():
-        rows = table.cpu().tolist()
-        found += [by_slot[i].exception(*row[1:]) for i, row in enumerate(rows) if row[0]]
-    return found
+        rows = table[1:].cpu().tolist()
+        found += [(row[4], by_slot[i].exception(*row[1:4])) for i, row in enumerate(rows) if row[0]]
+    return [e for _, e in sorted(found, key=lambda item: item[0])]
 
 
 def clear() -> None:
@@ -127,7 +131,7 @@ def clear() -> None:
 
 
 def check_errors() -> None:
-    """Raise the first value check that failed since the last call (deferred mode), and clear them.
+    """Raise the earliest value check that failed since the last call (deferred mode), and clear them.
 
     The exception has the type and message the eager mode raises at the call (IndexError for an
     index out of range, ValueError otherwise), naming the op, the argument and the values.
