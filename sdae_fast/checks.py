@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .dispatch import triton_installed
+
 ENV_VAR = "SDAE_FAST_CHECKS"
 MODES = ("deferred", "eager")
 _override: str | None = None
@@ -108,8 +110,16 @@ def fail_if(check: Check, failed: torch.Tensor, v0, v1=0, v2=0) -> None:
 
 
 def index_in_range(check: Check, index: torch.Tensor, upper: int) -> None:
-    """Every value of ``index`` lies in [0, upper); the message gets the index's range and ``upper``."""
+    """Every value of ``index`` lies in [0, upper); the message gets the index's range and ``upper``.
+
+    Deferred on a CUDA tensor: one Triton launch (``sdae_fast.kernels.value_checks``) instead of
+    the ~10 tiny launches of the torch ops below."""
     if index.numel() == 0:
+        return
+    if index.is_cuda and index.dim() == 2 and checks_mode() == "deferred" and triton_installed():
+        from .kernels import value_checks  # noqa: F401  (registers the kernel op)
+
+        torch.ops.sdae_fast.check_index_range_triton(index, _table(index.device), upper, 1 + check.slot)
         return
     lo, hi = torch.aminmax(index)
     fail_if(check, (lo < 0) | (hi >= upper), lo, hi, upper)

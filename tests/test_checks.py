@@ -44,3 +44,31 @@ def test_good_values_record_nothing():
     sdae_fast.gather_tokens(torch.randn(2, 4, 3), torch.randint(0, 4, (2, 2)))
     sdae_fast.homologous_contrastive_loss(torch.randn(1, 4, 3), torch.tensor([[0, 1, 0, 1]]))
     assert checks.pending() == []
+
+
+@pytest.mark.interpreter
+def test_triton_index_check_writes_what_the_torch_check_writes():
+    """The one-launch Triton check (used for CUDA indices) records the same row as the torch ops."""
+    from sdae_fast.dispatch import triton_why_not
+    from sdae_fast.testing import triton_device
+
+    device = triton_device()
+    if triton_why_not([torch.empty(0, device=device)]):
+        pytest.skip("needs Triton (GPU or interpreter)")
+    import sdae_fast.kernels.value_checks  # noqa: F401
+
+    check = checks.register("test_op", IndexError, "index values must lie in [0, {v2}), found range [{v0}, {v1}]")
+    ok, bad = torch.randint(0, 6, (5, 3), device=device), torch.tensor([[0, 9], [-2, 3]], device=device)
+    table = checks._table(torch.device(device))
+    torch.ops.sdae_fast.check_index_range_triton(ok, table, 6, 1 + check.slot)
+    assert checks.pending() == []
+    torch.ops.sdae_fast.check_index_range_triton(bad[:, ::2], table, 6, 1 + check.slot)  # strided: [[0], [-2]]
+    torch.ops.sdae_fast.check_index_range_triton(bad, table, 6, 1 + check.slot)  # kept: the first failure
+    row = table[1 + check.slot].tolist()
+    checks.clear()
+    sdae_fast.set_checks("deferred")
+    for index in (ok, bad[:, ::2].cpu(), bad.cpu()):  # the torch-op path, on the CPU table
+        checks.index_in_range(check, index.cpu(), 6)
+    assert checks._table(torch.device("cpu"))[1 + check.slot].tolist() == row == [1, -2, 0, 6, 0]
+    with pytest.raises(IndexError, match=r"test_op: index values must lie in \[0, 6\), found range \[-2, 0\]"):
+        sdae_fast.check_errors()

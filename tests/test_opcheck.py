@@ -78,11 +78,13 @@ def kernel_cases():
                         (leaf(2, 5, 4), torch.tensor([[0, 0, 1, 1, 0], [1, 2, 2, 1, 0]], device=DEVICE), 0.07,
                          True)),
         "topk_attention": (ops.topk_attention_triton.default, (q, k, v, 2, 0.25)),
+        "index_check": (ops.check_index_range_triton.default,
+                        (index, torch.zeros(4, 5, dtype=torch.int64, device=DEVICE), 4, 1)),
     }
 
 
 KERNEL_CASES = ("gather", "gather_deterministic", "unshuffle", "unshuffle_deterministic", "cosine", "masked_mse", "dino",
-                "contrastive", "topk_attention")
+                "contrastive", "topk_attention", "index_check")
 
 
 @interpreter
@@ -95,6 +97,7 @@ def test_triton_kernel_op(name):
     import sdae_fast.kernels.masked_mse_loss  # noqa: F401
     import sdae_fast.kernels.topk_attention  # noqa: F401
     import sdae_fast.kernels.unshuffle_tokens  # noqa: F401
+    import sdae_fast.kernels.value_checks  # noqa: F401
 
     op, args = kernel_cases()[name]
     opcheck(op, args)
