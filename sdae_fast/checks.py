@@ -112,17 +112,45 @@ def fail_if(check: Check, failed: torch.Tensor, v0, v1=0, v2=0) -> None:
 def index_in_range(check: Check, index: torch.Tensor, upper: int) -> None:
     """Every value of ``index`` lies in [0, upper); the message gets the index's range and ``upper``.
 
-    Deferred on a CUDA tensor: one Triton launch (``sdae_fast.kernels.value_checks``) instead of
-    the ~10 tiny launches of the torch ops below."""
+    Deferred on a 2-d CUDA tensor: one Triton launch (``sdae_fast.kernels.value_checks``) instead
+    of the ~10 tiny launches of the torch ops below (so for :func:`not_negative`, :func:`not_all_zero`)."""
     if index.numel() == 0:
         return
-    if index.is_cuda and index.dim() == 2 and checks_mode() == "deferred" and triton_installed():
-        from .kernels import value_checks  # noqa: F401  (registers the kernel op)
-
-        torch.ops.sdae_fast.check_index_range_triton(index, _table(index.device), upper, 1 + check.slot)
+    if _one_launch(index):
+        _launch_check(check, index, 0, upper, all_zero=False)
         return
     lo, hi = torch.aminmax(index)
     fail_if(check, (lo < 0) | (hi >= upper), lo, hi, upper)
+
+
+def not_negative(check: Check, values: torch.Tensor) -> None:
+    """Every value of the integer ``values`` is >= 0; the message gets the lowest as ``v0``."""
+    if values.numel() == 0:
+        return
+    if _one_launch(values):
+        _launch_check(check, values, 0, 2**62, all_zero=False)
+        return
+    lowest = values.min()
+    fail_if(check, lowest < 0, lowest)
+
+
+def not_all_zero(check: Check, values: torch.Tensor) -> None:
+    """Some value of ``values`` is non-zero (a mask selects something)."""
+    if _one_launch(values):
+        _launch_check(check, values, 0, 0, all_zero=True)
+        return
+    fail_if(check, values.any().logical_not(), 0)  # logical_not: any() of uint8 is uint8
+
+
+def _one_launch(t: torch.Tensor) -> bool:
+    """Deferred checks of 2-d CUDA tensors take one Triton launch (sdae_fast.kernels.value_checks)."""
+    return t.is_cuda and t.dim() == 2 and checks_mode() == "deferred" and triton_installed()
+
+
+def _launch_check(check: Check, t: torch.Tensor, lower: int, upper: int, all_zero: bool) -> None:
+    from .kernels import value_checks  # noqa: F401  (registers the kernel op)
+
+    torch.ops.sdae_fast.check_values_triton(t, _table(t.device), lower, upper, 1 + check.slot, all_zero)
 
 
 def pending() -> list[Exception]:

@@ -60,10 +60,10 @@ def test_triton_index_check_writes_what_the_torch_check_writes():
     check = checks.register("test_op", IndexError, "index values must lie in [0, {v2}), found range [{v0}, {v1}]")
     ok, bad = torch.randint(0, 6, (5, 3), device=device), torch.tensor([[0, 9], [-2, 3]], device=device)
     table = checks._table(torch.device(device))
-    torch.ops.sdae_fast.check_index_range_triton(ok, table, 6, 1 + check.slot)
+    torch.ops.sdae_fast.check_values_triton(ok, table, 0, 6, 1 + check.slot, False)
     assert checks.pending() == []
-    torch.ops.sdae_fast.check_index_range_triton(bad[:, ::2], table, 6, 1 + check.slot)  # strided: [[0], [-2]]
-    torch.ops.sdae_fast.check_index_range_triton(bad, table, 6, 1 + check.slot)  # kept: the first failure
+    torch.ops.sdae_fast.check_values_triton(bad[:, ::2], table, 0, 6, 1 + check.slot, False)  # [[0], [-2]]
+    torch.ops.sdae_fast.check_values_triton(bad, table, 0, 6, 1 + check.slot, False)  # the first failure is kept
     row = table[1 + check.slot].tolist()
     checks.clear()
     sdae_fast.set_checks("deferred")
@@ -71,4 +71,26 @@ def test_triton_index_check_writes_what_the_torch_check_writes():
         checks.index_in_range(check, index.cpu(), 6)
     assert checks._table(torch.device("cpu"))[1 + check.slot].tolist() == row == [1, -2, 0, 6, 0]
     with pytest.raises(IndexError, match=r"test_op: index values must lie in \[0, 6\), found range \[-2, 0\]"):
+        sdae_fast.check_errors()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.uint8])
+def test_triton_all_zero_check(dtype):
+    from sdae_fast.dispatch import triton_why_not
+    from sdae_fast.testing import triton_device
+
+    device = triton_device()
+    if triton_why_not([torch.empty(0, device=device)]):
+        pytest.skip("needs Triton (GPU or interpreter)")
+    import sdae_fast.kernels.value_checks  # noqa: F401
+
+    check = checks.register("test_mask", ValueError, "mask selects no patch")
+    table = checks._table(torch.device(device))
+    some = torch.tensor([[0, 0.5], [0, 0]]) if dtype == torch.float32 else torch.tensor([[0, 1], [0, 0]])
+    torch.ops.sdae_fast.check_values_triton(some.to(dtype).to(device), table, 0, 0, 1 + check.slot, True)
+    assert checks.pending() == []
+    torch.ops.sdae_fast.check_values_triton(torch.zeros(2, 3, dtype=dtype, device=device), table, 0, 0,
+                                            1 + check.slot, True)
+    with pytest.raises(ValueError, match="test_mask: mask selects no patch"):
         sdae_fast.check_errors()

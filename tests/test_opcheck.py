@@ -78,8 +78,8 @@ def kernel_cases():
                         (leaf(2, 5, 4), torch.tensor([[0, 0, 1, 1, 0], [1, 2, 2, 1, 0]], device=DEVICE), 0.07,
                          True)),
         "topk_attention": (ops.topk_attention_triton.default, (q, k, v, 2, 0.25)),
-        "index_check": (ops.check_index_range_triton.default,
-                        (index, torch.zeros(4, 5, dtype=torch.int64, device=DEVICE), 4, 1)),
+        "index_check": (ops.check_values_triton.default,
+                        (index, torch.zeros(4, 5, dtype=torch.int64, device=DEVICE), 0, 4, 1, False)),
     }
 
 

@@ -40,7 +40,5 @@ def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True, 
     check_shape("labels", labels, z.shape[:2])
     check_same_device(z=z, labels=labels)
     check_positive("temperature", temperature)
-    if labels.numel():
-        lowest = labels.min()
-        checks.fail_if(NEGATIVE_LABEL, lowest < 0, lowest)
+    checks.not_negative(NEGATIVE_LABEL, labels)
     return CONTRASTIVE_LOSS(z, labels, temperature=temperature, normalize=normalize, backend=backend)

@@ -51,5 +51,5 @@ def masked_mse_loss(pred, target, mask, *, norm_target=True, backend=None):
     check_same_device(pred=pred, target=target, mask=mask)
     if pred.shape[-1] == 0 or mask.numel() == 0:
         raise ValueError(f"masked_mse_loss: {EMPTY_MASK.message}")
-    checks.fail_if(EMPTY_MASK, mask.any().logical_not(), 0)  # any() of uint8 is uint8
+    checks.not_all_zero(EMPTY_MASK, mask)
     return MASKED_MSE_LOSS(pred, target, mask, norm_target=norm_target, backend=backend)
