@@ -93,6 +93,8 @@ def fail_if(check: Check, failed: torch.Tensor, v0, v1=0, v2=0) -> None:
     ``v0..v2``: 0-dim tensors or ints, the values the message names. The first failure since the
     last :func:`check_errors` is kept.
     """
+    if failed.is_meta:
+        return  # a meta tensor has no values to check (shape inference)
     if checks_mode() == "eager":
         if bool(failed):  # the one sync eager mode pays
             raise check.exception(*(int(v) for v in (v0, v1, v2)))
@@ -114,7 +116,7 @@ def index_in_range(check: Check, index: torch.Tensor, upper: int) -> None:
 
     Deferred on a 2-d CUDA tensor: one Triton launch (``sdae_fast.kernels.value_checks``) instead
     of the ~10 tiny launches of the torch ops below (so for :func:`not_negative`, :func:`not_all_zero`)."""
-    if index.numel() == 0:
+    if index.numel() == 0 or index.is_meta:
         return
     if _one_launch(index):
         _launch_check(check, index, 0, upper, all_zero=False)
@@ -125,7 +127,7 @@ def index_in_range(check: Check, index: torch.Tensor, upper: int) -> None:
 
 def not_negative(check: Check, values: torch.Tensor) -> None:
     """Every value of the integer ``values`` is >= 0; the message gets the lowest as ``v0``."""
-    if values.numel() == 0:
+    if values.numel() == 0 or values.is_meta:
         return
     if _one_launch(values):
         _launch_check(check, values, 0, 2**62, all_zero=False)
@@ -136,6 +138,8 @@ def not_negative(check: Check, values: torch.Tensor) -> None:
 
 def not_all_zero(check: Check, values: torch.Tensor) -> None:
     """Some value of ``values`` is non-zero (a mask selects something)."""
+    if values.is_meta:
+        return
     if _one_launch(values):
         _launch_check(check, values, 0, 0, all_zero=True)
         return

@@ -94,3 +94,11 @@ def test_triton_all_zero_check(dtype):
                                             1 + check.slot, True)
     with pytest.raises(ValueError, match="test_mask: mask selects no patch"):
         sdae_fast.check_errors()
+
+
+def test_meta_tensors_skip_value_checks():
+    """Shape inference on meta tensors: no values, so nothing to check and nothing recorded."""
+    out = sdae_fast.gather_tokens(torch.randn(2, 5, 3, device="meta"), torch.zeros(2, 2, dtype=torch.int64,
+                                                                                      device="meta"))
+    assert out.is_meta and out.shape == (2, 2, 3)
+    sdae_fast.check_errors()
