@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from sdae_fast.alloc import empty
+from sdae_fast.library import kernel_op, launch
 
 
 @triton.jit
@@ -170,49 +171,87 @@ def _blocks(n: int, d: int, z: torch.Tensor):
                 PRECISION=precision), 64, 1
 
 
-class HomologousContrastiveFunction(torch.autograd.Function):
-    """Loss of z (M, N, D); with ``normalize`` the L2 normalisation happens inside the products
-    (fp32 inverse norms r scale the similarities), so 16-bit features stay exact, and its backward
-    is fused into the dz kernel."""
+@kernel_op("homologous_contrastive_loss_triton")
+def contrastive_loss_triton(z: torch.Tensor, labels: torch.Tensor, temperature: float, normalize: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                       torch.Tensor]:
+    """(loss, r, r3, lse, cnt, n_valid): the loss of z (M, N, D) and what its backward reads. With
+    ``normalize`` the L2 normalisation happens inside the products (fp32 inverse norms r scale the
+    similarities), so 16-bit features stay exact; r and r3 are empty without it."""
+    z = z.contiguous()
+    labels = labels.contiguous()
+    m, n, d = z.shape
+    r = r3 = z  # placeholders, never read without normalize
+    if normalize:
+        norm = torch.linalg.vector_norm(z, dim=-1, dtype=torch.float32)
+        r = norm.clamp_min(1e-12).reciprocal()  # F.normalize: z / max(||z||, 1e-12)
+        r3 = torch.where(norm > 1e-12, r * r * r, 0.0)  # d r / d z vanishes where clamped
+    blocks, block_do, warps = _blocks(n, d, z)
+    lse = empty(m, n, dtype=torch.float32, device=z.device)
+    cnt = empty(m, n, dtype=torch.float32, device=z.device)
+    per_anchor = empty(m, n, dtype=torch.float32, device=z.device)
+    grid = (m, triton.cdiv(n, blocks["BLOCK_M"]))
+    launch(_contrastive_fwd_kernel)[grid](z, r, labels, lse, cnt, per_anchor, n, d, z.stride(0), z.stride(1),
+                                          labels.stride(0), 1.0 / temperature, **blocks, NORMALIZE=normalize,
+                                          num_warps=warps)
+    n_valid = (cnt > 0).sum().to(torch.float32).clamp(min=1.0)
+    if not normalize:
+        r, r3 = z.new_empty(0, dtype=torch.float32), z.new_empty(0, dtype=torch.float32)
+    return per_anchor.sum() / n_valid, r, r3, lse, cnt, n_valid
 
-    @staticmethod
-    def forward(ctx, z, labels, temperature, normalize):
-        z = z.contiguous()
-        labels = labels.contiguous()
-        m, n, d = z.shape
-        r = r3 = z  # placeholders, never read without normalize
-        if normalize:
-            norm = torch.linalg.vector_norm(z, dim=-1, dtype=torch.float32)
-            r = norm.clamp_min(1e-12).reciprocal()  # F.normalize: z / max(||z||, 1e-12)
-            r3 = torch.where(norm > 1e-12, r * r * r, 0.0)  # d r / d z vanishes where clamped
-        blocks, block_do, warps = _blocks(n, d, z)
-        lse = empty(m, n, dtype=torch.float32, device=z.device)
-        cnt = empty(m, n, dtype=torch.float32, device=z.device)
-        per_anchor = empty(m, n, dtype=torch.float32, device=z.device)
-        grid = (m, triton.cdiv(n, blocks["BLOCK_M"]))
-        _contrastive_fwd_kernel[grid](z, r, labels, lse, cnt, per_anchor, n, d, z.stride(0), z.stride(1),
-                                      labels.stride(0), 1.0 / temperature, **blocks, NORMALIZE=normalize,
-                                      num_warps=warps)
-        n_valid = (cnt > 0).sum().to(torch.float32).clamp(min=1.0)
-        ctx.save_for_backward(z, r, r3, labels, lse, cnt, n_valid)
-        ctx.temperature, ctx.normalize = temperature, normalize
-        return per_anchor.sum() / n_valid
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        z, r, r3, labels, lse, cnt, n_valid = ctx.saved_tensors
-        m, n, d = z.shape
-        blocks, block_do, warps = _blocks(n, d, z)
-        scale = (grad_output.to(torch.float32) / n_valid).reshape(1)
-        dz = empty(m, n, d, dtype=z.dtype, device=z.device)
-        grid = (m, triton.cdiv(n, blocks["BLOCK_M"]), triton.cdiv(d, block_do))
-        _contrastive_bwd_kernel[grid](z, r, r3, labels, lse, cnt, scale, dz, n, d, z.stride(0), z.stride(1),
-                                      labels.stride(0), dz.stride(0), dz.stride(1), 1.0 / ctx.temperature,
-                                      **blocks, NORMALIZE=ctx.normalize, BLOCK_DO=block_do,
-                                      SPLIT_W=z.dtype != torch.float32, num_warps=warps)
-        return dz, None, None, None
+@contrastive_loss_triton.register_fake
+def _contrastive_fake(z, labels, temperature, normalize):
+    m, n, _ = z.shape
+    f32 = dict(dtype=torch.float32)
+    rows = (m, n) if normalize else (0,)
+    return (z.new_empty((), **f32), z.new_empty(rows, **f32), z.new_empty(rows, **f32), z.new_empty(m, n, **f32),
+            z.new_empty(m, n, **f32), z.new_empty((), **f32))
+
+
+@kernel_op("homologous_contrastive_loss_triton_backward")
+def contrastive_loss_triton_backward(grad_output: torch.Tensor, z: torch.Tensor, labels: torch.Tensor,
+                                     r: torch.Tensor, r3: torch.Tensor, lse: torch.Tensor, cnt: torch.Tensor,
+                                     n_valid: torch.Tensor, temperature: float, normalize: bool) -> torch.Tensor:
+    """dz, fused with the backward of the normalisation."""
+    z = z.contiguous()
+    labels = labels.contiguous()
+    if not normalize:
+        r = r3 = z
+    m, n, d = z.shape
+    blocks, block_do, warps = _blocks(n, d, z)
+    scale = (grad_output.to(torch.float32) / n_valid).reshape(1)
+    dz = empty(m, n, d, dtype=z.dtype, device=z.device)
+    grid = (m, triton.cdiv(n, blocks["BLOCK_M"]), triton.cdiv(d, block_do))
+    launch(_contrastive_bwd_kernel)[grid](z, r, r3, labels, lse, cnt, scale, dz, n, d, z.stride(0), z.stride(1),
+                                          labels.stride(0), dz.stride(0), dz.stride(1), 1.0 / temperature,
+                                          **blocks, NORMALIZE=normalize, BLOCK_DO=block_do,
+                                          SPLIT_W=z.dtype != torch.float32, num_warps=warps)
+    return dz
+
+
+@contrastive_loss_triton_backward.register_fake
+def _contrastive_backward_fake(grad_output, z, labels, r, r3, lse, cnt, n_valid, temperature, normalize):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+def _contrastive_setup(ctx, inputs, output):
+    z, labels, temperature, normalize = inputs
+    _, r, r3, lse, cnt, n_valid = output
+    ctx.save_for_backward(z, labels, r, r3, lse, cnt, n_valid)
+    ctx.temperature, ctx.normalize = temperature, normalize
+
+
+def _contrastive_backward(ctx, grad_output, *_):
+    z, labels, r, r3, lse, cnt, n_valid = ctx.saved_tensors
+    dz = torch.ops.sdae_fast.homologous_contrastive_loss_triton_backward(
+        grad_output, z, labels, r, r3, lse, cnt, n_valid, ctx.temperature, ctx.normalize)
+    return dz, None, None, None
+
+
+contrastive_loss_triton.register_autograd(_contrastive_backward, setup_context=_contrastive_setup)
 
 
 def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True):
     """Fused homologous contrastive loss; same contract as the reference (fp32 scalar)."""
-    return HomologousContrastiveFunction.apply(z, labels, float(temperature), bool(normalize))
+    return torch.ops.sdae_fast.homologous_contrastive_loss_triton(z, labels, float(temperature), bool(normalize))[0]

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ..alloc import empty
 from ..dispatch import triton_interpreting
+from ..library import kernel_op, launch, register_saved_grad_autograd
 from .loss_grad import defers_mean_factor, scale_saved_grad
 from .row_stats import mean_rstd_along, standardize_along
 
@@ -140,7 +141,7 @@ def target_stats(t, standardize_dim: int, std_eps: float):
     grid, num_inner_blocks = _grid(outer, inner, block_v)
     mean = empty(num_vectors, dtype=torch.float32, device=t.device)
     rstd = empty(num_vectors, dtype=torch.float32, device=t.device)
-    _vector_stats_kernel[(grid,)](
+    launch(_vector_stats_kernel)[(grid,)](
         t, mean, rstd, n, inner, num_inner_blocks, num_vectors, 1.0 / n, 1.0 / max(n - 1, 1), float(std_eps),
         INNER_ONE=inner == 1, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps,
     )
@@ -168,7 +169,7 @@ def cosine_loss_forward(pred, target, dim: int, standardize_target: bool, standa
         mean, rstd, std_block, std_inner = t, t, 1, 1  # unread
     grad = empty(*shape, dtype=pred.dtype, device=pred.device) if write_grad else p
     partials = empty(grid, dtype=torch.float32, device=pred.device)
-    _cosine_loss_fwd_kernel[(grid,)](
+    launch(_cosine_loss_fwd_kernel)[(grid,)](
         p, t, grad, partials, mean, rstd,
         n, inner, num_inner_blocks, num_vectors,
         1.0 / n, 1.0 / max(n - 1, 1), float(std_eps), float(eps), -1.0 if deferred else -1.0 / num_vectors,
@@ -181,19 +182,28 @@ def cosine_loss_forward(pred, target, dim: int, standardize_target: bool, standa
     return loss, (grad if write_grad else None), (1.0 / num_vectors if deferred else None)
 
 
-class CosineLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pred, target, dim, standardize_target, standardize_dim, eps, std_eps):
-        loss, grad, ctx.deferred_factor = cosine_loss_forward(
-            pred, target, dim, standardize_target, standardize_dim, eps, std_eps, ctx.needs_input_grad[0])
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        return loss
+@kernel_op("cosine_loss_triton")
+def cosine_loss_triton(pred: torch.Tensor, target: torch.Tensor, dim: int, standardize_target: bool,
+                       standardize_dim: int, eps: float, std_eps: float,
+                       write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d loss / d pred for a unit upstream gradient or empty, the mean's factor it still lacks)."""
+    loss, grad, factor = cosine_loss_forward(pred, target, dim, standardize_target, standardize_dim, eps, std_eps,
+                                             write_grad)
+    return (loss, pred.new_empty(0) if grad is None else grad,
+            torch.full((), 1.0 if factor is None else factor, dtype=torch.float32, device=pred.device))
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return scale_saved_grad(grad, grad_output, ctx.deferred_factor), None, None, None, None, None, None
+
+@cosine_loss_triton.register_fake
+def _cosine_fake(pred, target, dim, standardize_target, standardize_dim, eps, std_eps, write_grad):
+    f32 = torch.float32
+    return pred.new_empty((), dtype=f32), pred.new_empty(pred.shape if write_grad else (0,)), pred.new_empty((), dtype=f32)
+
+
+def _scale(grad, grad_output, factor):
+    return scale_saved_grad(grad, grad_output, factor if defers_mean_factor(grad.dtype) else None)
+
+
+register_saved_grad_autograd(cosine_loss_triton, _scale)
 
 
 def cosine_loss(pred, target, *, dim: int, standardize_target: bool = True, standardize_dim: int | None = None,
@@ -202,4 +212,6 @@ def cosine_loss(pred, target, *, dim: int, standardize_target: bool = True, stan
     # target is a constant (SPEC §4): detached here, so a target that requires grad neither makes
     # the loss differentiable when pred is not, nor reaches the backward.
     standardize_dim = dim if standardize_dim is None else standardize_dim
-    return CosineLossFunction.apply(pred, target.detach(), dim, standardize_target, standardize_dim, eps, std_eps)
+    write_grad = torch.is_grad_enabled() and pred.requires_grad
+    return torch.ops.sdae_fast.cosine_loss_triton(pred, target.detach(), dim, standardize_target, standardize_dim,
+                                                  eps, std_eps, write_grad)[0]

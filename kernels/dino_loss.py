@@ -16,6 +16,8 @@ fp32 without an fp32 copy of it, all-reduced across processes as the reference's
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,7 @@ import triton.language as tl
 import torch.distributed as dist
 
 from sdae_fast.alloc import empty
+from sdae_fast.library import kernel_op, launch, register_saved_grad_autograd
 
 
 @triton.jit
@@ -197,12 +200,12 @@ def _dino_forward(student, teacher, center, student_temp, teacher_temp, num_glob
     grid = (batch, nsplit)
     inv_ts, inv_tt = 1.0 / student_temp, 1.0 / teacher_temp
     warps = 8 if dev.type == "cuda" else 1
-    _dino_stats_kernel[grid](
+    launch(_dino_stats_kernel)[grid](
         student, teacher, center, m_s, l_s, m_t, l_t, dots,
         batch, width, chunk, nsplit, student.stride(0), teacher.stride(0), inv_ts, inv_tt,
         V=views, G=num_global, VP=vp, GP=gp, BLOCK_K=block_k, num_warps=warps,
     )
-    _dino_grad_kernel[grid](
+    launch(_dino_grad_kernel)[grid](
         student, teacher, center, grad, loss_b, m_s, l_s, m_t, l_t, dots,
         batch, width, chunk, nsplit, student.stride(0), teacher.stride(0), grad.stride(0) if write_grad else 0,
         inv_ts, inv_tt, inv_ts / (pairs * batch),
@@ -213,28 +216,31 @@ def _dino_forward(student, teacher, center, student_temp, teacher_temp, num_glob
     return loss, (grad if write_grad else None)
 
 
-class DinoLossFunction(torch.autograd.Function):
-    """Loss and student gradient in one forward; backward scales the stored gradient."""
+@kernel_op("dino_loss_triton")
+def dino_loss_triton(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float,
+                     teacher_temp: float, num_global: int, write_grad: bool, block_k: Optional[int],
+                     splits: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d loss / d student for a unit upstream gradient or empty, 1): the loss and the student
+    gradient in one forward; the backward scales the stored gradient."""
+    loss, grad = _dino_forward(student, teacher, center, student_temp, teacher_temp, num_global, write_grad,
+                               block_k, splits)
+    return (loss, student.new_empty(0) if grad is None else grad,
+            torch.ones((), dtype=torch.float32, device=student.device))
 
-    @staticmethod
-    def forward(ctx, student, teacher, center, student_temp, teacher_temp, num_global, block_k, splits, grad_mode):
-        # grad_mode: autograd was recording at the call (forward itself always runs without it),
-        # so evaluation under torch.no_grad() skips the gradient sweep.
-        write_grad = bool(grad_mode and ctx.needs_input_grad[0])
-        loss, grad = _dino_forward(student, teacher.detach(), center.detach(), student_temp, teacher_temp,
-                                   num_global, write_grad, block_k, splits)
-        ctx.save_for_backward(grad) if grad is not None else None
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad = None
-        if ctx.needs_input_grad[0]:
-            (grad,) = ctx.saved_tensors
-            # Liger's trick: the loss is usually the graph's root, so skip the scaling pass then.
-            if not torch.equal(grad_output, torch.ones_like(grad_output)):
-                grad = grad * grad_output.to(grad.dtype)
-        return grad, None, None, None, None, None, None, None, None
+@dino_loss_triton.register_fake
+def _dino_fake(student, teacher, center, student_temp, teacher_temp, num_global, write_grad, block_k, splits):
+    f32 = torch.float32
+    return (student.new_empty((), dtype=f32), student.new_empty(student.shape if write_grad else (0,)),
+            student.new_empty((), dtype=f32))
+
+
+def _scale(grad, grad_output, factor):
+    # Always scale by the device scalar: testing it for 1 on the host would sync every step.
+    return grad * grad_output.to(grad.dtype)
+
+
+register_saved_grad_autograd(dino_loss_triton, _scale)
 
 
 def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_temp=0.04, num_global=2,
@@ -242,9 +248,12 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
     """Fused DINO loss; same contract as ``sdae_fast.reference.dino_loss`` (fp32 scalar).
 
     ``block_k``/``splits`` override the launch shape (tests use them to exercise the split combine).
+    Under ``torch.no_grad()`` (evaluation) the gradient sweep is skipped.
     """
-    loss = DinoLossFunction.apply(student_out, teacher_out, center, float(student_temp), float(teacher_temp),
-                                  int(num_global), block_k, splits, torch.is_grad_enabled())
+    write_grad = torch.is_grad_enabled() and student_out.requires_grad
+    loss = torch.ops.sdae_fast.dino_loss_triton(student_out, teacher_out.detach(), center.detach(),
+                                                float(student_temp), float(teacher_temp), int(num_global),
+                                                write_grad, block_k, splits)[0]
     if update_center:
         _update_center_(center, teacher_out.detach(), center_momentum)
     return loss

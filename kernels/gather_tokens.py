@@ -8,17 +8,24 @@ position) of x and notes one; the main kernel gives each position the row that f
 the image's rows where an index repeats) and sums in fp32: dx is written once in x's dtype,
 deterministic and exact for repeated indices, with no fp32 (B, L, D) buffer, no sort and no
 atomics on dx. dpos / dprefix sum over the images in registers; one fp32 atomic per program adds
-the partial sums of its batch chunk.
+the partial sums of its batch chunk, or, deterministic, each chunk stores its partial and one
+fixed-order sum reduces them (bitwise identical from run to run).
+
+An index outside [0, L) (possible under deferred checks, see ``sdae_fast.checks``) is skipped:
+its output row is zeros and its gradient goes nowhere; never an out-of-bounds access.
+Registered as ``torch.ops.sdae_fast.gather_tokens_triton`` (+ ``_backward``), see ``sdae_fast.library``.
 """
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from sdae_fast.alloc import empty
+from sdae_fast.library import kernel_op, launch
 
 _INT32_LIMIT = 2**31 - 1
 
@@ -66,7 +73,7 @@ def rows_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 
 @triton.jit
 def _gather_fwd_kernel(x_ptr, index_ptr, pos_ptr, prefix_ptr, out_ptr,
-                       n_rows, seq_out, P, groups, D,
+                       n_rows, seq_out, P, groups, L, D,
                        stride_xb, stride_xl, stride_ir, stride_pos, stride_pre,
                        HAS_POS: tl.constexpr, HAS_PREFIX: tl.constexpr, WIDE: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -81,6 +88,8 @@ def _gather_fwd_kernel(x_ptr, index_ptr, pos_ptr, prefix_ptr, out_ptr,
     is_patch = row_ok & (t >= P)
     idx = tl.load(index_ptr + seq * stride_ir + tl.where(is_patch, t - P, 0), mask=is_patch, other=0)
     idx = idx.to(tl.int64) if WIDE else idx.to(tl.int32)
+    # An index outside [0, L) (deferred checks report it later) reads nothing: its row is zeros.
+    is_patch = is_patch & (idx >= 0) & (idx < L)
     src = (seq // groups) * stride_xb + idx * stride_xl
     m_patch = is_patch[:, None] & col_ok[None, :]
     val = tl.load(x_ptr + src[:, None] + cols[None, :], mask=m_patch, other=0.0).to(tl.float32)
@@ -101,14 +110,15 @@ def _gather_fwd_kernel(x_ptr, index_ptr, pos_ptr, prefix_ptr, out_ptr,
 def _row_key(row, index_ptr, stride_ir, seq_out, P, groups, U, K, WIDE: tl.constexpr):
     """The destination slot a grad row feeds, or -1. Grad row ``row`` is position t of sequence
     seq = row // seq_out, from image seq // groups; rows t < P feed slot t, the others slot
-    P + v with v = index[seq, t - P], none when v >= K (unshuffle's mask-token rows)."""
+    P + v with v = index[seq, t - P], none when v >= K (unshuffle's mask-token rows) or v < 0
+    (an out-of-range index the deferred checks report: it feeds nothing)."""
     seq = row // seq_out
     t = row - seq * seq_out
     is_body = t >= P
     v = tl.load(index_ptr + seq * stride_ir + tl.where(is_body, t - P, 0), mask=is_body, other=0)
     v = v.to(tl.int64) if WIDE else v.to(tl.int32)
     key = (seq // groups) * U + tl.where(is_body, P + v, t)
-    return tl.where(is_body & (v >= K), -1, key)
+    return tl.where(is_body & ((v >= K) | (v < 0)), -1, key)
 
 
 @triton.jit
@@ -131,10 +141,11 @@ def _count_readers_kernel(index_ptr, count_ptr, reader_ptr, n_rows, stride_ir, s
 def _segment_sum_kernel(grad_ptr, index_ptr, count_ptr, reader_ptr, dx_ptr, dparam_ptr,
                         B, U, X0, D, batch_chunk, stride_ir, seq_out, P, groups, K,
                         NEED_X: tl.constexpr, NEED_PARAM: tl.constexpr, WIDE: tl.constexpr,
-                        BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr):
+                        DETERMINISTIC: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr):
     # Destinations are (image b, slot u); dx[b, u - X0] (u >= X0) = Σ of the grad rows feeding
-    # (b, u), written once in dx's dtype (zeros where nothing feeds it). dparam (U, D) fp32 zero-
-    # filled: += that sum over the images of this program (dprefix / dpos of gather_tokens).
+    # (b, u), written once in dx's dtype (zeros where nothing feeds it). dparam: that sum over the
+    # images of this program (dprefix / dpos of gather_tokens), fp32: added with an atomic into a
+    # zero-filled (U, D), or, DETERMINISTIC, stored as this batch chunk's row of (chunks, U, D).
     u = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     b_start = tl.program_id(2) * batch_chunk
@@ -171,7 +182,11 @@ def _segment_sum_kernel(grad_ptr, index_ptr, count_ptr, reader_ptr, dx_ptr, dpar
         if NEED_PARAM:
             acc_param += acc
     if NEED_PARAM:
-        tl.atomic_add(dparam_ptr + u[:, None] * D + cols[None, :], acc_param, mask=m_u, sem="relaxed")
+        if DETERMINISTIC:
+            part = tl.program_id(2).to(tl.int64) * U * D
+            tl.store(dparam_ptr + part + u[:, None] * D + cols[None, :], acc_param, mask=m_u)
+        else:
+            tl.atomic_add(dparam_ptr + u[:, None] * D + cols[None, :], acc_param, mask=m_u, sem="relaxed")
 
 
 def batch_chunk(batch: int, position_programs: int) -> int:
@@ -189,14 +204,17 @@ def _grid(n_rows: int, dim: int):
     return (triton.cdiv(n_rows, block_r), triton.cdiv(dim, block_d)), block_r, block_d
 
 
-def segment_sums(grad: torch.Tensor, index: torch.Tensor, dx, dparam, *, batch: int, slots: int, x0: int,
-                 seq_out: int, p: int, groups: int, keep: int) -> None:
+def segment_sums(grad: torch.Tensor, index: torch.Tensor, dx, *, need_param: bool, deterministic: bool,
+                 batch: int, slots: int, x0: int, seq_out: int, p: int, groups: int, keep: int):
     """For every (image b, slot u): the fp32 sum of the grad rows feeding it (see ``_row_key``) goes
-    to dx[b, u - x0] (u >= x0; written once, in dx's dtype) and is added into dparam[u] (fp32).
+    to dx[b, u - x0] (u >= x0; written once, in dx's dtype) and, with ``need_param``, its sum over
+    the images is returned as an fp32 (slots, D) (else None).
 
     Two launches and no sort: one counts the readers of each slot and notes one of them; the other
     reads the single reader of each slot directly and walks the image's rows only where a slot has
-    several. grad is contiguous with rows of D features.
+    several. grad is contiguous with rows of D features. The per-image sums are exact fp32 adds in
+    a fixed order; only the sum over batch chunks is an fp32 atomic, unless ``deterministic``: then
+    each chunk stores its partial and one ``sum`` over the chunks reduces them in a fixed order.
     """
     dim = grad.shape[-1]
     n_rows = grad.numel() // dim
@@ -204,7 +222,7 @@ def segment_sums(grad: torch.Tensor, index: torch.Tensor, dx, dparam, *, batch: 
     count = torch.zeros(batch * slots, dtype=torch.int32, device=grad.device)
     reader = torch.empty(batch * slots, dtype=torch.int64 if wide else torch.int32, device=grad.device)
     block = min(1024, triton.next_power_of_2(n_rows))
-    _count_readers_kernel[(triton.cdiv(n_rows, block),)](
+    launch(_count_readers_kernel)[(triton.cdiv(n_rows, block),)](
         index, count, reader, n_rows, index.stride(0), seq_out, p, groups, slots, keep,
         WIDE=wide, BLOCK=block, **launch_options())
     block_d = feature_block(dim)
@@ -213,66 +231,108 @@ def segment_sums(grad: torch.Tensor, index: torch.Tensor, dx, dparam, *, batch: 
     position_programs = triton.cdiv(slots, block_u) * triton.cdiv(dim, block_d)
     chunk = batch_chunk(batch, position_programs)
     grid = (triton.cdiv(slots, block_u), triton.cdiv(dim, block_d), triton.cdiv(batch, chunk))
-    _segment_sum_kernel[grid](
+    dparam = None
+    if need_param:
+        dparam = (torch.empty(grid[2], slots, dim, dtype=torch.float32, device=grad.device) if deterministic
+                  else torch.zeros(slots, dim, dtype=torch.float32, device=grad.device))
+    launch(_segment_sum_kernel)[grid](
         grad, index, count, reader, grad if dx is None else dx, grad if dparam is None else dparam,
         batch, slots, x0, dim, chunk, index.stride(0), seq_out, p, groups, keep,
-        NEED_X=dx is not None, NEED_PARAM=dparam is not None, WIDE=wide,
+        NEED_X=dx is not None, NEED_PARAM=need_param, WIDE=wide, DETERMINISTIC=deterministic,
         BLOCK_U=block_u, BLOCK_D=block_d, **launch_options())
+    return dparam.sum(0) if need_param and deterministic else dparam
 
 
 def _cast(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return acc if acc.dtype == dtype else acc.to(dtype)
 
 
-class GatherTokens(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, index, pos_embed, prefix, groups):
-        batch, length, dim = x.shape
-        n_seq, m = index.shape
-        p = 0 if prefix is None else prefix.shape[0]
-        x, pos_embed, prefix = rows_contiguous(x), rows_contiguous(pos_embed), rows_contiguous(prefix)
-        index = index if index.stride(-1) == 1 else index.contiguous()
-        out = empty(n_seq, p + m, dim, dtype=x.dtype, device=x.device)
-        n_rows = n_seq * (p + m)
-        wide = needs_wide_offsets(x, out, pos_embed)
-        if n_rows and dim:
-            grid, block_r, block_d = _grid(n_rows, dim)
-            _gather_fwd_kernel[grid](
-                x, index, x if pos_embed is None else pos_embed, x if prefix is None else prefix, out,
-                n_rows, p + m, p, groups, dim,
-                x.stride(0), x.stride(1), index.stride(0),
-                0 if pos_embed is None else pos_embed.stride(0), 0 if prefix is None else prefix.stride(0),
-                HAS_POS=pos_embed is not None, HAS_PREFIX=prefix is not None, WIDE=wide,
-                BLOCK_R=block_r, BLOCK_D=block_d, **launch_options())
-        ctx.save_for_backward(index)
-        ctx.meta = (batch, length, dim, p, groups, x.dtype,
-                    None if pos_embed is None else pos_embed.dtype, None if prefix is None else prefix.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (index,) = ctx.saved_tensors
-        batch, length, dim, p, groups, x_dtype, pos_dtype, pre_dtype = ctx.meta
-        need_x, _, need_pos, need_pre, _ = ctx.needs_input_grad
-        need_pos, need_pre = need_pos and pos_dtype is not None, need_pre and pre_dtype is not None
-        if not (need_x or need_pos or need_pre):
-            return None, None, None, None, None
-        grad_out = grad_out.contiguous()
-        slots = p + length
-        dx = empty(batch, length, dim, dtype=x_dtype, device=grad_out.device) if need_x else grad_out
-        # fp32 sums of dprefix (rows :P) and dpos (rows P:), added to by every batch chunk
-        dparam = torch.zeros(slots, dim, dtype=torch.float32, device=grad_out.device) if need_pos or need_pre \
-            else grad_out
-        if batch and dim:
-            segment_sums(grad_out, index, dx if need_x else None, dparam if need_pos or need_pre else None,
-                         batch=batch, slots=slots, x0=p, seq_out=grad_out.shape[1], p=p, groups=groups, keep=length)
-        elif need_x:
-            dx.zero_()
-        return (dx if need_x else None, None,
-                _cast(dparam[p:], pos_dtype) if need_pos else None,
-                _cast(dparam[:p], pre_dtype) if need_pre else None, None)
+@kernel_op("gather_tokens_triton")
+def gather_tokens_triton(x: torch.Tensor, index: torch.Tensor, pos_embed: Optional[torch.Tensor],
+                         prefix: Optional[torch.Tensor], groups: int, deterministic: bool) -> torch.Tensor:
+    """Forward of the Triton gather (``deterministic`` only matters to its backward)."""
+    batch, length, dim = x.shape
+    n_seq, m = index.shape
+    p = 0 if prefix is None else prefix.shape[0]
+    x, pos_embed, prefix = rows_contiguous(x), rows_contiguous(pos_embed), rows_contiguous(prefix)
+    index = index if index.stride(-1) == 1 else index.contiguous()
+    out = empty(n_seq, p + m, dim, dtype=x.dtype, device=x.device)
+    n_rows = n_seq * (p + m)
+    wide = needs_wide_offsets(x, out, pos_embed)
+    if n_rows and dim:
+        grid, block_r, block_d = _grid(n_rows, dim)
+        launch(_gather_fwd_kernel)[grid](
+            x, index, x if pos_embed is None else pos_embed, x if prefix is None else prefix, out,
+            n_rows, p + m, p, groups, length, dim,
+            x.stride(0), x.stride(1), index.stride(0),
+            0 if pos_embed is None else pos_embed.stride(0), 0 if prefix is None else prefix.stride(0),
+            HAS_POS=pos_embed is not None, HAS_PREFIX=prefix is not None, WIDE=wide,
+            BLOCK_R=block_r, BLOCK_D=block_d, **launch_options())
+    return out
 
 
-def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1):
+@gather_tokens_triton.register_fake
+def _gather_fake(x, index, pos_embed, prefix, groups, deterministic):
+    p = 0 if prefix is None else prefix.shape[0]
+    return x.new_empty(index.shape[0], p + index.shape[1], x.shape[2])
+
+
+@kernel_op("gather_tokens_triton_backward")
+def gather_tokens_triton_backward(grad_out: torch.Tensor, index: torch.Tensor, batch: int, length: int,
+                                  num_prefix: int, groups: int, x_dtype: torch.dtype, need_x: bool, need_param: bool,
+                                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx (B, L, D) in x's dtype, or empty; d[prefix; pos_embed] (P + L, D) fp32, or empty)."""
+    grad_out = grad_out.contiguous()
+    dim = grad_out.shape[-1]
+    slots = num_prefix + length
+    dx = empty(batch, length, dim, dtype=x_dtype, device=grad_out.device) if need_x else None
+    dparam = None
+    if batch and dim:
+        dparam = segment_sums(grad_out, index, dx, need_param=need_param, deterministic=deterministic, batch=batch,
+                              slots=slots, x0=num_prefix, seq_out=grad_out.shape[1], p=num_prefix, groups=groups,
+                              keep=length)
+    elif need_x:
+        dx.zero_()
+    if need_param and dparam is None:
+        dparam = torch.zeros(slots, dim, dtype=torch.float32, device=grad_out.device)
+    return (grad_out.new_empty(0) if dx is None else dx,
+            grad_out.new_empty(0, dtype=torch.float32) if dparam is None else dparam)
+
+
+@gather_tokens_triton_backward.register_fake
+def _gather_backward_fake(grad_out, index, batch, length, num_prefix, groups, x_dtype, need_x, need_param,
+                          deterministic):
+    dim = grad_out.shape[-1]
+    dx = grad_out.new_empty(batch, length, dim, dtype=x_dtype) if need_x else grad_out.new_empty(0)
+    dparam = grad_out.new_empty(num_prefix + length if need_param else 0, *((dim,) if need_param else ()),
+                                dtype=torch.float32)
+    return dx, dparam
+
+
+def _gather_setup(ctx, inputs, output):
+    x, index, pos_embed, prefix, groups, deterministic = inputs
+    ctx.save_for_backward(index)
+    ctx.meta = (x.shape[0], x.shape[1], 0 if prefix is None else prefix.shape[0], groups, x.dtype,
+                None if pos_embed is None else pos_embed.dtype, None if prefix is None else prefix.dtype, deterministic)
+
+
+def _gather_backward(ctx, grad_out):
+    (index,) = ctx.saved_tensors
+    batch, length, p, groups, x_dtype, pos_dtype, pre_dtype, deterministic = ctx.meta
+    need_x, _, need_pos, need_pre = ctx.needs_input_grad[:4]
+    need_pos, need_pre = need_pos and pos_dtype is not None, need_pre and pre_dtype is not None
+    if not (need_x or need_pos or need_pre):
+        return None, None, None, None, None, None
+    dx, dparam = torch.ops.sdae_fast.gather_tokens_triton_backward(
+        grad_out, index, batch, length, p, groups, x_dtype, need_x, need_pos or need_pre, deterministic)
+    return (dx if need_x else None, None,
+            _cast(dparam[p:], pos_dtype) if need_pos else None,
+            _cast(dparam[:p], pre_dtype) if need_pre else None, None, None)
+
+
+gather_tokens_triton.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, deterministic=False):
     """Triton backend of :func:`sdae_fast.ops.masking.gather_tokens` (inputs already validated)."""
-    return GatherTokens.apply(x, index, pos_embed, prefix, groups)
+    return torch.ops.sdae_fast.gather_tokens_triton(x, index, pos_embed, prefix, groups, deterministic)

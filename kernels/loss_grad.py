@@ -19,13 +19,11 @@ def defers_mean_factor(dtype: torch.dtype) -> bool:
 def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, deferred_factor=None) -> torch.Tensor:
     """``grad · grad_output`` (· ``deferred_factor`` when the forward left the mean's factor out).
 
-    As Liger-Kernel does, a unit upstream gradient (``loss.backward()`` on the loss itself, the
-    common case) returns the saved buffer as is: the comparison costs one small device->host sync,
-    the multiply it saves two full passes over pred-sized memory. The scale stays an fp32 0-dim
-    tensor, so the product is computed in fp32 and rounded once to grad's dtype.
+    Always one multiply by the device scalar, even for a unit upstream gradient: testing for 1.0
+    on the host (Liger-Kernel's shortcut) would cost a device->host sync every step and a graph
+    break under torch.compile. The scale stays an fp32 0-dim tensor, so the product is computed in
+    fp32 and rounded once to grad's dtype.
     """
     if deferred_factor is None:
-        if grad_output.item() == 1.0:  # one 4-byte copy back; no comparison kernel to launch
-            return grad
         return grad * grad_output.float()
     return grad * (grad_output.float() * deferred_factor)

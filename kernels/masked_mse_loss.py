@@ -14,6 +14,7 @@ import triton.language as tl
 
 from ..alloc import empty
 from ..dispatch import triton_interpreting
+from ..library import kernel_op, launch, register_saved_grad_autograd
 from .loss_grad import defers_mean_factor, scale_saved_grad
 from .row_stats import standardize_along
 
@@ -83,7 +84,7 @@ def masked_mse_forward(pred, target, mask, norm_target: bool, write_grad: bool):
     grid = triton.cdiv(num_rows, block_r)
     grad = empty(B, L, P, dtype=pred.dtype, device=pred.device) if write_grad else p
     partials = empty(grid, dtype=torch.float32, device=pred.device)
-    _masked_mse_fwd_kernel[(grid,)](
+    launch(_masked_mse_fwd_kernel)[(grid,)](
         p, t, m, mask_sum, grad, partials,
         num_rows, P, 1.0 / P, 1.0 / max(P - 1, 1),
         NORM_TARGET=bool(norm_target), WRITE_GRAD=write_grad, DEFER_MASK_SUM=deferred,
@@ -93,22 +94,31 @@ def masked_mse_forward(pred, target, mask, norm_target: bool, write_grad: bool):
     return loss, (grad if write_grad else None), (1.0 / mask_sum if deferred else None)
 
 
-class MaskedMSELossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pred, target, mask, norm_target):
-        loss, grad, ctx.deferred_factor = masked_mse_forward(pred, target, mask, norm_target, ctx.needs_input_grad[0])
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        return loss
+@kernel_op("masked_mse_loss_triton")
+def masked_mse_loss_triton(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_target: bool,
+                           write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d loss / d pred for a unit upstream gradient or empty, the mean's factor it still lacks)."""
+    loss, grad, factor = masked_mse_forward(pred, target, mask, norm_target, write_grad)
+    return (loss, pred.new_empty(0) if grad is None else grad,
+            torch.ones((), dtype=torch.float32, device=pred.device) if factor is None else factor)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return scale_saved_grad(grad, grad_output, ctx.deferred_factor), None, None, None
+
+@masked_mse_loss_triton.register_fake
+def _masked_mse_fake(pred, target, mask, norm_target, write_grad):
+    f32 = torch.float32
+    return pred.new_empty((), dtype=f32), pred.new_empty(pred.shape if write_grad else (0,)), pred.new_empty((), dtype=f32)
+
+
+def _scale(grad, grad_output, factor):
+    return scale_saved_grad(grad, grad_output, factor if defers_mean_factor(grad.dtype) else None)
+
+
+register_saved_grad_autograd(masked_mse_loss_triton, _scale)
 
 
 def masked_mse_loss(pred, target, mask, *, norm_target: bool = True):
     """Triton backend of :func:`sdae_fast.ops.masked_mse_loss`."""
     # target is a constant (SPEC §4): detached here, so a target that requires grad neither makes
     # the loss differentiable when pred is not, nor reaches the backward.
-    return MaskedMSELossFunction.apply(pred, target.detach(), mask.detach(), norm_target)
+    write_grad = torch.is_grad_enabled() and pred.requires_grad
+    return torch.ops.sdae_fast.masked_mse_loss_triton(pred, target.detach(), mask.detach(), norm_target, write_grad)[0]

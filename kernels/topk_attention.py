@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from sdae_fast.alloc import empty
+from sdae_fast.library import kernel_op, launch
 
 from .topk_select import key_to_float, kth_largest_key, order_key
 
@@ -272,11 +273,11 @@ def _forward(q, k, v, topk, scale):
     meta = dict(N_PAD=n_pad, TILE_N=tile_n, ONE_TILE=one_tile, SELECT=topk < n, BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision)
     if _interpreting():
         grid = (triton.cdiv(n, INTERPRETER_BLOCK_M), b * h)
-        _topk_attention_fwd[grid](*args, BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=interpreter_chunk, **meta)
+        launch(_topk_attention_fwd)[grid](*args, BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=interpreter_chunk, **meta)
     else:
         # Softmax/P@V chunk: 128 keys keeps the V tile and P on chip next to the selection tile.
         block_n = min(n_pad, 128)
-        _fwd_tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]), b * h)](*args, BLOCK_N=block_n, **meta)
+        launch(_fwd_tuned)[lambda m: (triton.cdiv(n, m["BLOCK_M"]), b * h)](*args, BLOCK_N=block_n, **meta)
     return o, tau, tau_col, lse
 
 
@@ -285,7 +286,7 @@ def _backward(q, k, v, o, do, tau, tau_col, lse, scale):
     n, d, n_pad, block_d, precision = _geometry(q)
     do = do.contiguous()
     delta = empty(b, h, n, dtype=torch.float32, device=q.device)
-    _topk_attention_bwd_delta[(triton.cdiv(n, 64), b * h)](o, do, delta, n, BLOCK_M=64, BLOCK_D=block_d,
+    launch(_topk_attention_bwd_delta)[(triton.cdiv(n, 64), b * h)](o, do, delta, n, BLOCK_M=64, BLOCK_D=block_d,
                                                          HEAD_DIM=d)
     dq = empty(b, h, n, d, dtype=q.dtype, device=q.device)
     dk = empty(b, h, n, d, dtype=k.dtype, device=q.device)
@@ -296,32 +297,57 @@ def _backward(q, k, v, o, do, tau, tau_col, lse, scale):
     if _interpreting():
         block_n = INTERPRETER_BWD_CHUNK or _chunks(n_pad)[2]
         blocks = dict(BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=block_n)
-        _topk_attention_bwd_dkdv[(triton.cdiv(n, block_n), b * h)](*common, dk, dv, *rest, **blocks, **meta)
-        _topk_attention_bwd_dq[(triton.cdiv(n, INTERPRETER_BLOCK_M), b * h)](*common, dq, *rest, **blocks, **meta)
+        launch(_topk_attention_bwd_dkdv)[(triton.cdiv(n, block_n), b * h)](*common, dk, dv, *rest, **blocks, **meta)
+        launch(_topk_attention_bwd_dq)[(triton.cdiv(n, INTERPRETER_BLOCK_M), b * h)](*common, dq, *rest, **blocks, **meta)
     else:
-        _bwd_dkdv_tuned[lambda m: (triton.cdiv(n, m["BLOCK_N"]), b * h)](*common, dk, dv, *rest, **meta)
-        _bwd_dq_tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]), b * h)](*common, dq, *rest, **meta)
+        launch(_bwd_dkdv_tuned)[lambda m: (triton.cdiv(n, m["BLOCK_N"]), b * h)](*common, dk, dv, *rest, **meta)
+        launch(_bwd_dq_tuned)[lambda m: (triton.cdiv(n, m["BLOCK_M"]), b * h)](*common, dq, *rest, **meta)
     return dq, dk, dv
 
 
-class TopKAttentionFunction(torch.autograd.Function):
-    """Fused top-K attention; the backward reuses the forward's τ, boundary key and log-sum-exp."""
+@kernel_op("topk_attention_triton")
+def topk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, τ, boundary key, log-sum-exp): the fused forward and what its backward reuses."""
+    return _forward(q, k, v, topk, scale)
 
-    @staticmethod
-    def forward(ctx, q, k, v, topk, scale):
-        o, tau, tau_col, lse = _forward(q, k, v, topk, scale)
-        ctx.save_for_backward(q, k, v, o, tau, tau_col, lse)
-        ctx.scale = scale
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, tau, tau_col, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, do, tau, tau_col, lse, ctx.scale)
-        return dq, dk, dv, None, None
+@topk_attention_triton.register_fake
+def _topk_fake(q, k, v, topk, scale):
+    b, h, n, _ = q.shape
+    return (q.new_empty(q.shape), q.new_empty(b, h, n, dtype=torch.float32), q.new_empty(b, h, n, dtype=torch.int32),
+            q.new_empty(b, h, n, dtype=torch.float32))
+
+
+@kernel_op("topk_attention_triton_backward")
+def topk_attention_triton_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                                   do: torch.Tensor, tau: torch.Tensor, tau_col: torch.Tensor, lse: torch.Tensor,
+                                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(q, k, v, o, do, tau, tau_col, lse, scale)
+
+
+@topk_attention_triton_backward.register_fake
+def _topk_backward_fake(q, k, v, o, do, tau, tau_col, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _topk_setup(ctx, inputs, output):
+    q, k, v, _, scale = inputs
+    o, tau, tau_col, lse = output
+    ctx.save_for_backward(q, k, v, o, tau, tau_col, lse)
+    ctx.scale = scale
+
+
+def _topk_backward(ctx, do, *_):
+    q, k, v, o, tau, tau_col, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.sdae_fast.topk_attention_triton_backward(q, k, v, o, do, tau, tau_col, lse, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+topk_attention_triton.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
 def topk_attention(q, k, v, topk: int, *, scale=None):
     """Triton top-K attention over validated (B, H, N, d) inputs (see ``sdae_fast.ops.topk_attention``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return TopKAttentionFunction.apply(q, k, v, topk, scale)
+    return torch.ops.sdae_fast.topk_attention_triton(q, k, v, topk, scale)[0]

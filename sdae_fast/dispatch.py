@@ -100,8 +100,17 @@ class Op:
 
     name: str
     auto_order: tuple[str, ...] = ("cuda", "triton", "torch")
+    # The torch.library schema (argument list and return) of ``torch.ops.sdae_fast.<name>``; the
+    # call then goes through the dispatcher with the chosen backend (see sdae_fast.library).
+    schema: str | None = None
     impls: dict[str, Impl] = field(default_factory=dict)
     _said: set = field(default_factory=set)
+
+    def __post_init__(self):
+        if self.schema is not None:
+            from .library import define_public
+
+            define_public(self.name, self.schema, self.impls)
 
     def register(self, backend: str, why_not: Callable[..., list[str]] | None = None):
         """Decorator: ``@OP.register("triton", why_not=...)`` over the backend's entry point."""
@@ -155,7 +164,10 @@ class Op:
             log.warning("%s falls back to the torch reference: %s", self.name, " | ".join(skipped))
 
     def __call__(self, *args, backend: str | None = None, **kwargs):
-        return self.select(backend, *args, **kwargs).fn(*args, **kwargs)
+        impl = self.select(backend, *args, **kwargs)  # on the host, from static properties only
+        if self.schema is None:
+            return impl.fn(*args, **kwargs)
+        return getattr(torch.ops.sdae_fast, self.name)(*args, backend=impl.backend, **kwargs)
 
     def describe(self, *args, **kwargs) -> dict[str, str]:
         """For ``sdae-fast info``: backend -> 'ok' or the reasons it cannot serve these inputs."""
@@ -165,8 +177,9 @@ class Op:
 OPS: dict[str, Op] = {}
 
 
-def op(name: str, auto_order: tuple[str, ...] = ("cuda", "triton", "torch")) -> Op:
-    """Create (once) and return the :class:`Op` called ``name``."""
+def op(name: str, auto_order: tuple[str, ...] = ("cuda", "triton", "torch"), schema: str | None = None) -> Op:
+    """Create (once) and return the :class:`Op` called ``name`` (``torch.ops.sdae_fast.<name>`` when
+    given a ``schema``)."""
     if name not in OPS:
-        OPS[name] = Op(name, auto_order)
+        OPS[name] = Op(name, auto_order, schema)
     return OPS[name]

@@ -58,14 +58,14 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> N
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
 
 
-def check_index_range(name: str, index: torch.Tensor, upper: int) -> None:
-    """Every value of ``index`` lies in [0, upper). One device->host sync (an aminmax)."""
-    if index.numel() == 0:
-        return
-    lo, hi = torch.aminmax(index)
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= upper:
-        raise IndexError(f"{name} values must lie in [0, {upper}), found range [{lo}, {hi}]")
+def check_index_range(name: str, index: torch.Tensor, upper: int, *, op: str = "sdae_fast") -> None:
+    """Every value of ``index`` lies in [0, upper), else an IndexError naming ``op``, ``name`` and the
+    range found. No host sync by default: the check is deferred to ``sdae_fast.check_errors()``
+    (see :mod:`sdae_fast.checks`); ``SDAE_FAST_CHECKS=eager`` raises here instead."""
+    from . import checks
+
+    check = checks.register(op, IndexError, name + " values must lie in [0, {v2}), found range [{v0}, {v1}]")
+    checks.index_in_range(check, index, upper)
 
 
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sdae_fast.alloc  # noqa: E402
+import sdae_fast.checks  # noqa: E402
 
 sdae_fast.alloc.POISON = True
 HAS_CUDA = torch.cuda.is_available()
@@ -25,3 +26,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_checks():
+    # A deferred check failed (on purpose) by one test must not surface in the next one's check_errors().
+    sdae_fast.checks.clear()
+    yield
+    sdae_fast.checks.set_checks(None)
+
+
+@pytest.fixture(params=["deferred", "eager"])
+def checks_mode(request):
+    """Run a bad-input test with deferred and with eager value checks: the pattern is
+    ``with pytest.raises(E, match=...): op(...); sdae_fast.check_errors()``."""
+    sdae_fast.checks.set_checks(request.param)
+    return request.param

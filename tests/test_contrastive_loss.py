@@ -108,11 +108,12 @@ def test_triton_mixedae_shape_gpu(dtype):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_validation_errors(backend):
+def test_validation_errors(backend, checks_mode):
     z = torch.randn(2, 5, 8)
     labels = torch.randint(0, 2, (2, 5))
-    with pytest.raises(IndexError, match="non-negative"):
+    with pytest.raises(IndexError, match="homologous_contrastive_loss: labels must be non-negative source ids, found -"):
         sdae_fast.homologous_contrastive_loss(z, labels - 3, backend=backend)
+        sdae_fast.check_errors()
     with pytest.raises(ValueError, match="labels must have shape"):
         sdae_fast.homologous_contrastive_loss(z, labels[:, :4], backend=backend)
     with pytest.raises(ValueError, match="temperature must be a finite float >= 0.0001"):

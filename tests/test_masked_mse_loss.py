@@ -174,7 +174,7 @@ def test_kernel_compiles_for_hopper():
 # ------------------------------------------------------------------------------------------
 # Validation
 # ------------------------------------------------------------------------------------------
-def test_validation_errors():
+def test_validation_errors(checks_mode):
     x = torch.randn(2, 3, 4)
     m = torch.ones(2, 3)
     with pytest.raises(ValueError, match="share one shape"):
@@ -187,8 +187,9 @@ def test_validation_errors():
         masked_mse_loss(x.long(), x.long(), m)
     with pytest.raises(TypeError, match="mask must have dtype"):
         masked_mse_loss(x, x, m.to(torch.complex64))
-    with pytest.raises(ValueError, match="selects no patch"):
+    with pytest.raises(ValueError, match="masked_mse_loss: mask selects no patch"):
         masked_mse_loss(x, x, torch.zeros(2, 3))
+        sdae_fast.check_errors()
     with pytest.raises(ValueError, match="selects no patch"):
         masked_mse_loss(torch.randn(2, 3, 0), torch.randn(2, 3, 0), m)
 

@@ -7,6 +7,8 @@ compared with the reference on float64 inputs, ``reduction`` = the most terms an
 import pytest
 import torch
 
+import sdae_fast
+
 from sdae_fast import reference
 from sdae_fast.dispatch import BackendUnavailable
 from sdae_fast.ops.masking import gather_tokens, random_masking, unshuffle_tokens
@@ -174,12 +176,14 @@ def test_unshuffle_strided_inputs():
 
 
 # ---------------------------------------------------------------- bad input
-def test_gather_bad_inputs():
+def test_gather_bad_inputs(checks_mode):
     x, index = torch.randn(2, 6, 4, device=DEVICE), torch.randint(0, 6, (2, 3), device=DEVICE)
-    with pytest.raises(IndexError, match=r"index values must lie in \[0, 6\)"):
+    with pytest.raises(IndexError, match=r"gather_tokens: index values must lie in \[0, 6\), found range \[\d+, \d+\]"):
         gather_tokens(x, index + 6, backend="triton")
+        sdae_fast.check_errors()
     with pytest.raises(IndexError, match="index values"):
         gather_tokens(x, index - 6, backend="triton")
+        sdae_fast.check_errors()
     with pytest.raises(ValueError, match="B·groups"):
         gather_tokens(x, index, groups=2, backend="triton")
     with pytest.raises(ValueError, match="pos_embed must have shape"):
@@ -192,11 +196,12 @@ def test_gather_bad_inputs():
         gather_tokens(x, index, groups=0, backend="triton")
 
 
-def test_unshuffle_bad_inputs():
+def test_unshuffle_bad_inputs(checks_mode):
     x, mt = torch.randn(2, 3, 4, device=DEVICE), torch.randn(4, device=DEVICE)
     ids = random_masking(2, 8, 0.75, device=DEVICE).ids_restore
-    with pytest.raises(IndexError, match="ids_restore values"):
+    with pytest.raises(IndexError, match="unshuffle_tokens: ids_restore values"):
         unshuffle_tokens(x, ids + 8, mt, num_prefix=1, backend="triton")
+        sdae_fast.check_errors()
     with pytest.raises(ValueError, match="ids_restore must have B = 2"):
         unshuffle_tokens(x, ids[:1], mt, num_prefix=1, backend="triton")
     with pytest.raises(ValueError, match="mask_token must hold D = 4"):

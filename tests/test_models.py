@@ -8,8 +8,8 @@ import torch
 
 import sdae_fast
 from sdae_fast.dispatch import OPS
-from sdae_fast.data import collate_views, dino_views
-from sdae_fast.models import DINO, MODELS, VisionTransformer, build, create_model, set_backend
+from sdae_fast.data import model_input
+from sdae_fast.models import MODELS, VisionTransformer, build, create_model, set_backend
 from sdae_fast.models.vit import get_2d_sincos_pos_embed
 from sdae_fast.testing import assert_close
 
@@ -20,14 +20,6 @@ BATCH = 4  # divisible by MixedAE's group size
 def images(batch=BATCH, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 1, 32, 32, generator=g)
-
-
-def model_input(model, imgs):
-    """DINO takes the data pipeline's crops (one tensor per resolution); the others the images."""
-    if not isinstance(model, DINO):
-        return imgs
-    views = dino_views(model.global_size, model.local_size, model.num_local, (0.0,), (1.0,), "digits")
-    return collate_views([(views(x), 0, []) for x in imgs])["images"]
 
 
 def run_step(model, imgs, seed):

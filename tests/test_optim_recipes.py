@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from sdae_fast.data import model_input
 from sdae_fast.models import build
 from sdae_fast.train import cli, recipes
 from sdae_fast.train.optim import (BETAS, StepSchedule, cancel_last_layer_gradients, clip_gradients_per_param,
@@ -160,9 +161,7 @@ def test_last_layer_frozen_for_the_first_epoch(backend):
     opt = make_optimizer(model, "dino", 1e-2, 0.04)
     last = {n: p for n, p in model.named_parameters() if "last_layer" in n and p.requires_grad}
     assert set(last) == {"head.last_layer.weight_g", "head.last_layer.weight_v"}
-    # DINO takes its crops from the data pipeline: one tensor per resolution, view-major.
-    crops = [torch.rand(2 * 4, 1, model.global_size, model.global_size),
-             torch.rand(model.num_local * 4, 1, model.local_size, model.local_size)]
+    crops = model_input(model, torch.rand(4, 1, 32, 32))  # DINO takes the data pipeline's crops
     before = {n: p.detach().clone() for n, p in last.items()}
     for step in range(spe + 1):
         if step == spe:

@@ -16,7 +16,7 @@ timm = pytest.importorskip("timm")
 from sdae_fast.models import VisionTransformer, build  # noqa: E402
 from sdae_fast.models.timm_encoder import TimmEncoder  # noqa: E402
 from sdae_fast.testing import assert_close  # noqa: E402
-from test_models import model_input  # noqa: E402 (DINO takes the data pipeline's crops)
+from sdae_fast.data import model_input  # noqa: E402 (DINO takes the data pipeline's crops)
 
 METHODS = ["mae", "sdae", "mixedae", "dino"]
 

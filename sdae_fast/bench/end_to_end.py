@@ -5,7 +5,10 @@ on random 224 px images: MAE/SdAE/MixedAE B = 64, DINO B = 32 with 2 × 224 + 8 
 
 Variants: ``fused`` (backend=None: the fastest available op per input), ``naive``
 (backend="torch": the reference ops), ``compile(reference)`` (``torch.compile`` of the
-backend="torch" model's forward).
+backend="torch" model's forward), ``compile(fused)`` (``torch.compile`` of the fused model's
+forward: the Triton kernels are ``triton_op`` s, so Inductor sees them; what ``sdae-fast pretrain
+--compile`` runs), and ``compile(fused step)`` (``TrainStep``: forward, backward, AdamW and EMA in
+one ``torch.compile(fullgraph=True)`` graph). Eager vs compiled: ``fused`` vs the two compile rows.
 
 FLOPs (so the report shows model FLOP utilisation) are the usual transformer estimate: a matrix
 product with P weights costs 2·P per token forward and 4·P backward, so a trained part costs
@@ -63,10 +66,10 @@ def _make(method: str, variant: str):
     def make():
         from ..models import build
 
-        backend = "torch" if variant != "fused" else None
+        backend = "torch" if variant in ("naive", "compile(reference)") else None
         model = build(method, SIZE, backend=backend).cuda()
         model.set_schedule(total_steps=1000, steps_per_epoch=100)
-        forward = torch.compile(model) if variant == "compile(reference)" else model
+        forward = torch.compile(model) if variant in ("compile(reference)", "compile(fused)") else model
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                 betas=(0.9, 0.95), weight_decay=0.05, fused=True)
         b = BATCH[method]
@@ -74,6 +77,14 @@ def _make(method: str, variant: str):
         if method == "dino":  # the crops the data pipeline makes: one tensor per resolution
             imgs = [torch.randn(2 * b, 3, model.global_size, model.global_size, device="cuda"),
                     torch.randn(model.num_local * b, 3, model.local_size, model.local_size, device="cuda")]
+        if variant == "compile(fused step)":
+            from ..train.compiled_step import TrainStep
+
+            if hasattr(model, "momentum"):
+                model.momentum()  # the EMA pairing is built on the host before the trace
+            train_step = TrainStep(model, model, opt, autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16),
+                                   compile=True)
+            return lambda: train_step(imgs)
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -99,7 +110,7 @@ def end_to_end_cases(device: str, quick: bool) -> list[Case]:
         with torch.device("meta"):
             flops = step_flops(method, build(method, SIZE), batch)
         shape = f"ViT-B/16 B={batch} bf16" + (" 2x224+8x96" if method == "dino" else "")
-        for variant in ("fused", "naive", "compile(reference)"):
+        for variant in ("fused", "naive", "compile(reference)", "compile(fused)", "compile(fused step)"):
             out.append(Case(f"{method} train step", shape, variant, _make(method, variant), flops=flops,
                             devices=("cuda",), note="flops: 6·P·tokens + attention (module docstring)"))
     return out

@@ -10,7 +10,7 @@
 * ``splits``: un-augmented train/held-out images for evaluation, streamed or as tensors.
 """
 from .augment import dino_views, eval_views, masked_image_views, train_views
-from .dataset import AugmentedDataset, collate_views, sample_seed
+from .dataset import AugmentedDataset, collate_views, model_input, sample_seed
 from .loader import default_workers, make_loader, to_device
 from .sampler import ShardedBatchSampler
 from .sources import (BadImageError, FolderSource, TensorSource, digits_sources, folder_sources,
@@ -20,4 +20,4 @@ from .splits import ImageSplits, eval_loader, load_splits, materialize
 __all__ = ["AugmentedDataset", "BadImageError", "FolderSource", "ImageSplits", "ShardedBatchSampler",
            "TensorSource", "collate_views", "default_workers", "digits_sources", "dino_views", "eval_loader",
            "eval_views", "folder_sources", "list_image_files", "load_splits", "make_loader",
-           "masked_image_views", "materialize", "open_sources", "sample_seed", "to_device", "train_views"]
+           "masked_image_views", "materialize", "model_input", "open_sources", "sample_seed", "to_device", "train_views"]

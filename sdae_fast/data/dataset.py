@@ -95,3 +95,16 @@ def collate_views(samples: list) -> dict:
     return {"images": per_resolution[0] if n_views == 1 else per_resolution,
             "labels": torch.tensor([s[1] for s in samples], dtype=torch.long),
             "skipped": [p for s in samples for p in s[2]]}
+
+
+def model_input(model, imgs: torch.Tensor):
+    """What ``model.forward`` takes for a batch of plain, normalised images, without the loader
+    (tests, benchmarks, library use): the images themselves, or, for a model that takes crops (DINO:
+    ``global_size``, ``local_size``, ``num_local``), the digits multi-crop of every image batched per
+    resolution as :func:`collate_views` does. The crops draw from the global RNG."""
+    if not hasattr(model, "num_local"):
+        return imgs
+    from .augment import dino_views
+
+    views = dino_views(model.global_size, model.local_size, model.num_local, (0.0,), (1.0,), "digits")
+    return collate_views([(views(x), 0, []) for x in imgs])["images"]

@@ -6,7 +6,8 @@ from ..dispatch import op
 from ..validate import (check_float, check_int, check_last_dim_contiguous, check_same_device, check_same_dtype,
                         check_tensor)
 
-TOPK_ATTENTION = op("topk_attention", auto_order=("triton", "torch"))
+TOPK_ATTENTION = op("topk_attention", auto_order=("triton", "torch"),
+                    schema="(Tensor q, Tensor k, Tensor v, int topk, *, float? scale=None) -> Tensor")
 TOPK_ATTENTION.register("torch")(reference.topk_attention)
 
 TRITON_MAX_HEAD_DIM = 128

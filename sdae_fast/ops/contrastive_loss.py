@@ -1,12 +1,14 @@
 """MixedAE's homologous contrastive loss (SPEC §4): ``homologous_contrastive_loss``."""
 from __future__ import annotations
 
-from .. import reference
+from .. import checks, reference
 from ..dispatch import op
-from ..validate import (INDEX_DTYPES, check_same_device, check_shape, check_temperature, check_tensor,
-                        check_values_readable)
+from ..validate import INDEX_DTYPES, check_same_device, check_shape, check_temperature, check_tensor
 
-CONTRASTIVE_LOSS = op("homologous_contrastive_loss", auto_order=("triton", "torch"))
+CONTRASTIVE_LOSS = op("homologous_contrastive_loss", auto_order=("triton", "torch"),
+                      schema="(Tensor z, Tensor labels, *, float temperature=0.07, bool normalize=True) -> Tensor")
+NEGATIVE_LABEL = checks.register("homologous_contrastive_loss", IndexError,
+                                 "labels must be non-negative source ids, found {v0}")
 CONTRASTIVE_LOSS.register("torch")(reference.homologous_contrastive_loss)
 
 
@@ -25,8 +27,10 @@ def _triton(*args, **kwargs):
 def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True, backend=None):
     """Within each mixed image, pull together tokens from the same source; fp32 scalar.
 
-    z (M, N, D) token features; labels (M, N) non-negative integer source ids. Anchors without a
-    positive are skipped; with none at all the loss is 0. ``temperature`` must be at least
+    z (M, N, D) token features; labels (M, N) non-negative integer source ids (a negative one is an
+    IndexError at the next ``sdae_fast.check_errors()``, or at the call with
+    ``SDAE_FAST_CHECKS=eager``; no host sync). Anchors without a positive are skipped; with none
+    at all the loss is 0. ``temperature`` must be at least
     :data:`sdae_fast.validate.MIN_TEMPERATURE` (1e-4): below it the fp32 similarities / T can
     overflow and the loss or its gradient become NaN (see there).
 
@@ -38,7 +42,5 @@ def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True, 
     check_shape("labels", labels, z.shape[:2])
     check_same_device(z=z, labels=labels)
     temperature = check_temperature("temperature", temperature)
-    check_values_readable("labels", labels, "homologous_contrastive_loss")
-    if labels.numel() and int(labels.min()) < 0:
-        raise IndexError(f"labels must be non-negative source ids, found {int(labels.min())}")
+    checks.not_negative(NEGATIVE_LABEL, labels)
     return CONTRASTIVE_LOSS(z, labels, temperature=temperature, normalize=normalize, backend=backend)

@@ -5,7 +5,9 @@ from .. import reference
 from ..dispatch import op
 from ..validate import check_dims, check_float, check_same_device, check_tensor
 
-COSINE_LOSS = op("cosine_loss", auto_order=("triton", "torch"))
+COSINE_LOSS = op("cosine_loss", auto_order=("triton", "torch"),
+                 schema="(Tensor pred, Tensor target, *, int dim, bool standardize_target=True, int standardize_dim=-1, "
+                        "float eps=1e-08, float std_eps=1e-06) -> Tensor")
 COSINE_LOSS.register("torch")(reference.cosine_loss)
 
 # Mirrors sdae_fast.kernels.cosine_loss.MAX_BLOCK_N without importing the kernel module.
@@ -41,8 +43,8 @@ def cosine_loss(pred, target, *, dim=-1, standardize_target=True, standardize_di
     ``dim=-1``. See :func:`sdae_fast.reference.cosine_loss` for the exact formula. The Triton
     backend reads pred and target once (plus one read of the target for its per-vector mean and
     1/std when the two axes differ, never writing the standardised target) and writes d loss /
-    d pred in the same pass; its backward only scales that buffer (and returns it as is for a
-    unit upstream gradient, at the cost of one 4-byte device->host copy).
+    d pred in the same pass; its backward only scales that buffer by the upstream gradient, a
+    device scalar (no host sync).
     """
     check_tensor("pred", pred)
     check_tensor("target", target)

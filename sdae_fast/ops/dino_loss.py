@@ -5,7 +5,10 @@ from .. import reference
 from ..dispatch import op
 from ..validate import check_float, check_int, check_same_device, check_temperature, check_tensor
 
-DINO_LOSS = op("dino_loss", auto_order=("triton", "torch"))
+DINO_LOSS = op("dino_loss", auto_order=("triton", "torch"),
+               schema="(Tensor student_out, Tensor teacher_out, Tensor(a!) center, *, float student_temp=0.1, "
+                      "float teacher_temp=0.04, int num_global=2, float center_momentum=0.9, bool update_center=True)"
+                      " -> Tensor")
 DINO_LOSS.register("torch")(reference.dino_loss)
 
 MAX_VIEWS, MAX_GLOBAL = 64, 8  # the fused kernel keeps a (global × views × BLOCK_K) tile in registers

@@ -1,6 +1,8 @@
 """EMA teacher update (SPEC §2): ``ema_update_``."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import reference
@@ -52,6 +54,33 @@ def _ema_cuda(teacher, student, momentum):
     from ..multi_tensor import pair_groups
 
     _cuda_launch(pair_groups(teacher, student), momentum)
+
+
+# Block tables planned once by an EmaUpdate, looked up by the op through an int handle (an op's
+# arguments are tensors and scalars; the plan's pointer tables stay on the device between steps).
+_PLANS: dict[int, list] = {}
+
+
+@torch.library.custom_op("sdae_fast::ema_update_", mutates_args=("teacher",))
+def ema_update_op(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float,
+                  momentum_tensor: Optional[torch.Tensor], backend: str, plan: int) -> None:
+    """``torch.ops.sdae_fast.ema_update_``: opaque to torch.compile (pointer tables cannot be traced),
+    in place on ``teacher``. ``momentum_tensor`` (0-dim, on the device) wins over ``momentum``;
+    ``plan`` is an :class:`EmaUpdate`'s handle to its block tables, or -1 to plan here."""
+    m = momentum if momentum_tensor is None else momentum_tensor
+    if plan >= 0 and backend in _LAUNCHERS:
+        _LAUNCHERS[backend](_PLANS[plan], m)
+    else:
+        EMA.impls[backend].fn(teacher, student, m)
+
+
+@ema_update_op.register_fake
+def _ema_fake(teacher, student, momentum, momentum_tensor, backend, plan) -> None:
+    return None
+
+
+def _split_momentum(momentum):
+    return (0.0, momentum) if isinstance(momentum, torch.Tensor) else (float(momentum), None)
 
 
 def as_tensor_list(x, name: str) -> list[torch.Tensor]:
@@ -108,7 +137,8 @@ def ema_update_(teacher, student, momentum, *, backend=None) -> None:
     validate_momentum(momentum, teacher[0].device if teacher else None)
     if not teacher:
         return
-    EMA(teacher, student, momentum, backend=backend)
+    impl = EMA.select(backend, teacher, student, momentum)  # on the host, from static properties only
+    torch.ops.sdae_fast.ema_update_(teacher, student, *_split_momentum(momentum), impl.backend, -1)
 
 
 class EmaUpdate:
@@ -122,10 +152,13 @@ class EmaUpdate:
         self.device = self.teacher[0].device if self.teacher else None
         self.impl = EMA.select(backend, self.teacher, self.student, 0.5) if self.teacher else None
         self._launch = _LAUNCHERS.get(self.impl.backend) if self.impl else None
+        self._plan = -1
         if self._launch is not None:
             from ..multi_tensor import pair_groups
 
             self._groups = pair_groups(self.teacher, self.student)
+            self._plan = id(self)
+            _PLANS[self._plan] = self._groups
 
     @property
     def backend(self) -> str | None:
@@ -135,7 +168,8 @@ class EmaUpdate:
         validate_momentum(momentum, self.device)
         if self.impl is None:
             return
-        if self._launch is not None:
-            self._launch(self._groups, momentum)
-        else:
-            self.impl.fn(self.teacher, self.student, momentum)
+        torch.ops.sdae_fast.ema_update_(self.teacher, self.student, *_split_momentum(momentum), self.impl.backend,
+                                        self._plan)
+
+    def __del__(self):
+        _PLANS.pop(getattr(self, "_plan", -1), None)

@@ -6,29 +6,47 @@ import torch
 from .. import reference
 from ..dispatch import op
 from ..validate import (FLOAT_DTYPES, INDEX_DTYPES, check_float, check_index_range, check_int, check_same_device, check_shape,
-                        check_tensor, check_values_readable)
+                        check_tensor)
 
-GATHER = op("gather_tokens", auto_order=("triton", "torch"))
-UNSHUFFLE = op("unshuffle_tokens", auto_order=("triton", "torch"))
-GATHER.register("torch")(reference.gather_tokens)
-UNSHUFFLE.register("torch")(reference.unshuffle_tokens)
+GATHER = op("gather_tokens", auto_order=("triton", "torch"),
+             schema="(Tensor x, Tensor index, *, Tensor? pos_embed=None, Tensor? prefix=None, int groups=1, "
+                    "bool deterministic=False) -> Tensor")
+UNSHUFFLE = op("unshuffle_tokens", auto_order=("triton", "torch"),
+               schema="(Tensor x_vis, Tensor ids_restore, Tensor mask_token, *, Tensor? pos_embed=None, "
+                      "int num_prefix=0, bool deterministic=False) -> Tensor")
+
+
+# Deferred checks let a bad index reach the backend (it is reported by sdae_fast.check_errors()):
+# the reference clamps it so that indexing stays in bounds; the kernels skip it.
+@GATHER.register("torch")
+def _gather_torch(x, index, *, pos_embed=None, prefix=None, groups=1, deterministic=False):
+    index = index.clamp(0, x.shape[1] - 1)
+    return reference.gather_tokens(x, index, pos_embed=pos_embed, prefix=prefix, groups=groups)
+
+
+@UNSHUFFLE.register("torch")
+def _unshuffle_torch(x_vis, ids_restore, mask_token, *, pos_embed=None, num_prefix=0, deterministic=False):
+    ids_restore = ids_restore.clamp(0, ids_restore.shape[1] - 1)
+    return reference.unshuffle_tokens(x_vis, ids_restore, mask_token, pos_embed=pos_embed, num_prefix=num_prefix)
 
 
 # The Triton kernels take any row strides (a non-unit feature stride is made contiguous in the
 # launcher), every float dtype mix and int32/int64 indices, so they add no reasons of their own to
 # the common ones (triton missing, CPU without the interpreter, bf16 in the interpreter).
 @GATHER.register("triton")
-def _gather_triton(x, index, *, pos_embed=None, prefix=None, groups=1):
+def _gather_triton(x, index, *, pos_embed=None, prefix=None, groups=1, deterministic=False):
     from ..kernels.gather_tokens import gather_tokens as triton_gather_tokens
 
-    return triton_gather_tokens(x, index, pos_embed=pos_embed, prefix=prefix, groups=groups)
+    return triton_gather_tokens(x, index, pos_embed=pos_embed, prefix=prefix, groups=groups,
+                                deterministic=deterministic)
 
 
 @UNSHUFFLE.register("triton")
-def _unshuffle_triton(x_vis, ids_restore, mask_token, *, pos_embed=None, num_prefix=0):
+def _unshuffle_triton(x_vis, ids_restore, mask_token, *, pos_embed=None, num_prefix=0, deterministic=False):
     from ..kernels.unshuffle_tokens import unshuffle_tokens as triton_unshuffle_tokens
 
-    return triton_unshuffle_tokens(x_vis, ids_restore, mask_token, pos_embed=pos_embed, num_prefix=num_prefix)
+    return triton_unshuffle_tokens(x_vis, ids_restore, mask_token, pos_embed=pos_embed, num_prefix=num_prefix,
+                                   deterministic=deterministic)
 
 
 def random_masking(B, L, mask_ratio, *, noise=None, generator=None, device=None):
@@ -46,12 +64,22 @@ def random_masking(B, L, mask_ratio, *, noise=None, generator=None, device=None)
     return reference.random_masking(B, L, mask_ratio, noise=noise, generator=generator, device=device)
 
 
-def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, backend=None):
+def _deterministic(flag) -> bool:
+    """``deterministic=None`` follows ``torch.use_deterministic_algorithms``."""
+    return torch.are_deterministic_algorithms_enabled() if flag is None else bool(flag)
+
+
+def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, backend=None, deterministic=None):
     """``out[r, P + j] = x[r // groups, index[r, j]] + pos_embed[index[r, j]]``, rows ``:P`` = ``prefix``.
 
     x (B, L, D); index (B·groups, M) int32/int64 positions into L; pos_embed (L, D) or None;
     prefix (P, D) or None. Returns (B·groups, P + M, D) in x's dtype. Gradients flow to x
     (scatter-add; rows may repeat across groups), pos_embed and prefix.
+
+    An index outside [0, L) raises IndexError: at the call with ``SDAE_FAST_CHECKS=eager``, else
+    (no host sync) at the next ``sdae_fast.check_errors()``; the bad rows are skipped meanwhile.
+    ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``) makes the Triton
+    pos_embed / prefix gradients atomic-free, bitwise identical from run to run.
     """
     check_tensor("x", x, ndim=3)
     check_tensor("index", index, ndim=2, dtypes=INDEX_DTYPES)
@@ -67,17 +95,19 @@ def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, backend=No
         check_tensor("prefix", prefix, ndim=2)
         check_shape("prefix", prefix, (None, dim))
     check_same_device(x=x, index=index, pos_embed=pos_embed, prefix=prefix)
-    check_values_readable("index", index, "gather_tokens")
-    check_index_range("index", index, length)
-    return GATHER(x, index, pos_embed=pos_embed, prefix=prefix, groups=groups, backend=backend)
+    check_index_range("index", index, length, op="gather_tokens")
+    return GATHER(x, index, pos_embed=pos_embed, prefix=prefix, groups=groups, deterministic=_deterministic(deterministic),
+                  backend=backend)
 
 
-def unshuffle_tokens(x_vis, ids_restore, mask_token, *, pos_embed=None, num_prefix=0, backend=None):
+def unshuffle_tokens(x_vis, ids_restore, mask_token, *, pos_embed=None, num_prefix=0, backend=None,
+                     deterministic=None):
     """MAE's decoder input in one pass: visible tokens back in place, ``mask_token`` elsewhere.
 
     x_vis (B, num_prefix + K, D); ids_restore (B, L) int32/int64 in [0, L); mask_token (D,) (a
     (1, 1, D) parameter as MAE stores it is accepted); pos_embed (num_prefix + L, D) or None.
-    Returns (B, num_prefix + L, D) in x_vis's dtype.
+    Returns (B, num_prefix + L, D) in x_vis's dtype. Bad ids_restore values and ``deterministic``:
+    as for :func:`gather_tokens` (the deterministic switch covers the mask_token / pos_embed grads).
     """
     check_tensor("x_vis", x_vis, ndim=3)
     check_tensor("ids_restore", ids_restore, ndim=2, dtypes=INDEX_DTYPES)
@@ -97,6 +127,6 @@ def unshuffle_tokens(x_vis, ids_restore, mask_token, *, pos_embed=None, num_pref
         check_tensor("pos_embed", pos_embed)
         check_shape("pos_embed", pos_embed, (num_prefix + length, dim))
     check_same_device(x_vis=x_vis, ids_restore=ids_restore, mask_token=mask_token, pos_embed=pos_embed)
-    check_values_readable("ids_restore", ids_restore, "unshuffle_tokens")
-    check_index_range("ids_restore", ids_restore, length)
-    return UNSHUFFLE(x_vis, ids_restore, mask_token, pos_embed=pos_embed, num_prefix=num_prefix, backend=backend)
+    check_index_range("ids_restore", ids_restore, length, op="unshuffle_tokens")
+    return UNSHUFFLE(x_vis, ids_restore, mask_token, pos_embed=pos_embed, num_prefix=num_prefix,
+                     deterministic=_deterministic(deterministic), backend=backend)

@@ -25,6 +25,6 @@ def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True):
     num_pos = positive.sum(-1)
     per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(-1) / num_pos.clamp(min=1)
     has_pos = num_pos > 0
-    if not bool(has_pos.any()):
-        return zf.sum() * 0.0
-    return per_anchor[has_pos].mean()
+    # The mean over anchors with a positive, written without a host sync (no boolean indexing,
+    # no any()): with no such anchor it is 0 / 1 = 0, still connected to z.
+    return per_anchor.masked_fill(~has_pos, 0.0).sum() / has_pos.sum().clamp(min=1)

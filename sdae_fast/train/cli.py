@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-ckpts", type=int, default=2, help="newest checkpoints to keep (0: all)")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in --out that loads")
     p.add_argument("--backend", choices=["torch", "triton", "cuda"], default=None, help="default: automatic")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model, forward and backward (Triton kernels stay visible to Inductor); "
+                        "optionally a torch.compile backend (default inductor)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics", default=None, help="JSON-lines file (default: <out>/metrics.jsonl)")

@@ -18,6 +18,8 @@ import random
 import numpy as np
 import torch
 
+import sdae_fast
+
 from ..data import (AugmentedDataset, ShardedBatchSampler, default_workers, load_splits, make_loader,
                     open_sources, to_device, train_views)
 from . import checkpoint as ckpt
@@ -137,6 +139,8 @@ def _pretrain(args, build_fn, info) -> dict:
 
         ids = [info.device.index] if info.device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=args.find_unused)
+    if getattr(args, "compile", None):
+        net = torch.compile(net, backend=args.compile)  # forward and, through AOTAutograd, backward
     trainable = [p for p in model.parameters() if p.requires_grad]
     metrics = MetricsWriter(args.metrics if info.is_main else None, resume_step=int(state["step"]) if state else None)
     global_batch = args.batch_size * info.world
@@ -181,12 +185,14 @@ def _pretrain(args, build_fn, info) -> dict:
                 progress.update()
                 if step % args.log_every == 0 or step == stop_at:
                     last = flush_window()
+                    sdae_fast.check_errors()  # deferred value checks surface with the logged value
                     progress.show(last["loss"], last["images_per_s"])
                     if info.is_main and not args.quiet:
                         progress.write(f"step {step:>6}/{total} epoch {epoch:>3} loss {last['loss']:.4f} "
                                        f"lr {lr:.2e} {last['images_per_s']:8.1f} img/s")
                 if args.ckpt_every and (step % args.ckpt_every == 0 or step == total):
                     flush_window()  # the metrics of every step up to the checkpoint are on disk first
+                    sdae_fast.check_errors()  # never checkpoint a step that read a bad value
                     _save(model, optimizer, step, spe, args, info)
                 if step >= stop_at:
                     break

@@ -1,0 +1,57 @@
+"""CUDA-graph capture of a whole training step (issue 11 §6; GPU tier, skipped without CUDA).
+
+The step is :class:`sdae_fast.train.compiled_step.TrainStep` run eagerly: capturable AdamW (step
+counts and lr on the device), deferred value checks (no sync) and Triton kernels autotuned during
+the warm-up, before the capture. Random draws inside the step (MAE's masks) come from the graph-safe
+CUDA generator: a replay after ``torch.cuda.manual_seed(s)`` draws what an eager step does after
+the same seed. MAE, whose ``after_step`` keeps no host-side schedule, so nothing is baked at capture.
+"""
+import copy
+
+import pytest
+import torch
+
+import sdae_fast
+from sdae_fast.train.compiled_step import TrainStep
+from sdae_fast.train.optim import make_optimizer
+
+from test_compile import tiny
+
+pytestmark = pytest.mark.gpu
+
+
+def _state(model, opt):
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def test_captured_step_replays_and_matches_eager():
+    model = tiny("mae", "triton", "cuda")
+    opt = make_optimizer(model, "mae", 1e-3)
+    step = TrainStep(model, model, opt)
+    images = torch.randn(8, 1, 16, 16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: autotuning, AdamW state, check tables, lazy plans
+        for _ in range(3):
+            step(images)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_loss = step(images)
+
+    for seed in (1, 2):
+        before = _state(model, opt)
+        eager_model = tiny("mae", "triton", "cuda")
+        eager_model.load_state_dict(before[0])
+        eager_opt = make_optimizer(eager_model, "mae", 1e-3)
+        eager_opt.load_state_dict(before[1])
+        eager_step = TrainStep(eager_model, eager_model, eager_opt)
+        torch.cuda.manual_seed(seed)
+        eager_loss = eager_step(images)
+        torch.cuda.manual_seed(seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured_loss, eager_loss)
+        for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
+            torch.testing.assert_close(p, q, msg=name)
+    sdae_fast.check_errors()

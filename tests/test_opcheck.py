@@ -1,0 +1,104 @@
+"""torch.library.opcheck of every op in torch.ops.sdae_fast (issue 11 §2): schema (declared
+mutation and aliasing), fake tensors, autograd registration and aot_dispatch_dynamic.
+
+The public ops run their reference here; the Triton kernel ops run in the interpreter (as opaque
+custom ops there, see sdae_fast.library). Inputs are tiny: opcheck runs each op many times.
+"""
+import pytest
+import torch
+from torch.library import opcheck
+
+import sdae_fast  # noqa: F401  (registers the public ops)
+from sdae_fast.dispatch import triton_why_not
+from sdae_fast.testing import triton_device
+
+ops = torch.ops.sdae_fast
+
+
+def _leaf(*shape, device="cpu"):
+    return torch.randn(*shape, device=device).requires_grad_()
+
+
+def _inputs(head_dim, device="cpu"):
+    """x, pos, prefix, index (2 groups, a repeat), ids_restore, q, k, v, pred, target, mask."""
+    x, pos, pre = _leaf(2, 5, 4, device=device), _leaf(5, 4, device=device), _leaf(1, 4, device=device)
+    index = torch.tensor([[0, 3], [4, 4], [2, 1], [0, 0]], device=device)
+    ids = torch.stack([torch.randperm(6) for _ in range(2)]).to(device)
+    qkv = [_leaf(1, 2, 5, head_dim, device=device) for _ in range(3)]
+    return (x, pos, pre, index, ids, *qkv, _leaf(2, 3, 4, device=device), torch.randn(2, 3, 4, device=device),
+            torch.tensor([[1., 0, 1], [0, 1, 0]], device=device))
+
+
+def public_cases():
+    x, pos, pre, index, ids, q, k, v, pred, target, mask = _inputs(head_dim=4)
+    return {
+        "gather_tokens": (ops.gather_tokens.default, (x, index), dict(pos_embed=pos, prefix=pre, groups=2)),
+        "unshuffle_tokens": (ops.unshuffle_tokens.default, (_leaf(2, 3, 4), ids, _leaf(4)),
+                             dict(pos_embed=_leaf(7, 4), num_prefix=1)),
+        "topk_attention": (ops.topk_attention.default, (q, k, v, 2), {}),
+        "cosine_loss": (ops.cosine_loss.default, (pred, target), dict(dim=1, standardize_dim=2)),  # SdAE's axes
+        "masked_mse_loss": (ops.masked_mse_loss.default, (pred, target, mask), {}),
+        "dino_loss": (ops.dino_loss.default, (_leaf(6, 8), torch.randn(4, 8), torch.zeros(8)), dict(num_global=2)),
+        "homologous_contrastive_loss": (ops.homologous_contrastive_loss.default,
+                                        (_leaf(2, 5, 4), torch.tensor([[0, 0, 1, 1, 0], [1, 2, 2, 1, 0]])), {}),
+    }
+
+
+@pytest.mark.parametrize("name", list(public_cases()))
+def test_public_op_reference(name):
+    op, args, kwargs = public_cases()[name]
+    opcheck(op, args, dict(kwargs, backend="torch"))
+
+
+def test_ema_op():
+    teacher, student = [torch.randn(3), torch.randn(2, 2)], [torch.randn(3), torch.randn(2, 2)]
+    opcheck(ops.ema_update_.default, (teacher, student, 0.9, None, "torch", -1))
+    opcheck(ops.ema_update_.default, (teacher, student, 0.0, torch.tensor(0.5), "torch", -1))
+
+
+DEVICE = triton_device()  # the GPU (kernel ops are triton_ops there), else the CPU interpreter
+interpreter = pytest.mark.skipif(bool(triton_why_not([torch.empty(0, device=DEVICE)])),
+                                 reason="needs Triton (GPU or interpreter)")
+
+
+def kernel_cases():
+    x, pos, pre, index, ids, q, k, v, pred, target, mask = _inputs(head_dim=16, device=DEVICE)
+    leaf = lambda *shape: _leaf(*shape, device=DEVICE)  # noqa: E731
+    return {
+        "gather": (ops.gather_tokens_triton.default, (x, index, pos, pre, 2, False)),
+        "gather_deterministic": (ops.gather_tokens_triton.default, (x, index, pos, None, 2, True)),
+        "unshuffle": (ops.unshuffle_tokens_triton.default, (leaf(2, 3, 4), ids, leaf(4), leaf(7, 4), 1, False)),
+        "unshuffle_deterministic": (ops.unshuffle_tokens_triton.default,
+                                    (leaf(2, 3, 4), ids, leaf(4), leaf(7, 4), 1, True)),
+        "cosine": (ops.cosine_loss_triton.default, (pred, target, 1, True, 1, 1e-8, 1e-6, True)),
+        "cosine_two_axes": (ops.cosine_loss_triton.default, (pred, target, 1, True, 2, 1e-8, 1e-6, True)),
+        "masked_mse": (ops.masked_mse_loss_triton.default, (pred, target, mask, True, True)),
+        "dino": (ops.dino_loss_triton.default, (leaf(6, 8), torch.randn(4, 8, device=DEVICE),
+                                                torch.zeros(8, device=DEVICE), 0.1, 0.04, 2, True, None, None)),
+        "contrastive": (ops.homologous_contrastive_loss_triton.default,
+                        (leaf(2, 5, 4), torch.tensor([[0, 0, 1, 1, 0], [1, 2, 2, 1, 0]], device=DEVICE), 0.07,
+                         True)),
+        "topk_attention": (ops.topk_attention_triton.default, (q, k, v, 2, 0.25)),
+        "index_check": (ops.check_values_triton.default,
+                        (index, torch.zeros(4, 5, dtype=torch.int64, device=DEVICE), 0, 4, 1, False)),
+    }
+
+
+KERNEL_CASES = ("gather", "gather_deterministic", "unshuffle", "unshuffle_deterministic", "cosine", "cosine_two_axes", "masked_mse", "dino",
+                "contrastive", "topk_attention", "index_check")
+
+
+@interpreter
+@pytest.mark.parametrize("name", KERNEL_CASES)
+def test_triton_kernel_op(name):
+    import sdae_fast.kernels.contrastive_loss  # noqa: F401  (kernel ops register on import)
+    import sdae_fast.kernels.cosine_loss  # noqa: F401
+    import sdae_fast.kernels.dino_loss  # noqa: F401
+    import sdae_fast.kernels.gather_tokens  # noqa: F401
+    import sdae_fast.kernels.masked_mse_loss  # noqa: F401
+    import sdae_fast.kernels.topk_attention  # noqa: F401
+    import sdae_fast.kernels.unshuffle_tokens  # noqa: F401
+    import sdae_fast.kernels.value_checks  # noqa: F401
+
+    op, args = kernel_cases()[name]
+    opcheck(op, args)
