@@ -160,14 +160,19 @@ def _blocks(n: int, d: int, z: torch.Tensor):
     # fp32 features: exact fp32 products (no tf32), as the reference computes.
     precision = "ieee" if z.dtype == torch.float32 else "tf32"
     if z.device.type == "cuda":
-        # 8 warps: the 64×64 pointer and similarity tiles fit in registers without spilling
-        # (ptxas, sm_90); fp32 tiles are twice as wide, so fp32 streams half the D per step.
-        if z.dtype == torch.float32:
-            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, PRECISION=precision), 64, 8
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, PRECISION=precision), 128, 8
+        return gpu_blocks(z.dtype)
     # Interpreter: few, large programs (each program costs Python time, not its width).
     return dict(BLOCK_M=32 if n <= 32 else 64, BLOCK_N=32 if n <= 32 else 64, BLOCK_D=32 if d <= 32 else 64,
                 PRECISION=precision), 64, 1
+
+
+def gpu_blocks(dtype: torch.dtype):
+    """(constexprs, backward output D-chunk, warps) of a GPU launch. 8 warps: the 64×64 pointer
+    and similarity tiles fit in registers without spilling (ptxas, sm_90); fp32 tiles are twice as
+    wide, so fp32 streams half the D per step."""
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, PRECISION="ieee"), 64, 8
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, PRECISION="tf32"), 128, 8
 
 
 class HomologousContrastiveFunction(torch.autograd.Function):

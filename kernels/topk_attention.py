@@ -213,24 +213,67 @@ def _arg(named_args, kwargs, name):
     return kwargs.get(name, named_args.get(name))
 
 
+# Exact fp32 scores run as FMA dots that hold whole operand rows in registers: at N_PAD >= 512
+# every tiling spills kilobytes on sm_90 (ptxas), so fp32 rows longer than this go to the reference.
+FP32_MAX_N = 256
+
+
+def why_not(q, k, v) -> list[str]:
+    """Reasons this kernel cannot serve these inputs on the GPU (the dispatcher falls back)."""
+    from .gather_tokens import needs_wide_offsets
+
+    reasons = []
+    n = q.shape[-2]
+    if q.is_cuda and q.dtype == torch.float32 and n > FP32_MAX_N:
+        reasons.append(f"fp32 at N = {n} > {FP32_MAX_N}: exact fp32 score tiles spill registers on sm_90")
+    b, h, _, d = q.shape
+    if needs_wide_offsets(q, k, v) or b * h * n * d > 2**31 - 1:
+        # Offsets are int32 (B·H·N·d of the outputs, strided qkv views of the inputs).
+        reasons.append(f"element offsets pass 2^31 (B·H·N·d = {b * h * n * d}, int32 addressing)")
+    return reasons
+
+
 def _prune_fwd(configs, named_args, **kwargs):
-    # fp32 dots in "ieee" precision run on FMA units and spill at large tiles; each config also
-    # takes long to compile, so fp32 gets one small config instead of a search.
+    # fp32 dots in "ieee" precision run on FMA units; each config takes long to compile, so fp32
+    # gets one small config instead of a search.
     if _arg(named_args, kwargs, "PRECISION") == "ieee":
         return [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.num_warps == 8 and c.num_stages == 1]
-    # The one-tile selection holds BLOCK_M × N_PAD uint32 keys in registers: cap it per warp count.
     if not _arg(named_args, kwargs, "ONE_TILE"):
         return configs
+    # The one-tile selection holds BLOCK_M × N_PAD uint32 keys in registers: cap it per warp count
+    # (halved next to 128-wide head-dim tiles on long rows, where ptxas spills otherwise).
     n_pad = _arg(named_args, kwargs, "N_PAD")
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * n_pad <= 2048 * c.num_warps]
+    per_warp = 2048 if n_pad <= 256 or _arg(named_args, kwargs, "BLOCK_D") <= 64 else 1024
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * n_pad <= per_warp * c.num_warps]
+    if n_pad <= 256:
+        # wgmma (HGMMA) takes 64 rows per warp group: smaller BLOCK_M compiles to mma.sync. At
+        # N_PAD 512-1024 BLOCK_M = 64 would need 256 key registers per thread, so those rows stay
+        # on mma.sync with BLOCK_M 16-32 (16 warps cap a thread at 128 registers: 2.8 KB spills).
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 64]
     return kept or configs[:1]
 
 
-def _prune_bwd(configs, named_args, **kwargs):
+def _bwd_fits(c, block_d: int) -> bool:
+    """Backward tiles (scores BM×BN, K/V or Q/dO BN×BD and BM×BD) per warp that ptxas (sm_90)
+    keeps in registers; BLOCK_N = 128 spills at every warp count."""
+    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+    return bn == 64 and (bm * bn + bn * block_d + bm * block_d) <= 3072 * c.num_warps
+
+
+def _prune_bwd_dkdv(configs, named_args, **kwargs):
     if _arg(named_args, kwargs, "PRECISION") == "ieee":
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                 == (32, 64, 4, 1)]
-    return configs
+    block_d = _arg(named_args, kwargs, "BLOCK_D")
+    return [c for c in configs if _bwd_fits(c, block_d)] or configs[:1]
+
+
+def _prune_bwd_dq(configs, named_args, **kwargs):
+    kept = _prune_bwd_dkdv(configs, named_args, **kwargs)
+    if _arg(named_args, kwargs, "PRECISION") == "ieee":
+        return kept
+    # dQ's dots have BLOCK_M rows: 64 or more for wgmma.
+    return [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or kept[:1]
 
 
 _fwd_tuned = triton.autotune(
@@ -243,9 +286,9 @@ from .topk_attention_bwd import _topk_attention_bwd_dkdv, _topk_attention_bwd_dq
 _BWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
                 for m, n in ((32, 64), (64, 64), (64, 128), (128, 64)) for w in (4, 8) for st in (1, 2)]
 _bwd_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"],
-                                  prune_configs_by={"early_config_prune": _prune_bwd})(_topk_attention_bwd_dkdv)
+                                  prune_configs_by={"early_config_prune": _prune_bwd_dkdv})(_topk_attention_bwd_dkdv)
 _bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"],
-                                prune_configs_by={"early_config_prune": _prune_bwd})(_topk_attention_bwd_dq)
+                                prune_configs_by={"early_config_prune": _prune_bwd_dq})(_topk_attention_bwd_dq)
 
 
 def _geometry(q):
@@ -254,6 +297,20 @@ def _geometry(q):
     block_d = max(16, triton.next_power_of_2(d))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     return n, d, n_pad, block_d, precision
+
+
+def launch_meta(n: int, d: int, dtype: torch.dtype):
+    """The (forward, backward) constexprs a GPU launch at row length ``n`` and head dim ``d``
+    uses, autotuned block sizes aside (forward also leaves SELECT to the call)."""
+    n_pad = max(16, triton.next_power_of_2(n))
+    block_d = max(16, triton.next_power_of_2(d))
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    one_tile, tile_n, _ = _chunks(n_pad)
+    # Softmax/P@V chunk: 128 keys keeps the V tile and P on chip next to the selection tile.
+    fwd = dict(BLOCK_N=min(n_pad, 128), N_PAD=n_pad, TILE_N=tile_n, ONE_TILE=one_tile, BLOCK_D=block_d,
+               HEAD_DIM=d, PRECISION=precision)
+    bwd = dict(BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision, N_PAD=n_pad)
+    return fwd, bwd
 
 
 def _strides(*tensors):

@@ -235,8 +235,14 @@ def test_float64_is_refused_before_any_kernel():
 @pytest.mark.parametrize("d", [32, 64, 80, 128])
 @pytest.mark.parametrize("n,topk", [(197, 49), (257, 64), (785, 196), (1024, 256), (1500, 375), (197, 197)])
 def test_gpu_shapes(n, topk, d, dtype):
+    from sdae_fast.kernels.topk_attention import FP32_MAX_N
+
     q, k = exact_qk(2, 3, n, d, dtype)
     v = torch.randn(2, 3, n, d, device="cuda").to(dtype)
+    if dtype == torch.float32 and n > FP32_MAX_N:  # would spill (tests/test_sm90_static.py): refused
+        with pytest.raises(dispatch.BackendUnavailable, match="spill"):
+            topk_attention(q, k, v, topk, backend="triton")
+        return
     run_and_compare(q, k, v, topk, scale=EXACT_SCALE)
 
 
