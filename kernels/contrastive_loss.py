@@ -134,7 +134,12 @@ def _contrastive_bwd_kernel(
             # With zn = r·z, g_i = dL/dzn_i = Σ_j w_ij zn_j / T, the radial part zn_i·g_i / r_i is
             # Σ_j w_ij r_j z_i·z_j / T: a row sum over the full-D dots this program already has.
             dr_acc += tl.sum(w * tl.where(keep, dots, 0.0) * r_j[None, :], axis=1)
-            w = w * r_j[None, :]
+            # w·r_j overflows 16 bits for a tiny or zero token (r_j = 1/max(||z_j||, 1e-12)) and the
+            # inf would reach every anchor: move r_j's power of two p_j >= 1 onto z_j, where it
+            # scales exactly (|p_j z_j| <= 1): w r_j z_j = (w r_j / p_j)(p_j z_j).
+            p_j = tl.maximum((r_j.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True), 1.0)
+            w = w * (r_j / p_j)[None, :]
+            z_j = (z_j.to(tl.float32) * p_j[:, None]).to(z_j.dtype)
         w_hi = w.to(z_j.dtype)
         acc += tl.dot(w_hi, z_j, input_precision=PRECISION)
         if SPLIT_W:
