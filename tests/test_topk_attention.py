@@ -130,6 +130,13 @@ def test_backward_with_another_dot_shape_keeps_the_boundary_key(monkeypatch):
     run_and_compare(q, k, v, 25)
 
 
+@pytest.mark.parametrize("dtype", triton_dtypes(), ids=str)
+def test_one_token(dtype):
+    """N = 1: the row keeps its only key, out = v; dq and dk are 0 up to the rounding of dP − D."""
+    q, k = exact_qk(2, 3, 1, 16, dtype)
+    run_and_compare(q, k, torch.randn(2, 3, 1, 16, device=DEVICE).to(dtype), 1, scale=EXACT_SCALE)
+
+
 @pytest.mark.parametrize("n,topk", [(7, 2), (50, 12), (197, 49)])
 def test_random_inputs_default_scale(n, topk):
     q, k, v = (torch.randn(1, 2, n, 64, device=DEVICE) for _ in range(3))

@@ -48,6 +48,8 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
     if student_out.shape[1] != width or center.numel() != width or center.shape[-1] != width:
         raise ValueError(f"student_out {tuple(student_out.shape)}, teacher_out {tuple(teacher_out.shape)} and "
                          f"center {tuple(center.shape)} must share the output width K")
+    if width == 0:  # a softmax over no prototypes; the kernel's K-tiling would divide by zero
+        raise ValueError("dino_loss needs K >= 1 output columns, got student_out, teacher_out and center of width 0")
     if not isinstance(num_global, int) or num_global < 1:
         raise ValueError(f"num_global must be a positive int, got {num_global!r}")
     if teacher_out.shape[0] == 0 or teacher_out.shape[0] % num_global:
