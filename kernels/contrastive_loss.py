@@ -134,12 +134,7 @@ def _contrastive_bwd_kernel(
             # With zn = r·z, g_i = dL/dzn_i = Σ_j w_ij zn_j / T, the radial part zn_i·g_i / r_i is
             # Σ_j w_ij r_j z_i·z_j / T: a row sum over the full-D dots this program already has.
             dr_acc += tl.sum(w * tl.where(keep, dots, 0.0) * r_j[None, :], axis=1)
-            # w·r_j overflows 16 bits for a tiny or zero token (r_j = 1/max(||z_j||, 1e-12)) and the
-            # inf would reach every anchor: move r_j's power of two p_j >= 1 onto z_j, where it
-            # scales exactly (|p_j z_j| <= 1): w r_j z_j = (w r_j / p_j)(p_j z_j).
-            p_j = tl.maximum((r_j.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True), 1.0)
-            w = w * (r_j / p_j)[None, :]
-            z_j = (z_j.to(tl.float32) * p_j[:, None]).to(z_j.dtype)
+            w = w * r_j[None, :]
         w_hi = w.to(z_j.dtype)
         acc += tl.dot(w_hi, z_j, input_precision=PRECISION)
         if SPLIT_W:
@@ -180,6 +175,16 @@ def gpu_blocks(dtype: torch.dtype):
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, PRECISION="tf32"), 128, 8
 
 
+def _fp16_safe_scaling(z, r, r3):
+    """The backward's w·r_j overflows fp16 for a tiny token (r = 1/||z|| up to 1.7e7), and that inf
+    would reach every anchor of the image. The backward depends on z only through zn = r·z, so it
+    runs on zs = p·z, r' = r/p (r3' = r3/p³) with p = r's power of two (>= 1): r' < 2 and p·z scales
+    exactly (|p·z| <= |zn| <= 1). Returns (zs, r', r3', p); dL/dz = p · dL/dzs."""
+    p = torch.frexp(r)[1].sub(1).clamp_min(0).to(torch.float32).exp2()
+    zs = (z.to(torch.float32) * p[..., None]).to(torch.float16)
+    return zs, r / p, r3 / (p * p * p), p
+
+
 class HomologousContrastiveFunction(torch.autograd.Function):
     """Loss of z (M, N, D); with ``normalize`` the L2 normalisation happens inside the products
     (fp32 inverse norms r scale the similarities), so 16-bit features stay exact, and its backward
@@ -213,6 +218,9 @@ class HomologousContrastiveFunction(torch.autograd.Function):
         z, r, r3, labels, lse, cnt, n_valid = ctx.saved_tensors
         m, n, d = z.shape
         blocks, block_do, warps = _blocks(n, d, z)
+        p = None
+        if ctx.normalize and z.dtype == torch.float16:
+            z, r, r3, p = _fp16_safe_scaling(z, r, r3)
         scale = (grad_output.to(torch.float32) / n_valid).reshape(1)
         dz = empty(m, n, d, dtype=z.dtype, device=z.device)
         grid = (m, triton.cdiv(n, blocks["BLOCK_M"]), triton.cdiv(d, block_do))
@@ -220,6 +228,8 @@ class HomologousContrastiveFunction(torch.autograd.Function):
                                       labels.stride(0), dz.stride(0), dz.stride(1), 1.0 / ctx.temperature,
                                       **blocks, NORMALIZE=ctx.normalize, BLOCK_DO=block_do,
                                       SPLIT_W=z.dtype != torch.float32, num_warps=warps)
+        if p is not None:
+            dz.mul_(p[..., None])  # dL/dz = p · dL/dzs, in fp32 and exact below fp16's range (inf above, as the reference)
         return dz, None, None, None
 
 

@@ -1,0 +1,45 @@
+"""The sm_90 facts table of every Triton kernel variant (``sdae-fast info --kernels``, and
+``python -m sdae_fast.kernel_table [--full] > docs/kernels.md``)."""
+from __future__ import annotations
+
+import sys
+
+from . import kernel_variants, sm90
+
+_LEGEND = """# Triton kernels compiled for sm_90 (H100/H200)
+
+Generated offline by `python -m sdae_fast.kernel_table{flag} > docs/kernels.md` (Triton's ptxas,
+read back with cuobjdump; no GPU involved). `tests/test_sm90_static.py` asserts the promises:
+no spills (stack 0, no STL) where a kernel holds its tile in registers, no FFMA in EMA (bit-exact
+against the reference), HGMMA (wgmma) for 16-bit attention at N <= 256, shared memory <= 227 KB.
+Registers are per thread, stack bytes per thread, shared bytes per block; MMA is HGMMA (wgmma),
+HMMA (mma.sync), FFMA (dots on the FMA units) or - (no dot).
+
+Known: fp32 top-K attention spills at N <= 256 (its exact fp32 dots hold whole operand rows) and
+is refused above N = 256, where the reference serves it. 16-bit top-K at N 513-1024 runs on
+mma.sync: wgmma needs 64 query rows a program, whose 64 × N_PAD selection keys do not fit in
+registers (8 warps: 256 per thread; 16 warps cap a thread at 128 and spill 2.8 KB).
+"""
+
+
+def table(full: bool = False) -> str:
+    lines = [_LEGEND.format(flag=" --full" if full else ""), sm90.TABLE_HEADER.replace("| STL/LDL |", "| STL/LDL | note |")
+             .replace("|---|---|---|---|---|---|---|---|", "|---|---|---|---|---|---|---|---|---|")]
+    for group in sorted(kernel_variants.GROUPS):
+        variants = kernel_variants.variants(group, full=full)
+        for v, f in zip(variants, sm90.compile_facts([v.job for v in variants])):
+            lines.append(f"{f.row()} {v.note} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(full: bool = False) -> int:
+    try:
+        print(table(full), end="")
+    except sm90.ToolchainMissing as exc:
+        print(f"no offline sm_90 compile here: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(print_table(full="--full" in sys.argv[1:]))
