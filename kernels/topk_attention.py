@@ -11,11 +11,13 @@ set and probabilities (flash-attention style recompute).
 Backward: a preprocess writes D = rowsum(dO ∘ O); one kernel per key block loops over query blocks
 for dK, dV; one per query block loops over key blocks for dQ. The kept set is a constant.
 
-Scores are fp32: fp32 inputs use ``input_precision="ieee"`` (tf32 would change the kept set);
-fp16/bf16 inputs use tensor-core dots with fp32 accumulation. Every pass computes a score with the
-same dot orientation and head-dim tile. A pass whose dot shape differs could still round the key
-at τ an ulp lower and drop it — so every pass keeps the boundary key by column as well; other keys
-would need a distinct score within that rounding of τ (an fp32 near-tie, ill-defined anyway).
+Scores are fp32: fp32 inputs use ``input_precision="ieee"`` (tf32 would change the kept set) as
+FMA dots over 16-wide head-dim chunks, so they do not spill (sm_90; fp32 rows past 256 keys are
+refused, see ``why_not``); fp16/bf16 inputs use tensor-core dots with fp32 accumulation. Every
+pass computes a score with the same dot orientation and head-dim tile. A pass whose dot shape
+differs could still round the key at τ an ulp lower and drop it — so every pass keeps the boundary
+key by column as well; other keys would need a distinct score within that rounding of τ (an fp32
+near-tie, ill-defined anyway).
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ import triton.language as tl
 
 from sdae_fast.alloc import empty
 
+# FP32_MAX_N and why_not are part of this module's interface (ops/attention.py, tests).
+from .topk_attention_configs import (BWD_CONFIGS, FP32_MAX_N, FWD_CONFIGS, _prune_bwd_dkdv,  # noqa: F401
+                                     _prune_bwd_dq, _prune_fwd, why_not)
 from .topk_select import key_to_float, kth_largest_key, order_key
 
 # The whole padded row is held in registers for the selection up to this many keys, as 1, 2 or 4
@@ -42,12 +47,28 @@ def _interpreting() -> bool:
 @triton.jit
 def _scores(q, k_base, stride_kn, start_n, N, scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """scale · q @ k[start_n : start_n + BLOCK_N]ᵀ in fp32, -inf on padding columns."""
+    """scale · q @ k[start_n : start_n + BLOCK_N]ᵀ in fp32, -inf on padding columns.
+
+    ``q`` is the (BLOCK_M, BLOCK_D) query tile, except for exact fp32 ("ieee"): there it is the
+    (BLOCK_M,) query row pointers and the dot runs over 16-wide head-dim chunks re-read from
+    cache, since an FMA dot holds (rows + columns) × K operands per thread and whole rows spill.
+    """
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=(offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    if PRECISION == "ieee":
+        s = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
+        for d0 in tl.static_range(0, BLOCK_D, 16):
+            offs_d = d0 + tl.arange(0, 16)
+            d_ok = offs_d < HEAD_DIM
+            qc = tl.load(q[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            kc = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                         mask=(offs_n[:, None] < N) & d_ok[None, :], other=0.0)
+            s = tl.dot(qc, tl.trans(kc), s, input_precision=PRECISION)
+        s = s * scale
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=(offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     return tl.where(offs_n[None, :] < N, s, float("-inf"))
 
 
@@ -137,7 +158,11 @@ def _topk_attention_fwd(Q, K, V, O, TAU, TAU_COL, LSE, N, H, topk, scale,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(q_base + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if PRECISION == "ieee":  # row pointers (see _scores); rows past N read row N - 1, never stored
+        q = q_base + tl.minimum(offs_m, N - 1) * sq_n
+    else:
+        q = tl.load(q_base + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0)
 
     if SELECT:
         prefix, tau_col = _select_threshold(q, k_base, sk_n, N, topk, scale, BLOCK_M, BLOCK_N, TILE_N, N_PAD // TILE_N,
@@ -209,106 +234,41 @@ def _chunks(n_pad):
     return one_tile, tile_n, (tile_n if one_tile else INTERPRETER_CHUNK)
 
 
-def _arg(named_args, kwargs, name):
-    return kwargs.get(name, named_args.get(name))
-
-
-# Exact fp32 scores run as FMA dots that hold whole operand rows in registers: at N_PAD >= 512
-# every tiling spills kilobytes on sm_90 (ptxas), so fp32 rows longer than this go to the reference.
-FP32_MAX_N = 256
-
-
-def why_not(q, k, v) -> list[str]:
-    """Reasons this kernel cannot serve these inputs on the GPU (the dispatcher falls back)."""
-    from .gather_tokens import needs_wide_offsets
-
-    reasons = []
-    n = q.shape[-2]
-    if q.is_cuda and q.dtype == torch.float32 and n > FP32_MAX_N:
-        reasons.append(f"fp32 at N = {n} > {FP32_MAX_N}: exact fp32 score tiles spill registers on sm_90")
-    b, h, _, d = q.shape
-    if needs_wide_offsets(q, k, v) or b * h * n * d > 2**31 - 1:
-        # Offsets are int32 (B·H·N·d of the outputs, strided qkv views of the inputs).
-        reasons.append(f"element offsets pass 2^31 (B·H·N·d = {b * h * n * d}, int32 addressing)")
-    return reasons
-
-
-def _prune_fwd(configs, named_args, **kwargs):
-    # fp32 dots in "ieee" precision run on FMA units; each config takes long to compile, so fp32
-    # gets one small config instead of a search.
-    if _arg(named_args, kwargs, "PRECISION") == "ieee":
-        return [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.num_warps == 8 and c.num_stages == 1]
-    if not _arg(named_args, kwargs, "ONE_TILE"):
-        return configs
-    # The one-tile selection holds BLOCK_M × N_PAD uint32 keys in registers: cap it per warp count
-    # (halved next to 128-wide head-dim tiles on long rows, where ptxas spills otherwise).
-    n_pad = _arg(named_args, kwargs, "N_PAD")
-    per_warp = 2048 if n_pad <= 256 or _arg(named_args, kwargs, "BLOCK_D") <= 64 else 1024
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * n_pad <= per_warp * c.num_warps]
-    if n_pad <= 256:
-        # wgmma (HGMMA) takes 64 rows per warp group: smaller BLOCK_M compiles to mma.sync. At
-        # N_PAD 512-1024 BLOCK_M = 64 would need 256 key registers per thread, so those rows stay
-        # on mma.sync with BLOCK_M 16-32 (16 warps cap a thread at 128 registers: 2.8 KB spills).
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 64]
-    return kept or configs[:1]
-
-
-def _bwd_fits(c, block_d: int) -> bool:
-    """Backward tiles (scores BM×BN, K/V or Q/dO BN×BD and BM×BD) per warp that ptxas (sm_90)
-    keeps in registers; BLOCK_N = 128 spills at every warp count."""
-    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-    return bn == 64 and (bm * bn + bn * block_d + bm * block_d) <= 3072 * c.num_warps
-
-
-def _prune_bwd_dkdv(configs, named_args, **kwargs):
-    if _arg(named_args, kwargs, "PRECISION") == "ieee":
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                == (32, 64, 4, 1)]
-    block_d = _arg(named_args, kwargs, "BLOCK_D")
-    return [c for c in configs if _bwd_fits(c, block_d)] or configs[:1]
-
-
-def _prune_bwd_dq(configs, named_args, **kwargs):
-    kept = _prune_bwd_dkdv(configs, named_args, **kwargs)
-    if _arg(named_args, kwargs, "PRECISION") == "ieee":
-        return kept
-    # dQ's dots have BLOCK_M rows: 64 or more for wgmma.
-    return [c for c in kept if c.kwargs["BLOCK_M"] >= 64] or kept[:1]
-
-
 _fwd_tuned = triton.autotune(
-    [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st) for m in (16, 32, 64) for w in (4, 8) for st in (1, 2)],
+    FWD_CONFIGS,
     key=["N_PAD", "BLOCK_D", "SELECT", "ONE_TILE", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_fwd})(_topk_attention_fwd)
 
 from .topk_attention_bwd import _topk_attention_bwd_dkdv, _topk_attention_bwd_dq  # noqa: E402
 
-_BWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                for m, n in ((32, 64), (64, 64), (64, 128), (128, 64)) for w in (4, 8) for st in (1, 2)]
-_bwd_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"],
+_bwd_dkdv_tuned = triton.autotune(BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"],
                                   prune_configs_by={"early_config_prune": _prune_bwd_dkdv})(_topk_attention_bwd_dkdv)
-_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"],
+_bwd_dq_tuned = triton.autotune(BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"],
                                 prune_configs_by={"early_config_prune": _prune_bwd_dq})(_topk_attention_bwd_dq)
 
 
 def _geometry(q):
-    n, d = q.shape[-2], q.shape[-1]
+    return _sizes(q.shape[-2], q.shape[-1], q.dtype)
+
+
+def _sizes(n, d, dtype):
     n_pad = max(16, triton.next_power_of_2(n))
     block_d = max(16, triton.next_power_of_2(d))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    precision = "ieee" if dtype == torch.float32 else "tf32"
     return n, d, n_pad, block_d, precision
 
 
 def launch_meta(n: int, d: int, dtype: torch.dtype):
     """The (forward, backward) constexprs a GPU launch at row length ``n`` and head dim ``d``
     uses, autotuned block sizes aside (forward also leaves SELECT to the call)."""
-    n_pad = max(16, triton.next_power_of_2(n))
-    block_d = max(16, triton.next_power_of_2(d))
-    precision = "ieee" if dtype == torch.float32 else "tf32"
+    _, _, n_pad, block_d, precision = _sizes(n, d, dtype)
     one_tile, tile_n, _ = _chunks(n_pad)
-    # Softmax/P@V chunk: 128 keys keeps the V tile and P on chip next to the selection tile.
-    fwd = dict(BLOCK_N=min(n_pad, 128), N_PAD=n_pad, TILE_N=tile_n, ONE_TILE=one_tile, BLOCK_D=block_d,
-               HEAD_DIM=d, PRECISION=precision)
+    # Softmax/P@V chunk: 128 keys keeps the V tile and P on chip next to the selection tile
+    # (fp32: 32, or 16 next to 128-wide head-dim tiles: its FMA dot holds P's columns for every
+    # output column a thread owns).
+    fp32_block_n = 32 if block_d <= 64 else 16
+    fwd = dict(BLOCK_N=min(n_pad, fp32_block_n if precision == "ieee" else 128), N_PAD=n_pad, TILE_N=tile_n,
+               ONE_TILE=one_tile, BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision)
     bwd = dict(BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision, N_PAD=n_pad)
     return fwd, bwd
 
@@ -331,8 +291,7 @@ def _forward(q, k, v, topk, scale):
         grid = (triton.cdiv(n, INTERPRETER_BLOCK_M), b * h)
         _topk_attention_fwd[grid](*args, BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=interpreter_chunk, **meta)
     else:
-        # Softmax/P@V chunk: 128 keys keeps the V tile and P on chip next to the selection tile.
-        block_n = min(n_pad, 128)
+        block_n = launch_meta(n, d, q.dtype)[0]["BLOCK_N"]
         _fwd_tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]), b * h)](*args, BLOCK_N=block_n, **meta)
     return o, tau, tau_col, lse
 

@@ -15,8 +15,10 @@ against the reference), HGMMA (wgmma) for 16-bit attention at N <= 256, shared m
 Registers are per thread, stack bytes per thread, shared bytes per block; MMA is HGMMA (wgmma),
 HMMA (mma.sync), FFMA (dots on the FMA units) or - (no dot).
 
-Known: fp32 top-K attention spills at N <= 256 (its exact fp32 dots hold whole operand rows) and
-is refused above N = 256, where the reference serves it. 16-bit top-K at N 513-1024 runs on
+fp32 top-K attention computes exact fp32 scores as FMA dots over 16-wide head-dim chunks (whole
+rows would spill) and is refused above N = 256: there the one-tile selection spills 10-18 KB, and
+the reference serves it (the multi-pass selection of N > 1024 would not spill, 32 score passes
+instead of one; unmeasured, so not chosen). 16-bit top-K at N 513-1024 runs on
 mma.sync: wgmma needs 64 query rows a program, whose 64 × N_PAD selection keys do not fit in
 registers (8 warps: 256 per thread; 16 warps cap a thread at 128 and spill 2.8 KB).
 """

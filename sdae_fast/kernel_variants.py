@@ -98,9 +98,6 @@ def topk_attention(full: bool) -> list[Variant]:
         bwd_types = dict(Q=ptr, K=ptr, V=ptr, DO=ptr, TAU="*fp32", TAU_COL="*i32", LSE="*fp32", DELTA="*fp32",
                          DK=ptr, DV=ptr, DQ=ptr, scale="fp32")
         hgmma = dt != "fp32" and n <= 256
-        # Known: exact fp32 scores are FMA dots holding whole operand rows in registers; they
-        # spill at N <= 256 too (refused above that). Chunking the head dim is the fix (issue 12).
-        spill_ok = dict(registers=False, note="fp32 FMA dots spill (known)") if dt == "fp32" else {}
         for select in ((True, False) if full else (True,)):
             constants = {**fwd, "SELECT": select}
             for cfg in _pruned(k._fwd_tuned, constants):
@@ -108,14 +105,14 @@ def topk_attention(full: bool) -> list[Variant]:
                 label = f"{dt} d={d} N={n} select={int(select)} BM={c['BLOCK_M']} w={cfg.num_warps} st={cfg.num_stages}"
                 opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 out.append(Variant(_job(k.__name__, "_topk_attention_fwd", fwd_types, c, opts, "fwd " + label),
-                                   hgmma=hgmma, **spill_ok))
+                                   hgmma=hgmma))
         for tuner, name in ((k._bwd_dkdv_tuned, "_topk_attention_bwd_dkdv"), (k._bwd_dq_tuned, "_topk_attention_bwd_dq")):
             for cfg in _pruned(tuner, bwd):
                 c = {**bwd, **cfg.kwargs}
                 label = f"{dt} d={d} N={n} BM={c['BLOCK_M']} BN={c['BLOCK_N']} w={cfg.num_warps} st={cfg.num_stages}"
                 opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 out.append(Variant(_job("sdae_fast.kernels.topk_attention_bwd", name, bwd_types, c, opts, label),
-                                   hgmma=hgmma, **spill_ok))
+                                   hgmma=hgmma))
     return out
 
 
