@@ -148,7 +148,10 @@ def _topk_attention_fwd(Q, K, V, O, TAU, TAU_COL, LSE, N, H, topk, scale,
                         sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_PAD: tl.constexpr,
                         TILE_N: tl.constexpr, ONE_TILE: tl.constexpr, SELECT: tl.constexpr, BLOCK_D: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, STAGE: tl.constexpr = 0):
+    """STAGE 0: select and attend in one program. Long 16-bit rows split it (see fwd_stages):
+    STAGE 1 only selects (small BLOCK_M: the row's keys sit in registers) and writes τ; STAGE 2
+    reads τ and attends with 64-row tiles, so its two dots run on wgmma."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     q_base = Q + b * sq_b + h * sq_h
@@ -164,13 +167,31 @@ def _topk_attention_fwd(Q, K, V, O, TAU, TAU_COL, LSE, N, H, topk, scale,
         q = tl.load(q_base + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
                     other=0.0)
 
-    if SELECT:
+    if SELECT and STAGE == 2:  # τ and the boundary key from the selection launch
+        tau = tl.load(TAU + bh * N + offs_m, mask=row_ok, other=float("-inf"))
+        tau_col = tl.load(TAU_COL + bh * N + offs_m, mask=row_ok, other=-1)
+    elif SELECT:
         prefix, tau_col = _select_threshold(q, k_base, sk_n, N, topk, scale, BLOCK_M, BLOCK_N, TILE_N, N_PAD // TILE_N,
                                             ONE_TILE, BLOCK_D, HEAD_DIM, PRECISION)
         tau = key_to_float(prefix)
     else:
         tau = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         tau_col = tl.full([BLOCK_M], -1, dtype=tl.int32)
+    if STAGE != 2:
+        tl.store(TAU + bh * N + offs_m, tau, mask=row_ok)
+        tl.store(TAU_COL + bh * N + offs_m, tau_col, mask=row_ok)
+    if STAGE != 1:
+        _attend(q, k_base, v_base, O, LSE, tau, tau_col, bh, offs_m, row_ok, N, scale, sk_n, sv_n,
+                BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
+
+
+@triton.jit
+def _attend(q, k_base, v_base, O, LSE, tau, tau_col, bh, offs_m, row_ok, N, scale, sk_n, sv_n,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """Softmax over the kept keys (s >= τ, and the boundary key) and P@V; writes O and the row LSE."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
 
     # Online softmax over the kept keys; the row's top score is always kept, so l > 0 at the end.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -195,8 +216,6 @@ def _topk_attention_fwd(Q, K, V, O, TAU, TAU_COL, LSE, N, H, topk, scale,
     o_base = O + bh * N * HEAD_DIM
     tl.store(o_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(TAU + bh * N + offs_m, tau, mask=row_ok)
-    tl.store(TAU_COL + bh * N + offs_m, tau_col, mask=row_ok)
     tl.store(LSE + bh * N + offs_m, m_i + tl.log(l_i), mask=row_ok)
 
 
@@ -222,6 +241,8 @@ def _topk_attention_bwd_delta(O, DO, DELTA, N, BLOCK_M: tl.constexpr, BLOCK_D: t
 # ----------------------------------------------------------------------------------------------
 INTERPRETER_BLOCK_M = 64
 INTERPRETER_CHUNK = 64
+# Tests set this to run the two-launch forward of long 16-bit rows (fwd_stages) in the interpreter.
+INTERPRETER_TWO_STAGE = False
 # Tests set this to give the backward another dot shape than the forward (as autotuning may on the
 # GPU), which checks that the boundary key survives scores rounded differently.
 INTERPRETER_BWD_CHUNK = None
@@ -236,7 +257,7 @@ def _chunks(n_pad):
 
 _fwd_tuned = triton.autotune(
     FWD_CONFIGS,
-    key=["N_PAD", "BLOCK_D", "SELECT", "ONE_TILE", "PRECISION"],
+    key=["N_PAD", "BLOCK_D", "SELECT", "ONE_TILE", "PRECISION", "STAGE"],
     prune_configs_by={"early_config_prune": _prune_fwd})(_topk_attention_fwd)
 
 from .topk_attention_bwd import _topk_attention_bwd_dkdv, _topk_attention_bwd_dq  # noqa: E402
@@ -258,16 +279,24 @@ def _sizes(n, d, dtype):
     return n, d, n_pad, block_d, precision
 
 
+def fwd_stages(n_pad: int, precision: str, select: bool) -> tuple[int, ...]:
+    """Forward launches (kernel STAGE values). 16-bit rows of 512-1024 keys select in one launch
+    (BLOCK_M 16-32: 64 × N_PAD keys would not fit in registers) and attend in another with
+    BLOCK_M = 64, whose dots compile to wgmma instead of mma.sync; elsewhere one launch does both."""
+    return (1, 2) if select and precision != "ieee" and 256 < n_pad <= N_MAX_ONE_TILE else (0,)
+
+
 def launch_meta(n: int, d: int, dtype: torch.dtype):
     """The (forward, backward) constexprs a GPU launch at row length ``n`` and head dim ``d``
     uses, autotuned block sizes aside (forward also leaves SELECT to the call)."""
     _, _, n_pad, block_d, precision = _sizes(n, d, dtype)
     one_tile, tile_n, _ = _chunks(n_pad)
-    # Softmax/P@V chunk: 128 keys keeps the V tile and P on chip next to the selection tile
-    # (fp32: 32, or 16 next to 128-wide head-dim tiles: its FMA dot holds P's columns for every
-    # output column a thread owns).
-    fp32_block_n = 32 if block_d <= 64 else 16
-    fwd = dict(BLOCK_N=min(n_pad, fp32_block_n if precision == "ieee" else 128), N_PAD=n_pad, TILE_N=tile_n,
+    # Softmax/P@V chunk: 128 keys keeps the V tile and P on chip next to the selection tile, 64
+    # next to 128-wide head-dim tiles (128 spills 80 B in the 64-row attend stage). fp32: 32, or 16
+    # next to 128-wide tiles (its FMA dot holds P's columns for every output column a thread owns).
+    wide = block_d > 64
+    block_n = (16 if wide else 32) if precision == "ieee" else (64 if wide else 128)
+    fwd = dict(BLOCK_N=min(n_pad, block_n), N_PAD=n_pad, TILE_N=tile_n,
                ONE_TILE=one_tile, BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision)
     bwd = dict(BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision, N_PAD=n_pad)
     return fwd, bwd
@@ -289,10 +318,14 @@ def _forward(q, k, v, topk, scale):
     meta = dict(N_PAD=n_pad, TILE_N=tile_n, ONE_TILE=one_tile, SELECT=topk < n, BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision)
     if _interpreting():
         grid = (triton.cdiv(n, INTERPRETER_BLOCK_M), b * h)
-        _topk_attention_fwd[grid](*args, BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=interpreter_chunk, **meta)
+        stages = fwd_stages(n_pad, precision, topk < n) if INTERPRETER_TWO_STAGE else (0,)
+        for stage in stages:
+            _topk_attention_fwd[grid](*args, BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=interpreter_chunk, STAGE=stage,
+                                      **meta)
     else:
         block_n = launch_meta(n, d, q.dtype)[0]["BLOCK_N"]
-        _fwd_tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]), b * h)](*args, BLOCK_N=block_n, **meta)
+        for stage in fwd_stages(n_pad, precision, topk < n):
+            _fwd_tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]), b * h)](*args, BLOCK_N=block_n, STAGE=stage, **meta)
     return o, tau, tau_col, lse
 
 

@@ -45,6 +45,8 @@ def _prune_fwd(configs, named_args, **kwargs):
     # gets one small config instead of a search.
     if _arg(named_args, kwargs, "PRECISION") == "ieee":
         return [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.num_warps == 8 and c.num_stages == 1]
+    if _arg(named_args, kwargs, "STAGE") == 2:  # attend only: 64-row tiles for wgmma
+        return [c for c in configs if c.kwargs["BLOCK_M"] == 64 and c.num_warps == 8]
     if not _arg(named_args, kwargs, "ONE_TILE"):
         return configs
     # The one-tile selection holds BLOCK_M × N_PAD uint32 keys in registers: cap it per warp count
@@ -54,10 +56,12 @@ def _prune_fwd(configs, named_args, **kwargs):
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * n_pad <= per_warp * c.num_warps]
     if n_pad <= 256:
         # wgmma (HGMMA) takes 64 rows per warp group: smaller BLOCK_M compiles to mma.sync. At
-        # N_PAD 512-1024 BLOCK_M = 64 would need 256 key registers per thread, so those rows stay
-        # on mma.sync with BLOCK_M 16-32 (16 warps cap a thread at 128 registers: 2.8 KB spills).
+        # N_PAD 512-1024 BLOCK_M = 64 would need 256 key registers per thread (16 warps cap a
+        # thread at 128 registers: 2.8 KB spills), so there the selection is a launch of its own
+        # (STAGE 1, BLOCK_M 16-32 on mma.sync) and the attend launch (STAGE 2) takes wgmma.
         kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 64]
-    return kept or configs[:1]
+    # Nothing fits (1024 keys next to 128-wide head-dim tiles): the fewest keys per thread.
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] / c.num_warps, c.num_stages))]
 
 
 def _bwd_fits(c, block_d: int) -> bool:

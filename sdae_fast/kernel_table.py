@@ -18,9 +18,10 @@ HMMA (mma.sync), FFMA (dots on the FMA units) or - (no dot).
 fp32 top-K attention computes exact fp32 scores as FMA dots over 16-wide head-dim chunks (whole
 rows would spill) and is refused above N = 256: there the one-tile selection spills 10-18 KB, and
 the reference serves it (the multi-pass selection of N > 1024 would not spill, 32 score passes
-instead of one; unmeasured, so not chosen). 16-bit top-K at N 513-1024 runs on
-mma.sync: wgmma needs 64 query rows a program, whose 64 × N_PAD selection keys do not fit in
-registers (8 warps: 256 per thread; 16 warps cap a thread at 128 and spill 2.8 KB).
+instead of one; unmeasured, so not chosen). 16-bit top-K at N 513-1024 launches twice: the
+selection (stage 1) stays on mma.sync, since wgmma needs 64 query rows a program, whose 64 × N_PAD
+keys do not fit in registers (8 warps: 256 per thread; 16 warps cap a thread at 128 and spill
+2.8 KB); the softmax and P@V (stage 2) read τ back and run 64-row tiles on wgmma.
 """
 
 

@@ -99,13 +99,18 @@ def topk_attention(full: bool) -> list[Variant]:
                          DK=ptr, DV=ptr, DQ=ptr, scale="fp32")
         hgmma = dt != "fp32" and n <= 256
         for select in ((True, False) if full else (True,)):
-            constants = {**fwd, "SELECT": select}
-            for cfg in _pruned(k._fwd_tuned, constants):
-                c = {**constants, **cfg.kwargs}
-                label = f"{dt} d={d} N={n} select={int(select)} BM={c['BLOCK_M']} w={cfg.num_warps} st={cfg.num_stages}"
-                opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-                out.append(Variant(_job(k.__name__, "_topk_attention_fwd", fwd_types, c, opts, "fwd " + label),
-                                   hgmma=hgmma))
+            for stage in k.fwd_stages(fwd["N_PAD"], fwd["PRECISION"], select):
+                constants = {**fwd, "SELECT": select, "STAGE": stage}
+                for cfg in _pruned(k._fwd_tuned, constants):
+                    c = {**constants, **cfg.kwargs}
+                    label = (f"{dt} d={d} N={n} select={int(select)} stage={stage} BM={c['BLOCK_M']} "
+                             f"w={cfg.num_warps} st={cfg.num_stages}")
+                    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    # 16-bit rows of 512-1024 keys attend (stage 2) on wgmma; their selection cannot.
+                    known = dict(registers=False, note="known: 1024 selection keys next to 128-wide head-dim "
+                                 "tiles spill") if stage == 1 and c["N_PAD"] == 1024 and c["BLOCK_D"] == 128 else {}
+                    out.append(Variant(_job(k.__name__, "_topk_attention_fwd", fwd_types, c, opts, "fwd " + label),
+                                       hgmma=hgmma or (dt != "fp32" and stage == 2), **known))
         for tuner, name in ((k._bwd_dkdv_tuned, "_topk_attention_bwd_dkdv"), (k._bwd_dq_tuned, "_topk_attention_bwd_dq")):
             for cfg in _pruned(tuner, bwd):
                 c = {**bwd, **cfg.kwargs}

@@ -10,6 +10,7 @@ near-ties are ulp-rare and the seed is fixed.
 """
 import pytest
 import torch
+import triton
 
 from sdae_fast import dispatch
 from sdae_fast.ops.attention import topk_attention
@@ -128,6 +129,17 @@ def test_backward_with_another_dot_shape_keeps_the_boundary_key(monkeypatch):
     monkeypatch.setattr(kernel, "INTERPRETER_BWD_CHUNK", 32)
     q, k, v = (torch.randn(1, 2, 100, 64, device=DEVICE) for _ in range(3))
     run_and_compare(q, k, v, 25)
+
+
+@pytest.mark.parametrize("n,topk", [(300, 75), (600, 1)])
+def test_two_launch_forward_of_long_16_bit_rows(monkeypatch, n, topk):
+    """N_PAD 512-1024 in 16 bits: a selection launch writes τ, an attend launch reads it back."""
+    from sdae_fast.kernels import topk_attention as kernel
+
+    assert kernel.fwd_stages(triton.next_power_of_2(n), "tf32", True) == (1, 2)
+    monkeypatch.setattr(kernel, "INTERPRETER_TWO_STAGE", True)
+    q, k = exact_qk(1, 2, n, 32, torch.float16)
+    run_and_compare(q, k, torch.randn(1, 2, n, 32, device=DEVICE).half(), topk, scale=EXACT_SCALE)
 
 
 @pytest.mark.parametrize("dtype", triton_dtypes(), ids=str)
