@@ -26,12 +26,11 @@ keys do not fit in registers (8 warps: 256 per thread; 16 warps cap a thread at 
 
 
 def table(full: bool = False) -> str:
-    lines = [_LEGEND.format(flag=" --full" if full else ""), sm90.TABLE_HEADER.replace("| STL/LDL |", "| STL/LDL | note |")
-             .replace("|---|---|---|---|---|---|---|---|", "|---|---|---|---|---|---|---|---|---|")]
+    lines = [_LEGEND.format(flag=" --full" if full else ""), sm90.TABLE_HEADER]
     for group in sorted(kernel_variants.GROUPS):
         variants = kernel_variants.variants(group, full=full)
         for v, f in zip(variants, sm90.compile_facts([v.job for v in variants])):
-            lines.append(f"{f.row()} {v.note} |")
+            lines.append(f.table_row(v.note))
     return "\n".join(lines) + "\n"
 
 

@@ -111,7 +111,8 @@ def topk_attention(full: bool) -> list[Variant]:
                                  "tiles spill") if stage == 1 and c["N_PAD"] == 1024 and c["BLOCK_D"] == 128 else {}
                     out.append(Variant(_job(k.__name__, "_topk_attention_fwd", fwd_types, c, opts, "fwd " + label),
                                        hgmma=hgmma or (dt != "fp32" and stage == 2), **known))
-        for tuner, name in ((k._bwd_dkdv_tuned, "_topk_attention_bwd_dkdv"), (k._bwd_dq_tuned, "_topk_attention_bwd_dq")):
+        for tuner, name in ((k._bwd_dkdv_tuned, "_topk_attention_bwd_dkdv"),
+                            (k._bwd_dq_tuned, "_topk_attention_bwd_dq")):
             for cfg in _pruned(tuner, bwd):
                 c = {**bwd, **cfg.kwargs}
                 label = f"{dt} d={d} N={n} BM={c['BLOCK_M']} BN={c['BLOCK_N']} w={cfg.num_warps} st={cfg.num_stages}"

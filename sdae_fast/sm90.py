@@ -55,9 +55,12 @@ class Facts:
         return (f"| {self.kernel} | {self.variant} | {self.registers} | {self.stack} | {self.shared} | {self.mma} | "
                 f"{s.get('FFMA', 0)} | {s.get('STL', 0)}/{s.get('LDL', 0)} |")
 
+    def table_row(self, note: str = "") -> str:
+        return f"{self.row()} {note} |"
 
-TABLE_HEADER = ("| kernel | variant | registers | stack B | shared B | MMA | FFMA | STL/LDL |\n"
-                "|---|---|---|---|---|---|---|---|")
+
+TABLE_HEADER = ("| kernel | variant | registers | stack B | shared B | MMA | FFMA | STL/LDL | note |\n"
+                "|---|---|---|---|---|---|---|---|---|")
 
 
 def _cache_dir() -> Path:
