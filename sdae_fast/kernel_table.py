@@ -13,7 +13,8 @@ read back with cuobjdump; no GPU involved). `tests/test_sm90_static.py` asserts 
 no spills (stack 0, no STL) where a kernel holds its tile in registers, no FFMA in EMA (bit-exact
 against the reference), HGMMA (wgmma) for 16-bit attention at N <= 256, shared memory <= 227 KB.
 Registers are per thread, stack bytes per thread, shared bytes per block; MMA is HGMMA (wgmma),
-HMMA (mma.sync), FFMA (dots on the FMA units) or - (no dot).
+HMMA (mma.sync), FFMA (no tensor-core instruction but fused multiply-adds: exact fp32 dots, or
+plain arithmetic in kernels without a dot) or - (neither).
 
 fp32 top-K attention computes exact fp32 scores as FMA dots over 16-wide head-dim chunks (whole
 rows would spill) and is refused above N = 256: there the one-tile selection spills 10-18 KB, and

@@ -44,7 +44,8 @@ class Facts:
 
     @property
     def mma(self) -> str:
-        """HGMMA (wgmma), HMMA (mma.sync), FFMA (dots on the FMA units) or '-' (no dot)."""
+        """HGMMA (wgmma), HMMA (mma.sync), FFMA (no tensor-core instruction, but FMAs: exact fp32
+        dots or plain arithmetic) or '-'."""
         for kind in ("HGMMA", "HMMA"):
             if self.sass.get(kind):
                 return kind
