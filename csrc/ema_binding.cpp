@@ -14,11 +14,19 @@ void ema_update(const at::Tensor& t_ptrs, const at::Tensor& s_ptrs, const at::Te
   for (const auto* t : {&t_ptrs, &s_ptrs, &numels, &block_start}) {
     TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kLong && t->is_contiguous(), "tables must be contiguous int64 CUDA tensors");
   }
-  TORCH_CHECK(block_tensor.is_cuda() && block_tensor.scalar_type() == at::kInt, "block_tensor must be int32 on CUDA");
+  TORCH_CHECK(block_tensor.is_cuda() && block_tensor.scalar_type() == at::kInt && block_tensor.is_contiguous(),
+              "block_tensor must be a contiguous int32 CUDA tensor");
+  for (const auto* t : {&s_ptrs, &numels, &block_tensor, &block_start}) {
+    TORCH_CHECK(t->device() == t_ptrs.device(), "EMA tables must be on one device, got ", t->device(), " and ",
+                t_ptrs.device());
+  }
   const float* m_ptr = nullptr;
   if (m_device.has_value()) {
     TORCH_CHECK(m_device->is_cuda() && m_device->scalar_type() == at::kFloat && m_device->numel() == 1,
                 "momentum must be an fp32 CUDA scalar");
+    // The kernel reads it on the tables' device: a tensor on another GPU would be an illegal address.
+    TORCH_CHECK(m_device->device() == t_ptrs.device(), "momentum tensor is on ", m_device->device(),
+                ", the EMA tables on ", t_ptrs.device());
     m_ptr = m_device->data_ptr<float>();
   }
   const c10::cuda::CUDAGuard guard(t_ptrs.device());

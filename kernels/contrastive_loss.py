@@ -161,14 +161,29 @@ def _blocks(n: int, d: int, z: torch.Tensor):
     # fp32 features: exact fp32 products (no tf32), as the reference computes.
     precision = "ieee" if z.dtype == torch.float32 else "tf32"
     if z.device.type == "cuda":
-        # 8 warps: the 64×64 pointer and similarity tiles fit in registers without spilling
-        # (ptxas, sm_90); fp32 tiles are twice as wide, so fp32 streams half the D per step.
-        if z.dtype == torch.float32:
-            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, PRECISION=precision), 64, 8
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, PRECISION=precision), 128, 8
+        return gpu_blocks(z.dtype)
     # Interpreter: few, large programs (each program costs Python time, not its width).
     return dict(BLOCK_M=32 if n <= 32 else 64, BLOCK_N=32 if n <= 32 else 64, BLOCK_D=32 if d <= 32 else 64,
                 PRECISION=precision), 64, 1
+
+
+def gpu_blocks(dtype: torch.dtype):
+    """(constexprs, backward output D-chunk, warps) of a GPU launch. 8 warps: the 64×64 pointer
+    and similarity tiles fit in registers without spilling (ptxas, sm_90); fp32 tiles are twice as
+    wide, so fp32 streams half the D per step."""
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, PRECISION="ieee"), 64, 8
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, PRECISION="tf32"), 128, 8
+
+
+def _fp16_safe_scaling(z, r, r3):
+    """The backward's w·r_j overflows fp16 for a tiny token (r = 1/||z|| up to 1.7e7), and that inf
+    would reach every anchor of the image. The backward depends on z only through zn = r·z, so it
+    runs on zs = p·z, r' = r/p (r3' = r3/p³) with p = r's power of two (>= 1): r' < 2 and p·z scales
+    exactly (|p·z| <= |zn| <= 1). Returns (zs, r', r3', p); dL/dz = p · dL/dzs."""
+    p = torch.frexp(r)[1].sub(1).clamp_min(0).to(torch.float32).exp2()
+    zs = (z.to(torch.float32) * p[..., None]).to(torch.float16)
+    return zs, r / p, r3 / (p * p * p), p
 
 
 @kernel_op("homologous_contrastive_loss_triton")
@@ -220,6 +235,9 @@ def contrastive_loss_triton_backward(grad_output: torch.Tensor, z: torch.Tensor,
         r = r3 = z
     m, n, d = z.shape
     blocks, block_do, warps = _blocks(n, d, z)
+    p = None
+    if normalize and z.dtype == torch.float16:
+        z, r, r3, p = _fp16_safe_scaling(z, r, r3)
     scale = (grad_output.to(torch.float32) / n_valid).reshape(1)
     dz = empty(m, n, d, dtype=z.dtype, device=z.device)
     grid = (m, triton.cdiv(n, blocks["BLOCK_M"]), triton.cdiv(d, block_do))
@@ -227,6 +245,8 @@ def contrastive_loss_triton_backward(grad_output: torch.Tensor, z: torch.Tensor,
                                           labels.stride(0), dz.stride(0), dz.stride(1), 1.0 / temperature,
                                           **blocks, NORMALIZE=normalize, BLOCK_DO=block_do,
                                           SPLIT_W=z.dtype != torch.float32, num_warps=warps)
+    if p is not None:
+        dz.mul_(p[..., None])  # dL/dz = p · dL/dzs, in fp32 and exact below fp16's range (inf above, as the reference)
     return dz
 
 

@@ -156,6 +156,11 @@ def _prev_pow2(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
 
+def gpu_block_k(rows: int) -> int:
+    """K tile of a GPU launch: (rows, BLOCK_K) fp32 products in registers, ~8192 per program."""
+    return max(64, min(512, _prev_pow2(8192 // rows)))
+
+
 def _launch_shape(batch: int, width: int, rows: int, device: torch.device, block_k: int | None,
                   splits: int | None):
     """(BLOCK_K, chunk, splits): enough programs to fill the device, every chunk non-empty.
@@ -164,7 +169,7 @@ def _launch_shape(batch: int, width: int, rows: int, device: torch.device, block
     BLOCK_K shrinks as the view count grows (256 for DINO's 2 × 10 views).
     """
     if block_k is None:
-        block_k = max(64, min(512, _prev_pow2(8192 // rows))) if device.type == "cuda" else 512
+        block_k = gpu_block_k(rows) if device.type == "cuda" else 512
     block_k = min(block_k, _next_pow2(width))
     tiles = triton.cdiv(width, block_k)
     if splits is None:

@@ -7,6 +7,9 @@ import triton.language as tl
 
 from sdae_fast.multi_tensor import BLOCK_ELEMS, momentum_args
 
+# No FMA contraction: the reference rounds m·t, (1 − m)·s and their sum separately (as the CUDA
+# kernel does with __fmul_rn/__fadd_rn); an FFMA rounds once and puts results ulps away from it.
+LAUNCH_OPTIONS = dict(num_warps=8, enable_fp_fusion=False)
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -53,4 +56,4 @@ def launch(groups, momentum) -> None:
             g.t_ptrs, g.s_ptrs, g.numels, g.block_tensor, g.block_start,
             m_tensor if m_tensor is not None else g.numels, m, one_minus_m,
             T_DTYPE=_TL_DTYPES[g.t_dtype], S_DTYPE=_TL_DTYPES[g.s_dtype],
-            M_ON_DEVICE=m_tensor is not None, ALIGNED=g.aligned, BLOCK=BLOCK_ELEMS, num_warps=8)
+            M_ON_DEVICE=m_tensor is not None, ALIGNED=g.aligned, BLOCK=BLOCK_ELEMS, **LAUNCH_OPTIONS)

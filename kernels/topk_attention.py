@@ -11,11 +11,13 @@ set and probabilities (flash-attention style recompute).
 Backward: a preprocess writes D = rowsum(dO ∘ O); one kernel per key block loops over query blocks
 for dK, dV; one per query block loops over key blocks for dQ. The kept set is a constant.
 
-Scores are fp32: fp32 inputs use ``input_precision="ieee"`` (tf32 would change the kept set);
-fp16/bf16 inputs use tensor-core dots with fp32 accumulation. Every pass computes a score with the
-same dot orientation and head-dim tile. A pass whose dot shape differs could still round the key
-at τ an ulp lower and drop it — so every pass keeps the boundary key by column as well; other keys
-would need a distinct score within that rounding of τ (an fp32 near-tie, ill-defined anyway).
+Scores are fp32: fp32 inputs use ``input_precision="ieee"`` (tf32 would change the kept set) as
+FMA dots over 16-wide head-dim chunks, so they do not spill (sm_90; fp32 rows past 256 keys are
+refused, see ``why_not``); fp16/bf16 inputs use tensor-core dots with fp32 accumulation. Every
+pass computes a score with the same dot orientation and head-dim tile. A pass whose dot shape
+differs could still round the key at τ an ulp lower and drop it — so every pass keeps the boundary
+key by column as well; other keys would need a distinct score within that rounding of τ (an fp32
+near-tie, ill-defined anyway).
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ import triton.language as tl
 from sdae_fast.alloc import empty
 from sdae_fast.library import kernel_op, launch
 
+# FP32_MAX_N and why_not are part of this module's interface (ops/attention.py, tests).
+from .topk_attention_configs import (BWD_CONFIGS, FP32_MAX_N, FWD_CONFIGS, _prune_bwd_dkdv,  # noqa: F401
+                                     _prune_bwd_dq, _prune_fwd, why_not)
 from .topk_select import key_to_float, kth_largest_key, order_key
 
 # The whole padded row is held in registers for the selection up to this many keys, as 1, 2 or 4
@@ -43,12 +48,28 @@ def _interpreting() -> bool:
 @triton.jit
 def _scores(q, k_base, stride_kn, start_n, N, scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """scale · q @ k[start_n : start_n + BLOCK_N]ᵀ in fp32, -inf on padding columns."""
+    """scale · q @ k[start_n : start_n + BLOCK_N]ᵀ in fp32, -inf on padding columns.
+
+    ``q`` is the (BLOCK_M, BLOCK_D) query tile, except for exact fp32 ("ieee"): there it is the
+    (BLOCK_M,) query row pointers and the dot runs over 16-wide head-dim chunks re-read from
+    cache, since an FMA dot holds (rows + columns) × K operands per thread and whole rows spill.
+    """
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=(offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    if PRECISION == "ieee":
+        s = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
+        for d0 in tl.static_range(0, BLOCK_D, 16):
+            offs_d = d0 + tl.arange(0, 16)
+            d_ok = offs_d < HEAD_DIM
+            qc = tl.load(q[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            kc = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                         mask=(offs_n[:, None] < N) & d_ok[None, :], other=0.0)
+            s = tl.dot(qc, tl.trans(kc), s, input_precision=PRECISION)
+        s = s * scale
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=(offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     return tl.where(offs_n[None, :] < N, s, float("-inf"))
 
 
@@ -128,7 +149,10 @@ def _topk_attention_fwd(Q, K, V, O, TAU, TAU_COL, LSE, N, H, topk, scale,
                         sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_PAD: tl.constexpr,
                         TILE_N: tl.constexpr, ONE_TILE: tl.constexpr, SELECT: tl.constexpr, BLOCK_D: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, STAGE: tl.constexpr = 0):
+    """STAGE 0: select and attend in one program. Long 16-bit rows split it (see fwd_stages):
+    STAGE 1 only selects (small BLOCK_M: the row's keys sit in registers) and writes τ; STAGE 2
+    reads τ and attends with 64-row tiles, so its two dots run on wgmma."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     q_base = Q + b * sq_b + h * sq_h
@@ -138,15 +162,37 @@ def _topk_attention_fwd(Q, K, V, O, TAU, TAU_COL, LSE, N, H, topk, scale,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(q_base + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if PRECISION == "ieee":  # row pointers (see _scores); rows past N read row N - 1, never stored
+        q = q_base + tl.minimum(offs_m, N - 1) * sq_n
+    else:
+        q = tl.load(q_base + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0)
 
-    if SELECT:
+    if SELECT and STAGE == 2:  # τ and the boundary key from the selection launch
+        tau = tl.load(TAU + bh * N + offs_m, mask=row_ok, other=float("-inf"))
+        tau_col = tl.load(TAU_COL + bh * N + offs_m, mask=row_ok, other=-1)
+    elif SELECT:
         prefix, tau_col = _select_threshold(q, k_base, sk_n, N, topk, scale, BLOCK_M, BLOCK_N, TILE_N, N_PAD // TILE_N,
                                             ONE_TILE, BLOCK_D, HEAD_DIM, PRECISION)
         tau = key_to_float(prefix)
     else:
         tau = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         tau_col = tl.full([BLOCK_M], -1, dtype=tl.int32)
+    if STAGE != 2:
+        tl.store(TAU + bh * N + offs_m, tau, mask=row_ok)
+        tl.store(TAU_COL + bh * N + offs_m, tau_col, mask=row_ok)
+    if STAGE != 1:
+        _attend(q, k_base, v_base, O, LSE, tau, tau_col, bh, offs_m, row_ok, N, scale, sk_n, sv_n,
+                BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
+
+
+@triton.jit
+def _attend(q, k_base, v_base, O, LSE, tau, tau_col, bh, offs_m, row_ok, N, scale, sk_n, sv_n,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """Softmax over the kept keys (s >= τ, and the boundary key) and P@V; writes O and the row LSE."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
 
     # Online softmax over the kept keys; the row's top score is always kept, so l > 0 at the end.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -171,8 +217,6 @@ def _topk_attention_fwd(Q, K, V, O, TAU, TAU_COL, LSE, N, H, topk, scale,
     o_base = O + bh * N * HEAD_DIM
     tl.store(o_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(TAU + bh * N + offs_m, tau, mask=row_ok)
-    tl.store(TAU_COL + bh * N + offs_m, tau_col, mask=row_ok)
     tl.store(LSE + bh * N + offs_m, m_i + tl.log(l_i), mask=row_ok)
 
 
@@ -198,6 +242,8 @@ def _topk_attention_bwd_delta(O, DO, DELTA, N, BLOCK_M: tl.constexpr, BLOCK_D: t
 # ----------------------------------------------------------------------------------------------
 INTERPRETER_BLOCK_M = 64
 INTERPRETER_CHUNK = 64
+# Tests set this to run the two-launch forward of long 16-bit rows (fwd_stages) in the interpreter.
+INTERPRETER_TWO_STAGE = False
 # Tests set this to give the backward another dot shape than the forward (as autotuning may on the
 # GPU), which checks that the boundary key survives scores rounded differently.
 INTERPRETER_BWD_CHUNK = None
@@ -210,51 +256,51 @@ def _chunks(n_pad):
     return one_tile, tile_n, (tile_n if one_tile else INTERPRETER_CHUNK)
 
 
-def _arg(named_args, kwargs, name):
-    return kwargs.get(name, named_args.get(name))
-
-
-def _prune_fwd(configs, named_args, **kwargs):
-    # fp32 dots in "ieee" precision run on FMA units and spill at large tiles; each config also
-    # takes long to compile, so fp32 gets one small config instead of a search.
-    if _arg(named_args, kwargs, "PRECISION") == "ieee":
-        return [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.num_warps == 8 and c.num_stages == 1]
-    # The one-tile selection holds BLOCK_M × N_PAD uint32 keys in registers: cap it per warp count.
-    if not _arg(named_args, kwargs, "ONE_TILE"):
-        return configs
-    n_pad = _arg(named_args, kwargs, "N_PAD")
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * n_pad <= 2048 * c.num_warps]
-    return kept or configs[:1]
-
-
-def _prune_bwd(configs, named_args, **kwargs):
-    if _arg(named_args, kwargs, "PRECISION") == "ieee":
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                == (32, 64, 4, 1)]
-    return configs
-
-
 _fwd_tuned = triton.autotune(
-    [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st) for m in (16, 32, 64) for w in (4, 8) for st in (1, 2)],
-    key=["N_PAD", "BLOCK_D", "SELECT", "ONE_TILE", "PRECISION"],
+    FWD_CONFIGS,
+    key=["N_PAD", "BLOCK_D", "SELECT", "ONE_TILE", "PRECISION", "STAGE"],
     prune_configs_by={"early_config_prune": _prune_fwd})(_topk_attention_fwd)
 
 from .topk_attention_bwd import _topk_attention_bwd_dkdv, _topk_attention_bwd_dq  # noqa: E402
 
-_BWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                for m, n in ((32, 64), (64, 64), (64, 128), (128, 64)) for w in (4, 8) for st in (1, 2)]
-_bwd_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"],
-                                  prune_configs_by={"early_config_prune": _prune_bwd})(_topk_attention_bwd_dkdv)
-_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"],
-                                prune_configs_by={"early_config_prune": _prune_bwd})(_topk_attention_bwd_dq)
+_bwd_dkdv_tuned = triton.autotune(BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"],
+                                  prune_configs_by={"early_config_prune": _prune_bwd_dkdv})(_topk_attention_bwd_dkdv)
+_bwd_dq_tuned = triton.autotune(BWD_CONFIGS, key=["N_PAD", "BLOCK_D", "PRECISION"],
+                                prune_configs_by={"early_config_prune": _prune_bwd_dq})(_topk_attention_bwd_dq)
 
 
 def _geometry(q):
-    n, d = q.shape[-2], q.shape[-1]
+    return _sizes(q.shape[-2], q.shape[-1], q.dtype)
+
+
+def _sizes(n, d, dtype):
     n_pad = max(16, triton.next_power_of_2(n))
     block_d = max(16, triton.next_power_of_2(d))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    precision = "ieee" if dtype == torch.float32 else "tf32"
     return n, d, n_pad, block_d, precision
+
+
+def fwd_stages(n_pad: int, precision: str, select: bool) -> tuple[int, ...]:
+    """Forward launches (kernel STAGE values). 16-bit rows of 512-1024 keys select in one launch
+    (BLOCK_M 16-32: 64 × N_PAD keys would not fit in registers) and attend in another with
+    BLOCK_M = 64, whose dots compile to wgmma instead of mma.sync; elsewhere one launch does both."""
+    return (1, 2) if select and precision != "ieee" and 256 < n_pad <= N_MAX_ONE_TILE else (0,)
+
+
+def launch_meta(n: int, d: int, dtype: torch.dtype):
+    """The (forward, backward) constexprs a GPU launch at row length ``n`` and head dim ``d``
+    uses, autotuned block sizes aside (forward also leaves SELECT to the call)."""
+    _, _, n_pad, block_d, precision = _sizes(n, d, dtype)
+    one_tile, tile_n, _ = _chunks(n_pad)
+    # Softmax/P@V chunk: 128 keys keeps the V tile and P on chip next to the selection tile, 64
+    # next to 128-wide head-dim tiles (128 spills 80 B in the 64-row attend stage). fp32: 32, or 16
+    # next to 128-wide tiles (its FMA dot holds P's columns for every output column a thread owns).
+    wide = block_d > 64
+    block_n = (16 if wide else 32) if precision == "ieee" else (64 if wide else 128)
+    fwd = dict(BLOCK_N=min(n_pad, block_n), N_PAD=n_pad, TILE_N=tile_n,
+               ONE_TILE=one_tile, BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision)
+    bwd = dict(BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision, N_PAD=n_pad)
+    return fwd, bwd
 
 
 def _strides(*tensors):
@@ -273,11 +319,15 @@ def _forward(q, k, v, topk, scale):
     meta = dict(N_PAD=n_pad, TILE_N=tile_n, ONE_TILE=one_tile, SELECT=topk < n, BLOCK_D=block_d, HEAD_DIM=d, PRECISION=precision)
     if _interpreting():
         grid = (triton.cdiv(n, INTERPRETER_BLOCK_M), b * h)
-        launch(_topk_attention_fwd)[grid](*args, BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=interpreter_chunk, **meta)
+        stages = fwd_stages(n_pad, precision, topk < n) if INTERPRETER_TWO_STAGE else (0,)
+        for stage in stages:
+            launch(_topk_attention_fwd)[grid](*args, BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=interpreter_chunk,
+                                              STAGE=stage, **meta)
     else:
-        # Softmax/P@V chunk: 128 keys keeps the V tile and P on chip next to the selection tile.
-        block_n = min(n_pad, 128)
-        launch(_fwd_tuned)[lambda m: (triton.cdiv(n, m["BLOCK_M"]), b * h)](*args, BLOCK_N=block_n, **meta)
+        block_n = launch_meta(n, d, q.dtype)[0]["BLOCK_N"]
+        for stage in fwd_stages(n_pad, precision, topk < n):
+            launch(_fwd_tuned)[lambda m: (triton.cdiv(n, m["BLOCK_M"]), b * h)](*args, BLOCK_N=block_n, STAGE=stage,
+                                                                                  **meta)
     return o, tau, tau_col, lse
 
 

@@ -24,6 +24,14 @@ def cmd_info(args) -> int:
     device = "cuda" if cuda else "cpu"
     print(f"device: {torch.cuda.get_device_name(0) if cuda else 'cpu (no CUDA device)'}")
     print(f"{dispatch.ENV_VAR}={os.environ.get(dispatch.ENV_VAR, '(unset: automatic)')}")
+    from . import cuda_build
+
+    print(f"CUDA extension: {cuda_build.status()}")
+    if getattr(args, "kernels", False):
+        from .kernel_table import print_table
+
+        print()
+        return print_table(full=args.full)
     print()
     from .bench.samples import sample_inputs
 
@@ -54,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdae-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, device, and which backend serves each op")
+    p.add_argument("--kernels", action="store_true",
+                   help="compile every Triton kernel variant for sm_90 offline and print registers, spills, MMA kind")
+    p.add_argument("--full", action="store_true", help="with --kernels: every variant, not the CI subset")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="fused vs naive vs alternatives; markdown + JSON report")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)

@@ -6,6 +6,7 @@ which has nvcc but no torch CUDA headers, can at least compile the kernels (``te
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -70,11 +71,56 @@ def _load():
             return None, "no CUDA device is available"
         if not sources():
             return None, "csrc/ holds no sources"
-        module = load(name=NAME, sources=sources(), extra_cflags=CXX_FLAGS,
-                      extra_cuda_cflags=NVCC_FLAGS + ARCH_FLAGS, verbose=False)
+        build_dir = jit_build_dir()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # One build per node: every rank takes the lock; the first builds, the others find the
+        # build done and only load it. flock is released when a process dies (no stale lock).
+        with _node_lock(build_dir / "build.lock"):
+            module = load(name=NAME, sources=sources(), extra_cflags=CXX_FLAGS,
+                          extra_cuda_cflags=NVCC_FLAGS + ARCH_FLAGS, build_directory=str(build_dir), verbose=False)
         return module, None
     except Exception as exc:  # a failed build must not break the other backends
         return None, f"the CUDA extension could not be built or loaded: {type(exc).__name__}: {exc}"
+
+
+def jit_build_dir() -> Path:
+    """Where the just-in-time build lives (shared by the ranks of a node): ``SDAE_FAST_CUDA_BUILD_DIR``,
+    else torch's extension directory."""
+    env = os.environ.get("SDAE_FAST_CUDA_BUILD_DIR")
+    if env:
+        return Path(env)
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(NAME, verbose=False))
+
+
+@contextlib.contextmanager
+def _node_lock(path: Path):
+    import fcntl
+
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def status() -> str:
+    """For ``sdae-fast info``: whether the extension is built, without building it."""
+    try:
+        from . import sdae_fast_cuda  # type: ignore[attr-defined]  # noqa: F401
+
+        return "prebuilt (setup.py, SDAE_FAST_BUILD_CUDA=1)"
+    except ImportError:
+        pass
+    try:
+        build_dir = jit_build_dir()
+    except Exception as exc:  # torch without cpp_extension support
+        return f"not built ({type(exc).__name__}: {exc})"
+    if any(build_dir.glob(f"{NAME}*.so")):
+        return f"built just in time in {build_dir}"
+    return f"not built (built just in time into {build_dir} at first use on a CUDA device)"
 
 
 def unavailable_reason() -> str | None:

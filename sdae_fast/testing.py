@@ -6,11 +6,7 @@ is compared with the reference computed in float64. The bound is the output's ro
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import torch
 
@@ -71,41 +67,18 @@ def triton_dtypes() -> list[torch.dtype]:
     return [torch.float32, torch.float16]
 
 
-# Run in a fresh process: under TRITON_INTERPRET=1 (set by conftest) @triton.jit yields interpreted
-# functions, which the compiler cannot take.
-_COMPILE_SCRIPT = """
-import importlib, json, sys
-import triton
-from triton.compiler.errors import CompilationError
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    module, name, signature, variants, num_warps = json.loads(sys.argv[1])
-    kernel = getattr(importlib.import_module(module), name)
-    # "tl.<dtype>" strings stand for dtype constexprs (JSON cannot carry them).
-    as_const = lambda v: getattr(triton.language, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
-    sources = [ASTSource(kernel, signature, {k: as_const(v) for k, v in constants.items()}) for constants in variants]
-except Exception as exc:  # another Triton's offline-compile API: nothing to check here
-    print("SKIP: offline compile API unavailable:", exc); sys.exit(0)
-try:
-    for src in sources:
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-except CompilationError:
-    raise
-except Exception as exc:  # no ptxas / backend here: the frontend passed, which is what we check
-    print("SKIP: offline compile stopped after the frontend:", type(exc).__name__, exc)
-"""
-
-
-def compile_for_hopper(module, name, signature, variants, num_warps):
-    """Compile a kernel for sm_90 without a GPU: the interpreter runs kernels as Python and misses
-    what only the compiler refuses (non-constexpr globals, type mixes, ...)."""
+def compile_for_hopper(module, name, signature, variants, num_warps, **options):
+    """Compile a kernel's ``variants`` (constexpr dicts) for sm_90 without a GPU and return their
+    :class:`sdae_fast.sm90.Facts` (registers, stack, shared memory, SASS counts, MMA kind). The
+    interpreter runs kernels as Python and misses what only the compiler refuses or produces."""
     import pytest
 
+    from . import sm90
+
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    arg = json.dumps([module, name, signature, variants, num_warps])
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, arg], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-4000:]
-    if out.stdout.startswith("SKIP:"):
-        pytest.skip(out.stdout[5:].strip())
+    jobs = [dict(module=module, name=name, signature=signature, constants=c, options=dict(num_warps=num_warps, **options),
+                 label=", ".join(f"{k}={v}" for k, v in c.items())) for c in variants]
+    try:
+        return sm90.compile_facts(jobs)
+    except sm90.ToolchainMissing as exc:
+        pytest.skip(str(exc))

@@ -90,6 +90,34 @@ def test_triton_all_unique_labels_give_zero(normalize):
     assert torch.count_nonzero(grad) == 0
 
 
+@pytest.mark.parametrize("dtype", triton_dtypes())
+def test_tiny_norm_and_zero_tokens_stay_on_their_own_rows(dtype):
+    """A token of norm ~1e-5 (1/||z|| overflows 16 bits) and an all-zero token: the loss and every
+    other row's gradient stay finite and match the reference; only those rows may overflow dz's
+    dtype, exactly where the float64 reference's gradient passes the dtype's range."""
+    device = triton_device()
+    m, n, d = 2, 12, 16
+    z = torch.randn(m, n, d)
+    z[0, 3] *= 1e-5 / z[0, 3].norm()  # tiny norm
+    z[1, 5] = 0.0  # zero token: F.normalize clamps its norm to 1e-12
+    z = z.to(dtype)
+    labels = torch.randint(0, 3, (m, n))
+    z_ours = z.to(device).clone().requires_grad_()
+    z_ref = z.double().requires_grad_()
+    loss = sdae_fast.homologous_contrastive_loss(z_ours, labels.to(device), backend="triton")
+    want = reference_loss(z_ref, labels)
+    loss.backward()
+    want.backward()
+    assert torch.isfinite(loss)
+    assert_close(loss, want, dtype=torch.float32 if dtype == torch.float32 else dtype, reduction=n * d, name="loss")
+    top = torch.finfo(dtype).max
+    expected = torch.where(z_ref.grad.abs() > top, z_ref.grad.sign() * math.inf, z_ref.grad)
+    others = torch.ones(m, n, dtype=torch.bool)
+    others[0, 3] = others[1, 5] = False
+    assert torch.isfinite(z_ours.grad[others]).all()
+    assert_close(z_ours.grad, expected, dtype=dtype, reduction=n * d, name="dz")
+
+
 def test_triton_grad_output_scaling_and_temperature():
     device = triton_device()
     z = torch.randn(2, 19, 32, device=device)

@@ -10,6 +10,7 @@ near-ties are ulp-rare and the seed is fixed.
 """
 import pytest
 import torch
+import triton
 
 from sdae_fast import dispatch
 from sdae_fast.ops.attention import topk_attention
@@ -130,6 +131,24 @@ def test_backward_with_another_dot_shape_keeps_the_boundary_key(monkeypatch):
     run_and_compare(q, k, v, 25)
 
 
+@pytest.mark.parametrize("n,topk", [(300, 75), (600, 1)])
+def test_two_launch_forward_of_long_16_bit_rows(monkeypatch, n, topk):
+    """N_PAD 512-1024 in 16 bits: a selection launch writes τ, an attend launch reads it back."""
+    from sdae_fast.kernels import topk_attention as kernel
+
+    assert kernel.fwd_stages(triton.next_power_of_2(n), "tf32", True) == (1, 2)
+    monkeypatch.setattr(kernel, "INTERPRETER_TWO_STAGE", True)
+    q, k = exact_qk(1, 2, n, 32, torch.float16)
+    run_and_compare(q, k, torch.randn(1, 2, n, 32, device=DEVICE).half(), topk, scale=EXACT_SCALE)
+
+
+@pytest.mark.parametrize("dtype", triton_dtypes(), ids=str)
+def test_one_token(dtype):
+    """N = 1: the row keeps its only key, out = v; dq and dk are 0 up to the rounding of dP − D."""
+    q, k = exact_qk(2, 3, 1, 16, dtype)
+    run_and_compare(q, k, torch.randn(2, 3, 1, 16, device=DEVICE).to(dtype), 1, scale=EXACT_SCALE)
+
+
 @pytest.mark.parametrize("n,topk", [(7, 2), (50, 12), (197, 49)])
 def test_random_inputs_default_scale(n, topk):
     q, k, v = (torch.randn(1, 2, n, 64, device=DEVICE) for _ in range(3))
@@ -235,8 +254,14 @@ def test_float64_is_refused_before_any_kernel():
 @pytest.mark.parametrize("d", [32, 64, 80, 128])
 @pytest.mark.parametrize("n,topk", [(197, 49), (257, 64), (785, 196), (1024, 256), (1500, 375), (197, 197)])
 def test_gpu_shapes(n, topk, d, dtype):
+    from sdae_fast.kernels.topk_attention import FP32_MAX_N
+
     q, k = exact_qk(2, 3, n, d, dtype)
     v = torch.randn(2, 3, n, d, device="cuda").to(dtype)
+    if dtype == torch.float32 and n > FP32_MAX_N:  # would spill (tests/test_sm90_static.py): refused
+        with pytest.raises(dispatch.BackendUnavailable, match="spill"):
+            topk_attention(q, k, v, topk, backend="triton")
+        return
     run_and_compare(q, k, v, topk, scale=EXACT_SCALE)
 
 

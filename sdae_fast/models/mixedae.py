@@ -10,8 +10,8 @@ encoder sees B / r full images: MAE's cost at mask ratio 1 - 1/r.
   the position table is ``pos[i] + segment[s]`` stacked the same way.
 * Encoder blocks use homologous (top-K) attention, K ≈ (1 + N) / r by default, per layer
   configurable (``topk`` as in :class:`VisionTransformer`).
-* Decoder: for each source image, its own tokens (and the group's cls) are gathered from the mixed
-  encoder output; ``unshuffle_tokens`` fills the other positions with the mask token (MAE's
+* Decoder: for each source image, its own tokens are gathered from the mixed encoder output and
+  the group's cls put in front (:func:`own_tokens`); ``unshuffle_tokens`` fills the other positions with the mask token (MAE's
   decoder, ``ids_restore`` per source); loss ``masked_mse_loss`` over the source's missing patches.
 * ``homologous_contrastive_loss`` over the encoder's patch tokens with the source map as labels,
   weighted by ``contrastive_weight``.
@@ -89,9 +89,7 @@ class MixedAE(nn.Module):
                           prefix=enc.cls_prefix(pos), backend=self.backend)
         latent = enc.forward_tokens(x)  # (G, 1 + L, D)
 
-        # Each source's own tokens (with the group's cls) back out of the mixed sequence.
-        cls_and_own = torch.cat([ids_keep.new_zeros(b, 1), ids_keep + 1], dim=1)
-        own = gather_tokens(latent, cls_and_own, groups=r, backend=self.backend)  # (B, 1 + L/r, D)
+        own = own_tokens(latent, ids_keep, r, backend=self.backend)  # (B, 1 + L/r, D)
         pred = self.decoder(own, ids_restore)
         recon = masked_mse_loss(pred, enc.patchify(imgs), mask, norm_target=self.norm_pix_loss, backend=self.backend)
         out = {"loss": recon, "recon_loss": recon.detach()}
@@ -107,3 +105,17 @@ class MixedAE(nn.Module):
 
     def after_step(self) -> None:
         """Nothing to do after an optimiser step (no teacher)."""
+
+
+def own_tokens(latent: torch.Tensor, ids_keep: torch.Tensor, group_size: int, *, backend=None) -> torch.Tensor:
+    """Each source's own tokens with its group's cls in front, out of the mixed encoder output
+    (G, 1 + L, D): (G·r, 1 + L/r, D).
+
+    The r sources of a group own disjoint positions, so the patch gather has no repeated index and
+    its backward takes the gather's common path; the cls row, shared by the r sources, is copied
+    apart (its gradient sums over them) instead of being gathered r times per group, which would
+    send every image through the serial repeated-index backward.
+    """
+    patches = gather_tokens(latent[:, 1:], ids_keep, groups=group_size, backend=backend)
+    cls = latent[:, :1].repeat_interleave(group_size, dim=0)
+    return torch.cat([cls, patches], dim=1)

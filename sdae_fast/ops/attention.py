@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import reference
-from ..dispatch import op
+from ..dispatch import op, triton_installed
 from ..validate import (check_float, check_int, check_last_dim_contiguous, check_same_device, check_same_dtype,
                         check_tensor)
 
@@ -22,6 +22,10 @@ def _triton_why_not(q, k, v, topk, *, scale=None):
         reasons.append(f"head dim {q.shape[-1]} > {TRITON_MAX_HEAD_DIM} (the q, k, v tiles would not fit on chip)")
     if q.shape[0] * q.shape[1] > TRITON_MAX_HEADS:
         reasons.append(f"B·H = {q.shape[0] * q.shape[1]} > {TRITON_MAX_HEADS} (the kernel grid's second axis)")
+    if triton_installed():
+        from ..kernels.topk_attention import why_not
+
+        reasons += why_not(q, k, v)
     return reasons
 
 
