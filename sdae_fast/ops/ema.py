@@ -106,7 +106,7 @@ def validate_pairs(teacher, student) -> tuple[list[torch.Tensor], list[torch.Ten
         if t.shape != s.shape:
             raise ValueError(f"pair {i}: teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}")
         if t.dtype not in FLOAT_DTYPES or s.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"pair {i}: dtypes must be float32/float16/bfloat16, got {t.dtype} and {s.dtype}")
+            raise TypeError(f"pair {i}: dtypes must be float32/float16/bfloat16/float64, got {t.dtype} and {s.dtype}")
         if t.device != s.device or t.device != teacher[0].device:
             raise ValueError(f"pair {i}: every tensor must be on one device, got {t.device} and {s.device}")
     return teacher, student

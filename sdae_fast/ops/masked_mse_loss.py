@@ -30,7 +30,7 @@ def _triton(pred, target, mask, *, norm_target=True):
     return triton_masked_mse_loss(pred, target, mask, norm_target=norm_target)
 
 
-MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8, torch.int32, torch.int64)
+MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.bool, torch.uint8, torch.int32, torch.int64)
 
 
 def masked_mse_loss(pred, target, mask, *, norm_target=True, backend=None):

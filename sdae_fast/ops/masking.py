@@ -59,7 +59,7 @@ def random_masking(B, L, mask_ratio, *, noise=None, generator=None, device=None)
     B, L = check_int("B", B, ge=0), check_int("L", L, ge=0)
     mask_ratio = check_float("mask_ratio", mask_ratio, ge=0.0, lt=1.0)
     if noise is not None:
-        check_tensor("noise", noise, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
+        check_tensor("noise", noise, ndim=2, dtypes=FLOAT_DTYPES)
         check_shape("noise", noise, (B, L))
     return reference.random_masking(B, L, mask_ratio, noise=noise, generator=generator, device=device)
 
