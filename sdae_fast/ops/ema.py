@@ -130,7 +130,8 @@ def ema_update_(teacher, student, momentum, *, backend=None) -> None:
 
     teacher, student: equal-length sequences of tensors or modules (parameters paired by order);
     dtypes may differ per pair (a bf16 teacher of an fp32 student). momentum: float, or a 0-dim
-    tensor on the tensors' device (no host sync). A training loop that updates the same pairs every
+    tensor on the tensors' device (no host sync). A float64 pair is updated in float64, on the torch
+    reference only (for fidelity checks; triton and cuda refuse it). A training loop that updates the same pairs every
     step should hold an :class:`EmaUpdate` instead: it validates and plans once.
     """
     teacher, student = validate_pairs(teacher, student)
