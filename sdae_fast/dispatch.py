@@ -54,10 +54,20 @@ def _tensors(args: Iterable) -> list[torch.Tensor]:
     return out
 
 
+def fused_dtype_why_not(tensors: Sequence[torch.Tensor]) -> list[str]:
+    """The fused kernels compute in fp32 from fp32/fp16/bf16 storage: a float64 input (not a 0-dim
+    scalar such as an EMA momentum tensor, which the kernels read as an fp32 scalar) would silently
+    lose its precision there, so only the torch reference serves it (SPEC: float64 is for fidelity
+    checks against the official code)."""
+    if any(t.dtype == torch.float64 and t.dim() > 0 for t in tensors):
+        return ["float64 inputs run on the torch reference only (the fused kernels compute in fp32)"]
+    return []
+
+
 def triton_why_not(tensors: Sequence[torch.Tensor]) -> list[str]:
-    reasons = []
     if not triton_installed():
         return ["triton is not installed (pip install triton)"]
+    reasons = fused_dtype_why_not(tensors)
     devices = {t.device.type for t in tensors}
     if "cpu" in devices:
         if not triton_interpreting():
@@ -73,6 +83,8 @@ def triton_why_not(tensors: Sequence[torch.Tensor]) -> list[str]:
 def cuda_why_not(tensors: Sequence[torch.Tensor]) -> list[str]:
     if any(t.device.type != "cuda" for t in tensors):
         return ["the CUDA C++ backend needs every tensor on a CUDA device"]
+    if reasons := fused_dtype_why_not(tensors):
+        return reasons
     from . import cuda_build  # deferred: importing it costs nothing, loading the extension does
 
     reason = cuda_build.unavailable_reason()

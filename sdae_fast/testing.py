@@ -14,8 +14,11 @@ FP32_EPS = torch.finfo(torch.float32).eps
 
 
 def tolerance(dtype: torch.dtype, reduction: int = 1) -> float:
-    """Relative bound for an output of ``dtype`` whose elements each sum ``reduction`` fp32 terms."""
-    return torch.finfo(dtype).eps + 4 * FP32_EPS * math.sqrt(max(reduction, 1))
+    """Relative bound for an output of ``dtype`` whose elements each sum ``reduction`` terms, in
+    fp32 (fp16/bf16/fp32 accumulate in fp32), or in float64 for float64 (the reference's fidelity
+    dtype, see sdae_fast.reference.stats.accumulation_dtype)."""
+    acc_eps = torch.finfo(torch.float64).eps if dtype == torch.float64 else FP32_EPS
+    return torch.finfo(dtype).eps + 4 * acc_eps * math.sqrt(max(reduction, 1))
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype | None = None,

@@ -7,7 +7,11 @@ from typing import Iterable, Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What the fused (Triton, CUDA) kernels compute with; float64 is accepted by every public op too,
+# but only the torch reference serves it (see dispatch.fused_dtype_why_not): it exists for
+# fidelity checks against the official code in float64, not for speed.
+FUSED_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = FUSED_FLOAT_DTYPES + (torch.float64,)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 

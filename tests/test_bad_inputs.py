@@ -26,7 +26,9 @@ from sdae_fast.testing import assert_close
 
 check_errors = getattr(sdae_fast, "check_errors", lambda: None)
 BACKENDS = ("torch", "triton")
-F32, F16, I64 = torch.float32, torch.float16, torch.int64
+F32, F16, F64, I64 = torch.float32, torch.float16, torch.float64, torch.int64
+# float64 is for fidelity checks: the fused backends refuse it with this reason (the reference serves it).
+FP64_ON_TRITON = {"triton": (BackendUnavailable, "float64 inputs run on the torch reference only")}
 
 
 def r(*shape, dtype=F32):
@@ -196,7 +198,7 @@ CASES = [
     ok("cosine_loss", "nan_pred", lambda: cosine(p=nan_at(r(2, 3, 4), 1, 1, 1))),
     # masked_mse_loss
     bad("masked_mse_loss", "rank2", lambda: mse(p=r(2, 3)), ValueError, "pred must have 3 dimensions"),
-    bad("masked_mse_loss", "mask_float64", lambda: mse(m=torch.ones(2, 3, dtype=torch.float64)), TypeError, "mask must have dtype"),
+    ok("masked_mse_loss", "mask_float64", lambda: mse(m=torch.ones(2, 3, dtype=F64)), only=FP64_ON_TRITON),
     bad("masked_mse_loss", "mask_shape", lambda: mse(m=torch.ones(2, 4)), ValueError, r"mask must have shape \(2, 3\)"),
     bad("masked_mse_loss", "shapes", lambda: mse(t=r(2, 3, 5)), ValueError, "pred and target must share one shape"),
     bad("masked_mse_loss", "mask_empty", lambda: mse(m=torch.zeros(2, 3)), ValueError, "mask selects no patch"),
@@ -247,6 +249,36 @@ CASES = [
     ok("homologous_contrastive_loss", "nan_z", lambda: contrastive(z=nan_at(r(2, 4, 3), 1, 2, 0))),
     ok("homologous_contrastive_loss", "at_min_temperature", lambda: contrastive(temperature=1e-4)),
 ]
+
+
+def in_float64(make):
+    """``make``'s inputs with every floating tensor (and those of tensor lists) in float64."""
+    def up(a):
+        if isinstance(a, torch.Tensor):
+            return a.double() if a.is_floating_point() else a
+        return [up(x) for x in a] if isinstance(a, list) else a
+
+    def made():
+        args, kwargs = make()
+        return [up(a) for a in args], {k: up(v) for k, v in kwargs.items()}
+    return made
+
+
+# float64 through every op: the torch reference serves it (in float64); triton refuses it and says why.
+FP64_CASES = [
+    ok("gather_tokens", "float64", in_float64(lambda: gather(pos_embed=r(5, 3), prefix=r(1, 3))), only=FP64_ON_TRITON),
+    ok("unshuffle_tokens", "float64", in_float64(lambda: unshuffle(pos_embed=r(5, 4))), only=FP64_ON_TRITON),
+    ok("ema_update_", "float64", in_float64(ema), only=FP64_ON_TRITON),
+    ok("ema_update_", "float64_teacher_of_fp32", lambda: ema(t=[r(3, dtype=F64), r(2, 2, dtype=F64)]), only=FP64_ON_TRITON),
+    ok("topk_attention", "float64", in_float64(attn), only=FP64_ON_TRITON),
+    ok("cosine_loss", "float64", in_float64(lambda: cosine(dim=1, standardize_dim=-1)), only=FP64_ON_TRITON),
+    ok("masked_mse_loss", "float64", in_float64(mse), only=FP64_ON_TRITON),
+    ok("dino_loss", "float64", in_float64(dino), only=FP64_ON_TRITON),
+    ok("update_center_", "float64", in_float64(lambda: ((torch.zeros(5), r(4, 5), 0.9), {})), backends=("",)),
+    ok("homologous_contrastive_loss", "float64", in_float64(contrastive), only=FP64_ON_TRITON),
+    ok("random_masking", "noise_float64", lambda: ((2, 4, 0.5), {"noise": r(2, 4, dtype=F64)}), backends=("",)),
+]
+CASES += FP64_CASES
 if "standardize_dim" in inspect.signature(sdae_fast.cosine_loss).parameters:  # every axis argument is checked
     CASES += [bad("cosine_loss", "standardize_dim_bool", lambda: cosine(standardize_dim=True), TypeError, "standardize_dim " + NOT_INT),
               bad("cosine_loss", "standardize_dim_range", lambda: cosine(standardize_dim=5), ValueError, "standardize_dim=5 is out of range")]
@@ -378,3 +410,17 @@ def test_losses_agree_at_the_temperature_bound(backend):
     assert torch.isfinite(s.grad).all()
     assert_close(loss, want, dtype=F32, reduction=terms, name="dino loss")
     assert_close(s.grad, s64.grad, dtype=F32, reduction=terms, name="dino grad")
+
+
+@pytest.mark.parametrize("case", [c for c in FP64_CASES if c.backends != ("",) or c.op in IN_PLACE],
+                         ids=lambda c: f"{c.op}-{c.name}")
+def test_float64_stays_float64_on_the_reference(case):
+    """Without a backend (the automatic choice) float64 inputs reach the torch reference, which
+    computes in float64: float64 outputs with the bits of the reference called directly."""
+    args, kwargs = case.make()
+    want = _reference(case, args, kwargs)
+    out = _call(case, "", args, kwargs)
+    out = args[0] if case.op in IN_PLACE else out
+    outs, wants = (out, want) if isinstance(out, (list, tuple)) else ([out], [want])
+    for o, w in zip(outs, wants):
+        assert o.dtype == F64 and torch.equal(o, w), case.name

@@ -50,10 +50,25 @@ def test_public_op_reference(name):
     opcheck(op, args, dict(kwargs, backend="torch"))
 
 
-def test_ema_op():
-    teacher, student = [torch.randn(3), torch.randn(2, 2)], [torch.randn(3), torch.randn(2, 2)]
+def _float64(a):
+    """A floating tensor as a float64 leaf (keeping requires_grad); lists element-wise; others as is."""
+    if isinstance(a, torch.Tensor) and a.is_floating_point():
+        return a.detach().double().requires_grad_(a.requires_grad)
+    return [_float64(x) for x in a] if isinstance(a, list) else a
+
+
+@pytest.mark.parametrize("name", list(public_cases()))
+def test_public_op_reference_float64(name):
+    """float64 (the fidelity-check dtype) runs on the reference: the same registration holds."""
+    op, args, kwargs = public_cases()[name]
+    opcheck(op, tuple(_float64(a) for a in args), dict(kwargs, backend="torch"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ema_op(dtype):
+    teacher, student = [[torch.randn(3, dtype=dtype), torch.randn(2, 2, dtype=dtype)] for _ in range(2)]
     opcheck(ops.ema_update_.default, (teacher, student, 0.9, None, "torch", -1))
-    opcheck(ops.ema_update_.default, (teacher, student, 0.0, torch.tensor(0.5), "torch", -1))
+    opcheck(ops.ema_update_.default, (teacher, student, 0.0, torch.tensor(0.5, dtype=dtype), "torch", -1))
 
 
 DEVICE = triton_device()  # the GPU (kernel ops are triton_ops there), else the CPU interpreter

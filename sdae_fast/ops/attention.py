@@ -40,6 +40,7 @@ def topk_attention(q, k, v, topk: int, *, scale=None, backend=None):
     """Softmax attention where each query keeps only its ``topk`` best keys (ties at the threshold kept).
 
     q, k, v (B, H, N, d), one dtype and device, contiguous in d. ``topk >= N`` is dense attention.
+    float64 inputs run on the torch reference, in float64 (for fidelity checks); triton and cuda refuse them.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4)

@@ -25,7 +25,8 @@ def _triton(*args, **kwargs):
 
 
 def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True, backend=None):
-    """Within each mixed image, pull together tokens from the same source; fp32 scalar.
+    """Within each mixed image, pull together tokens from the same source; fp32 scalar (float64 for
+    float64 z, on the torch reference only: for fidelity checks; triton refuses it).
 
     z (M, N, D) token features; labels (M, N) non-negative integer source ids (a negative one is an
     IndexError at the next ``sdae_fast.check_errors()``, or at the call with

@@ -35,7 +35,8 @@ def _triton(pred, target, *, dim, standardize_target=True, standardize_dim=-1, e
 
 def cosine_loss(pred, target, *, dim=-1, standardize_target=True, standardize_dim=-1, eps=1e-8, std_eps=1e-6,
                 backend=None):
-    """``1 - mean(cos(pred, standardize(target)))``; fp32 scalar; no gradient to target.
+    """``1 - mean(cos(pred, standardize(target)))``; fp32 scalar (float64 for float64 inputs, on the
+    torch reference only: for fidelity checks; triton refuses them); no gradient to target.
 
     The target is standardised along ``standardize_dim`` (unbiased variance, ``std_eps``), the
     cosine taken along ``dim`` (each norm clamped to ``eps``): two independent axes. SdAE's

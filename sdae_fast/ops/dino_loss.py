@@ -38,7 +38,8 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
 
     student_out (V·B, K) for V views; teacher_out (num_global·B, K), a constant; center (K,) or
     (1, K), updated in place after the loss (all-reduced across processes) when ``update_center``.
-    Returns an fp32 scalar. Both temperatures must be at least
+    Returns an fp32 scalar (float64 for float64 inputs, on the torch reference only: for fidelity
+    checks; triton refuses them). Both temperatures must be at least
     :data:`sdae_fast.validate.MIN_TEMPERATURE` (1e-4): below it the fp32 logits / T overflow for
     ordinary logits and the softmaxes become NaN (see there).
 
@@ -75,7 +76,8 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
 
 def update_center_(center, teacher_out, momentum):
     """``center <- momentum·center + (1 - momentum)·mean(teacher_out rows)`` in place, the mean over
-    every process when torch.distributed is initialised. center (K,) or (1, K); teacher_out (R, K)."""
+    every process when torch.distributed is initialised. center (K,) or (1, K); teacher_out (R, K);
+    float64 ones are averaged in float64."""
     check_tensor("center", center, ndim=(1, 2))
     check_tensor("teacher_out", teacher_out, ndim=2)
     if center.numel() != teacher_out.shape[1] or center.shape[-1] != teacher_out.shape[1]:

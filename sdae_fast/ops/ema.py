@@ -106,7 +106,7 @@ def validate_pairs(teacher, student) -> tuple[list[torch.Tensor], list[torch.Ten
         if t.shape != s.shape:
             raise ValueError(f"pair {i}: teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}")
         if t.dtype not in FLOAT_DTYPES or s.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"pair {i}: dtypes must be float32/float16/bfloat16, got {t.dtype} and {s.dtype}")
+            raise TypeError(f"pair {i}: dtypes must be float32/float16/bfloat16/float64, got {t.dtype} and {s.dtype}")
         if t.device != s.device or t.device != teacher[0].device:
             raise ValueError(f"pair {i}: every tensor must be on one device, got {t.device} and {s.device}")
     return teacher, student
@@ -130,7 +130,8 @@ def ema_update_(teacher, student, momentum, *, backend=None) -> None:
 
     teacher, student: equal-length sequences of tensors or modules (parameters paired by order);
     dtypes may differ per pair (a bf16 teacher of an fp32 student). momentum: float, or a 0-dim
-    tensor on the tensors' device (no host sync). A training loop that updates the same pairs every
+    tensor on the tensors' device (no host sync). A float64 pair is updated in float64, on the torch
+    reference only (for fidelity checks; triton and cuda refuse it). A training loop that updates the same pairs every
     step should hold an :class:`EmaUpdate` instead: it validates and plans once.
     """
     teacher, student = validate_pairs(teacher, student)

@@ -30,11 +30,12 @@ def _triton(pred, target, mask, *, norm_target=True):
     return triton_masked_mse_loss(pred, target, mask, norm_target=norm_target)
 
 
-MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8, torch.int32, torch.int64)
+MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.bool, torch.uint8, torch.int32, torch.int64)
 
 
 def masked_mse_loss(pred, target, mask, *, norm_target=True, backend=None):
-    """Per-patch MSE against the (standardised) target, averaged over masked patches; fp32 scalar.
+    """Per-patch MSE against the (standardised) target, averaged over masked patches; fp32 scalar
+    (float64 for float64 pred/target, on the torch reference only: for fidelity checks).
 
     pred, target (B, L, P); mask (B, L) with 1 where the patch was removed. An all-zero mask is a
     ValueError (the mean over no patches is undefined; the loss is NaN): raised at the next

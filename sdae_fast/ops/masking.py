@@ -59,7 +59,7 @@ def random_masking(B, L, mask_ratio, *, noise=None, generator=None, device=None)
     B, L = check_int("B", B, ge=0), check_int("L", L, ge=0)
     mask_ratio = check_float("mask_ratio", mask_ratio, ge=0.0, lt=1.0)
     if noise is not None:
-        check_tensor("noise", noise, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
+        check_tensor("noise", noise, ndim=2, dtypes=FLOAT_DTYPES)
         check_shape("noise", noise, (B, L))
     return reference.random_masking(B, L, mask_ratio, noise=noise, generator=generator, device=device)
 
@@ -74,7 +74,7 @@ def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, backend=No
 
     x (B, L, D); index (B·groups, M) int32/int64 positions into L; pos_embed (L, D) or None;
     prefix (P, D) or None. Returns (B·groups, P + M, D) in x's dtype. Gradients flow to x
-    (scatter-add; rows may repeat across groups), pos_embed and prefix.
+    (scatter-add; rows may repeat across groups), pos_embed and prefix. float64 inputs run on the torch reference, in float64 (for fidelity checks); triton and cuda refuse them.
 
     An index outside [0, L) raises IndexError: at the call with ``SDAE_FAST_CHECKS=eager``, else
     (no host sync) at the next ``sdae_fast.check_errors()``; the bad rows are skipped meanwhile.
@@ -108,6 +108,7 @@ def unshuffle_tokens(x_vis, ids_restore, mask_token, *, pos_embed=None, num_pref
     (1, 1, D) parameter as MAE stores it is accepted); pos_embed (num_prefix + L, D) or None.
     Returns (B, num_prefix + L, D) in x_vis's dtype. Bad ids_restore values and ``deterministic``:
     as for :func:`gather_tokens` (the deterministic switch covers the mask_token / pos_embed grads).
+    float64 inputs run on the torch reference, in float64 (for fidelity checks); triton and cuda refuse them.
     """
     check_tensor("x_vis", x_vis, ndim=3)
     check_tensor("ids_restore", ids_restore, ndim=2, dtypes=INDEX_DTYPES)
