@@ -15,6 +15,7 @@ PACKAGES = [
     "sdae_fast.bench",
     "sdae_fast.models",
     "sdae_fast.train",
+    "sdae_fast.eval",
     "sdae_fast.kernels",
     "sdae_fast.csrc",
 ]

@@ -1,3 +1,3 @@
 """``sdae-fast pretrain``: data (``data``), loop (``loop``), optimiser/schedule (``optim``), checkpoints
-(``checkpoint``), DDP setup (``distributed``), k-NN evaluation (``knn``), timm export (``export``) and
+(``checkpoint``), DDP setup (``distributed``), the demo recipe (``demo_recipe``), timm export (``export``) and
 the command line (``cli``). Nothing here is imported by ``import sdae_fast``."""
