@@ -31,6 +31,7 @@ def linear_probe_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor,
         from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
         from sklearn.model_selection import StratifiedKFold
         from sklearn.preprocessing import StandardScaler
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
     except ImportError as exc:
         raise ImportError("the linear probe needs scikit-learn: pip install 'sdae_fast[data]'") from exc
     x_train = train_feats.double().numpy()
@@ -42,7 +43,8 @@ def linear_probe_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor,
     scaler = StandardScaler().fit(x_train)
     x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
     smallest_class = min(np.unique(y_train, return_counts=True)[1])
-    with warnings.catch_warnings():
+    # BLAS threads as many as torch's (--threads): OpenBLAS's own default spin-waits badly on a busy CPU.
+    with warnings.catch_warnings(), threadpool_limits(limits=torch.get_num_threads()):
         # The weakest regularisation may stop at MAX_ITER; its CV score then decides as it is.
         warnings.simplefilter("ignore", ConvergenceWarning)
         # scikit-learn 1.8 announces renamed LogisticRegressionCV options; the defaults used here stay.

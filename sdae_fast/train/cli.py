@@ -13,7 +13,7 @@ import os
 from .demo_recipe import DEMO, demo_model_kwargs
 
 METHODS = ("mae", "sdae", "mixedae", "dino")
-DEFAULT_LR = {method: values["lr"] for method, values in DEMO.items()}
+DEFAULT_LR = {method: values["lr"] for method, values in DEMO.items()}  # every DEMO entry has lr and epochs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,10 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
-    if args.lr is None:
-        args.lr = DEFAULT_LR[args.method]
-    if args.epochs is None:
-        args.epochs = DEMO[args.method]["epochs"]
+    for key, value in DEMO[args.method].items():  # the demo recipe fills what the command line left unset
+        if key != "model" and getattr(args, key) is None:
+            setattr(args, key, value)
     if getattr(args, "model_kwargs", None) is None:  # saved in checkpoints: `sdae-fast eval` rebuilds from it
         args.model_kwargs = demo_model_kwargs(args.method, args.size)
     if args.metrics is None:

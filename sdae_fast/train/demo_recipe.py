@@ -2,8 +2,9 @@
 
 Kept apart from the ``paper`` recipes (the official ImageNet values, ``recipes.py``): these numbers
 were chosen by measuring the k-NN / linear-probe gain on the digits, not taken from any paper.
-Each entry overrides the pretrain defaults for that method: ``lr`` (peak, absolute), ``epochs``, and
-``model``, keyword arguments of ``sdae_fast.models.build`` applied to ``--size micro`` runs only
+Each entry fills the pretrain options the command line leaves unset for that method: ``lr`` (peak,
+absolute) and ``epochs`` always, any other option by its name (``clip_grad``, ``weight_decay``, ...),
+and ``model``: keyword arguments of ``sdae_fast.models.build``, applied to ``--size micro`` runs only
 (the sizes meant for real data keep the method's own defaults).
 """
 from __future__ import annotations
