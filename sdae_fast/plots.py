@@ -47,8 +47,8 @@ def pretrain_figure(losses, results: dict, path: str, title: str = "") -> str:
         bars = ax_acc.bar(xs, values, width, label={"knn": "k-NN", "linear": "linear probe"}[metric])
         ax_acc.bar_label(bars, fmt="%.3f", fontsize=7)
     ax_acc.set_xticks(range(len(rows)), rows)
-    ax_acc.set(ylim=(0, 1.08), ylabel="held-out top-1", title="evaluation")
-    ax_acc.legend(loc="lower right", fontsize=8)
+    ax_acc.set(ylim=(0, 1.18), ylabel="held-out top-1", title="evaluation")
+    ax_acc.legend(loc="upper center", ncol=len(metrics), fontsize=8)
     return _save(fig, plt, path)
 
 

@@ -12,14 +12,9 @@ from sdae_fast.eval.features import encoder_features, pixel_features
 from sdae_fast.eval.knn import knn_accuracy
 from sdae_fast.eval.linear_probe import linear_probe_accuracy
 from sdae_fast.eval.report import evaluate, flat, format_table
+from test_pretrain import _one_thread  # noqa: F401  (autouse: one torch thread on the shared CPU)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _knn_by_hand(bank, bank_y, query, k, t):

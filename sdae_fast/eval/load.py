@@ -56,15 +56,28 @@ def load_exported(weights: str, meta: str) -> LoadedEncoder:
             run_args = json.load(f).get("args", {})
 
     def make_random():
-        torch.manual_seed(int(run_args.get("seed", 0)))
+        if "method" in run_args:  # exported by `sdae-fast pretrain`: the run's own build and seed
+            return _builder(run_args, kwargs["img_size"], kwargs["in_chans"])().encoder
+        torch.manual_seed(0)
         return VisionTransformer(**kwargs)
 
     return LoadedEncoder(encoder, make_random, int(kwargs["img_size"]), int(kwargs["in_chans"]), run_args,
                          kind="exported encoder")
 
 
-def load_checkpoint_encoder(path: str) -> LoadedEncoder:
+def _builder(args: dict, img_size: int, in_chans: int):
+    """A function building the run's model as pretraining did: its method, size, options and seed."""
     from ..models import build
+
+    def make_model():
+        torch.manual_seed(int(args.get("seed", 0)))
+        return build(args["method"], args.get("size", "micro"), img_size=img_size, patch_size=args.get("patch_size"),
+                     in_chans=in_chans, backend=args.get("backend"), **(args.get("model_kwargs") or {}))
+
+    return make_model
+
+
+def load_checkpoint_encoder(path: str) -> LoadedEncoder:
     from ..train.checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
@@ -74,12 +87,7 @@ def load_checkpoint_encoder(path: str) -> LoadedEncoder:
     model_state = state["model"]
     in_chans = int(model_state["encoder.patch_embed.proj.weight"].shape[1])
     img_size = args.get("img_size") or 32
-
-    def make_model():
-        torch.manual_seed(int(args.get("seed", 0)))
-        return build(args["method"], args.get("size", "micro"), img_size=img_size, patch_size=args.get("patch_size"),
-                     in_chans=in_chans, backend=args.get("backend"), **(args.get("model_kwargs") or {}))
-
+    make_model = _builder(args, img_size, in_chans)
     model = make_model()
     try:
         model.load_state_dict(model_state)
