@@ -16,6 +16,7 @@ PACKAGES = [
     "sdae_fast.models",
     "sdae_fast.train",
     "sdae_fast.data",
+    "sdae_fast.eval",
     "sdae_fast.kernels",
     "sdae_fast.csrc",
 ]

@@ -1,4 +1,4 @@
-"""The ``sdae-fast`` command: ``info``, ``bench`` (and ``pretrain`` once the model layer has it)."""
+"""The ``sdae-fast`` command: ``info``, ``bench``, ``pretrain`` and ``eval``."""
 from __future__ import annotations
 
 import argparse
@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--out", default=None, help="directory for the report (default on CUDA: benchmarks/results)")
     p.set_defaults(func=cmd_bench)
-    # Later subcommands (pretrain) register themselves from their own modules.
-    for module in ("sdae_fast.train.cli",):
+    # Later subcommands (pretrain, eval) register themselves from their own modules.
+    for module in ("sdae_fast.train.cli", "sdae_fast.eval.cli"):
         try:
             importlib.import_module(module).add_subcommand(sub)
         except ModuleNotFoundError as exc:

@@ -57,6 +57,7 @@ WORKER = textwrap.dedent("""
     assert_close(crit.center[0], 0.1 * torch.cat(rows).mean(0), name="center")
     with open(os.path.join(sys.argv[1], "ok" + str(rank)), "w") as f:
         f.write("ok")
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort at exit)
     dist.destroy_process_group()
 """)
 

@@ -51,6 +51,7 @@ def _worker(rank, port, backend, out_dir):
                                    update_center=True, backend=backend)
         loss.backward()
         torch.save({"center": center, "loss": loss.detach()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort at exit)
     finally:
         dist.destroy_process_group()
 

@@ -17,7 +17,7 @@ from torch import nn
 from sdae_fast.train import checkpoint as ckpt
 from sdae_fast.train.cli import make_args
 from sdae_fast.data import ShardedBatchSampler
-from sdae_fast.train.knn import knn_accuracy
+from sdae_fast.eval.knn import knn_accuracy
 from sdae_fast.train.loop import pretrain
 from sdae_fast.train.optim import lr_at
 
@@ -241,8 +241,12 @@ def test_knn_report_and_export(tmp_path, capsys):
     res = pretrain(_args(tmp_path, steps=30, knn=True, export=True, quiet=False, log_every=10),
                    build_fn=standin_build)
     out = capsys.readouterr().out
-    assert "k-NN accuracy" in out and "vs random init" in out and "step     30/30" in out
-    assert 0.0 <= res["knn_random_init"] <= 1.0 and 0.0 <= res["knn_trained"] <= 1.0
+    assert "k-NN" in out and "vs random init" in out and "raw pixels" in out and "step     30/30" in out
+    for key in ("knn_trained", "knn_random_init", "knn_raw_pixels", "linear_trained", "linear_random_init",
+                "linear_raw_pixels"):
+        assert 0.0 <= res[key] <= 1.0
+    assert json.load(open(tmp_path / "run" / "eval.json"))["linear_trained"] == res["linear_trained"]
+    assert (tmp_path / "run" / "pretrain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = torch.load(tmp_path / "run" / "encoder.pt")
     assert state.keys() == res["model"].encoder.state_dict().keys()
     meta = json.load(open(tmp_path / "run" / "encoder.json"))

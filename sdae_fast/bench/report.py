@@ -1,7 +1,9 @@
-"""``sdae-fast bench``: run the cases, write a markdown table and the raw timings as JSON."""
+"""``sdae-fast bench``: run the cases, write a markdown table, the raw timings as JSON and a speed-up
+bar chart (PNG, when matplotlib is installed)."""
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import platform
 import subprocess
@@ -71,8 +73,40 @@ def run(device: str, quick: bool, only: list[str] | None, out_dir: str | None, r
                     times_ms=m.times_ms, median_ms=m.median_ms if m.times_ms else None, peak_bytes=m.peak_bytes,
                     error=m.error, note=m.case.note) for m in measurements]
         (out / f"{stem}.json").write_text(json.dumps({"environment": env, "results": raw}, indent=1))
-        print(f"wrote {out / stem}.md and .json")
+        written = ".md and .json"
+        if write_speedup_chart(measurements, env, out / f"{stem}.png"):
+            written = ".md, .json and .png"
+        print(f"wrote {out / stem}{written}")
     return measurements
+
+
+def _naive_medians(measurements) -> dict:
+    """``(op, shape) -> median ms`` of the naive variant, the baseline of every speed-up."""
+    return {(m.case.op, m.case.shape): m.median_ms for m in measurements if m.case.variant == "naive" and m.times_ms}
+
+
+def speedups(measurements) -> list[tuple[str, float]]:
+    """``("op shape variant", naive median / variant median)`` for every measured non-naive case."""
+    naive = _naive_medians(measurements)
+    rows = []
+    for m in measurements:
+        base = naive.get((m.case.op, m.case.shape))
+        if m.case.variant != "naive" and not m.error and m.times_ms and base:
+            rows.append((f"{m.case.op} {m.case.shape} {m.case.variant}", base / m.median_ms))
+    return rows
+
+
+def write_speedup_chart(measurements, env, path) -> bool:
+    """The speed-up bar chart beside the markdown; False (nothing written) without matplotlib or
+    without any case that has a naive baseline."""
+    rows = speedups(measurements)
+    if not rows or importlib.util.find_spec("matplotlib") is None:
+        return False
+    from ..plots import speedup_chart
+
+    speedup_chart([r[0] for r in rows], [r[1] for r in rows], str(path),
+                  title=f"speed-up vs naive — {env.get('gpu', env.get('cpu'))}, {env['date'][:10]}")
+    return True
 
 
 def markdown(measurements, env) -> str:
@@ -86,7 +120,7 @@ def markdown(measurements, env) -> str:
         "| op | shape | variant | median ms | speed-up vs naive | GB/s | % copy BW | TFLOP/s | % matmul | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    naive = {(m.case.op, m.case.shape): m.median_ms for m in measurements if m.case.variant == "naive" and m.times_ms}
+    naive = _naive_medians(measurements)
     for m in measurements:
         if m.error:
             lines.append(f"| {m.case.op} | {m.case.shape} | {m.case.variant} | error: {m.error[:80]} | | | | | | |")

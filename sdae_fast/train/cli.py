@@ -1,8 +1,9 @@
 """``sdae-fast pretrain``: pretrain a ViT with MAE, SdAE, MixedAE or DINO.
 
 With no ``--data`` it trains on the embedded digits (scikit-learn's ``load_digits``) and ends with
-the k-NN accuracy of the trained encoder against a randomly initialised one. ``--recipe paper``
-(the default with ``--data``) takes each method's official hyperparameters, ``--recipe demo`` (the
+a table of k-NN and linear-probe accuracy of the trained encoder against a randomly initialised
+one and the raw pixels, and a PNG of the loss curve and those numbers. ``--recipe paper`` (the
+default with ``--data``) takes each method's official hyperparameters, ``--recipe demo`` (the
 default without) the digits values; any option given explicitly overrides the recipe's. Launch with ``torchrun
 --nproc_per_node N -m sdae_fast.cli pretrain ...`` for data-parallel training.
 """
@@ -28,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, default=None, help="recipe: 32 demo, 224 paper")
     p.add_argument("--patch-size", type=int, default=None, help="recipe: 4 demo, 16 paper")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction for k-NN")
-    p.add_argument("--epochs", type=int, default=None, help="recipe: 36 demo; paper 800 MAE, 300 SdAE, 100 DINO")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="recipe: demo " + ", ".join(f"{m} {v['epochs']}" for m, v in DEMO.items())
+                        + "; paper 800 MAE, 300 SdAE, 100 DINO")
     p.add_argument("--steps", type=int, default=None, help="total iterations (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=None, help="per process (recipe: 64 demo; paper per GPU)")
     p.add_argument("--lr", type=float, default=None,
@@ -71,11 +74,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=20,
                    help="print and read the step losses from the device every N steps (one sync; a NaN/inf "
                         "loss stops the run there, naming its step)")
-    p.add_argument("--knn-k", type=int, default=20)
-    p.add_argument("--no-knn", dest="knn", action="store_false", help="skip the final k-NN evaluation")
+    p.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours of the final evaluation")
+    p.add_argument("--knn-temperature", type=float, default=0.07, help="k-NN vote temperature (DINO's 0.07)")
+    p.add_argument("--eval-pool", choices=("cls", "mean"), default="cls",
+                   help="final evaluation features: the class token or the mean of the patch tokens")
+    p.add_argument("--no-knn", "--no-eval", dest="knn", action="store_false",
+                   help="skip the final evaluation (k-NN + linear probe vs random init and raw pixels)")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip the timm encoder export")
     p.add_argument("--find-unused", action="store_true", help="DDP find_unused_parameters")
     p.add_argument("--quiet", action="store_true")
+    # Model options for ``build(method, size, **model_kw)`` on top of the recipe's (library use, tests);
+    # saved in checkpoints, so `sdae-fast eval` rebuilds the same model.
+    p.set_defaults(model_kw=None)
     # Stop after this many steps as if preempted (the schedule still spans --steps): tests resume.
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -100,19 +110,25 @@ def make_args(**overrides) -> argparse.Namespace:
     return finalize_args(args)
 
 
-def cmd_pretrain(args) -> int:
+def run_pretrain(args) -> dict:
+    """``pretrain`` of the recipe-filled ``args`` (model options in ``args.model_kw``: the recipe's,
+    under any given ones); returns pretrain's summary dict."""
     from .loop import pretrain
 
+    return pretrain(finalize_args(args))
+
+
+def cmd_pretrain(args) -> int:
     chosen = args.recipe
     args = finalize_args(args)
     why = "as asked" if chosen else ("the default with --data" if args.data else "the default without --data")
     print(f"recipe: {args.recipe} ({why})", flush=True)
-    pretrain(args)
+    run_pretrain(args)
     return 0
 
 
 def add_subcommand(sub) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a ViT (MAE, SdAE, MixedAE, DINO); k-NN eval; timm export",
+    p = sub.add_parser("pretrain", help="pretrain a ViT (MAE, SdAE, MixedAE, DINO); k-NN + linear-probe eval; timm export",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=cmd_pretrain)

@@ -207,9 +207,12 @@ def _pretrain(args, build_fn, info) -> dict:
 
     result = {"losses": losses, "step": step, "total_steps": total, "model": model, "skipped_images": skipped}
     if step >= total and info.is_main:
-        if args.knn:
+        if args.knn:  # k-NN + linear probe vs random init and raw pixels; table and PNG (sdae_fast.eval)
+            from ..eval.report import pretrain_report
+
             splits = load_splits(args.data, args.img_size, args.holdout, workers, args.bad_images)
-            result.update(knn_report(model, build_fn, args, splits, info, say))
+            result.update(pretrain_report(model.encoder, lambda: _build(build_fn, args, splits.in_chans, args.seed)
+                                          .encoder, args, splits, losses, info.device, say))
         if args.export:
             from .export import export_encoder
 
@@ -220,16 +223,3 @@ def _pretrain(args, build_fn, info) -> dict:
     barrier(info)
     return result
 
-
-def knn_report(model, build_fn, args, splits, info, say) -> dict:
-    """k-NN accuracy (k=20, cosine, DINO's temperature-weighted vote) of the trained encoder and of the
-    same architecture at its initial weights (built from the same seed)."""
-    from .knn import encoder_knn_accuracy
-
-    trained = encoder_knn_accuracy(model.encoder, splits, k=args.knn_k, device=info.device)
-    with torch.random.fork_rng(devices=[]):
-        fresh = _build(build_fn, args, splits.in_chans, args.seed).to(info.device)
-    random_init = encoder_knn_accuracy(fresh.encoder, splits, k=args.knn_k, device=info.device)
-    say(f"k-NN accuracy (k={args.knn_k}, {len(splits.heldout_images)} held-out {splits.name} images): "
-        f"trained {trained:.3f} vs random init {random_init:.3f}")
-    return {"knn_trained": trained, "knn_random_init": random_init}

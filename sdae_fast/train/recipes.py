@@ -154,6 +154,8 @@ def apply_recipe(args):
     for key, value in values.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.recipe == "demo" and args.size != "micro":
+        model_kw = {}  # the demo's model options were tuned for the micro ViT; other sizes keep their defaults
     args.model_kw = {**model_kw, **(getattr(args, "model_kw", None) or {})}
     return args
 

@@ -1,4 +1,4 @@
-"""k-NN evaluation of an encoder's features (DINO's ``eval_knn`` protocol).
+"""k-NN evaluation of frozen features (DINO's ``eval_knn`` protocol).
 
 Features are L2-normalised, so the dot product is the cosine similarity. Each held-out sample takes
 its ``k`` most similar training samples; neighbour ``j`` votes for its label with weight
@@ -11,26 +11,14 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def embed_features(encoder, images: torch.Tensor, batch_size: int = 256, device=None) -> torch.Tensor:
-    """``encoder.embed`` over ``images`` in eval mode, batched; L2-normalised fp32 features on the CPU."""
-    device = device or next(encoder.parameters()).device
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        feats = [encoder.embed(images[i:i + batch_size].to(device)).float().cpu()
-                 for i in range(0, len(images), batch_size)]
-    finally:
-        encoder.train(was_training)
-    return F.normalize(torch.cat(feats), dim=1)
-
-
-@torch.no_grad()
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07,
                  num_classes: int | None = None, chunk: int = 1024) -> float:
-    """Top-1 accuracy of temperature-weighted k-NN voting; features are normalised here too."""
+    """Top-1 accuracy of temperature-weighted k-NN voting; features are normalised here."""
     if len(train_feats) == 0 or len(test_feats) == 0:
         raise ValueError("k-NN needs a non-empty feature bank and test set")
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"k-NN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     train_feats = F.normalize(train_feats.float(), dim=1)
     test_feats = F.normalize(test_feats.float(), dim=1)
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
@@ -42,11 +30,3 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
         correct += (votes.argmax(1) == test_labels[i:i + chunk]).sum().item()
     return correct / len(test_feats)
-
-
-def encoder_knn_accuracy(encoder, splits, k: int = 20, temperature: float = 0.07, device=None) -> float:
-    """k-NN accuracy of ``encoder`` on the held-out split with the train split as the bank."""
-    bank = embed_features(encoder, splits.train_images, device=device)
-    test = embed_features(encoder, splits.heldout_images, device=device)
-    return knn_accuracy(bank, splits.train_labels, test, splits.heldout_labels, k=k,
-                        temperature=temperature, num_classes=len(splits.classes))

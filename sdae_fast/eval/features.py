@@ -1,0 +1,45 @@
+"""Frozen features of an encoder (or of the raw pixels) for the k-NN and linear-probe evaluations.
+
+Works with this project's ``VisionTransformer`` and with timm's (an exported encoder loaded back):
+both have ``forward_features(images) -> (B, 1 + N, D)`` after the final norm. ``pool="cls"`` takes
+the class token, ``pool="mean"`` the mean of the patch tokens. An encoder without
+``forward_features`` (a test stand-in) is read through its ``embed`` (CLS pooling only).
+"""
+from __future__ import annotations
+
+import torch
+
+POOLS = ("cls", "mean")
+
+
+def _pooled(encoder, images: torch.Tensor, pool: str) -> torch.Tensor:
+    if not hasattr(encoder, "forward_features"):
+        if pool != "cls":
+            raise ValueError(f"pool={pool!r} needs an encoder with forward_features; this one has only embed")
+        return encoder.embed(images)
+    tokens = encoder.forward_features(images)
+    prefix = getattr(encoder, "num_prefix_tokens", 1)  # timm: cls (+ register) tokens first
+    return tokens[:, 0] if pool == "cls" else tokens[:, prefix:].mean(1)
+
+
+@torch.no_grad()
+def encoder_features(encoder, images: torch.Tensor, pool: str = "cls", batch_size: int = 256,
+                     device=None) -> torch.Tensor:
+    """Pooled features (N, D), fp32 on the CPU, of ``images`` through ``encoder`` in eval mode
+    (dropout and drop-path off), batched; not normalised (each evaluation normalises as it needs)."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    device = device or next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        feats = [_pooled(encoder, images[i:i + batch_size].to(device), pool).float().cpu()
+                 for i in range(0, len(images), batch_size)]
+    finally:
+        encoder.train(was_training)
+    return torch.cat(feats)
+
+
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """The baseline with no encoder: every image flattened to one vector (N, C·H·W), fp32."""
+    return images.reshape(len(images), -1).float().cpu()

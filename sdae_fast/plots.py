@@ -1,0 +1,66 @@
+"""PNG figures the commands write (matplotlib, Agg backend: no display needed).
+
+* :func:`pretrain_figure`: the loss curve and the evaluation bars at the end of ``sdae-fast pretrain``;
+* :func:`speedup_chart`: ``sdae-fast bench``'s speed-up over the naive variant, one bar per case.
+"""
+from __future__ import annotations
+
+import os
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless; set before pyplot is imported, harmless after
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, plt, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pretrain_figure(losses, results: dict, path: str, title: str = "") -> str:
+    """Left: loss per step (and a 20-step running mean). Right: k-NN and linear-probe top-1 per
+    row of ``results`` (``{row: {"knn": acc, "linear": acc}}``, see ``sdae_fast.eval.report``)."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = range(1, len(losses) + 1)
+    ax_loss.plot(steps, losses, lw=0.6, alpha=0.45, label="loss")
+    if len(losses) >= 20:
+        window = 20
+        smooth = [sum(losses[i - window:i]) / window for i in range(window, len(losses) + 1)]
+        ax_loss.plot(range(window, len(losses) + 1), smooth, lw=1.6, label="running mean (20)")
+    ax_loss.set(xlabel="step", ylabel="loss", title=f"training loss {title}".strip())
+    ax_loss.legend(loc="upper right", fontsize=8)
+    rows = list(results)
+    metrics = [m for m in ("knn", "linear") if any(results[r].get(m) is not None for r in rows)]
+    width = 0.8 / max(len(metrics), 1)
+    for j, metric in enumerate(metrics):
+        values = [results[r].get(metric) or 0.0 for r in rows]
+        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(rows))]
+        bars = ax_acc.bar(xs, values, width, label={"knn": "k-NN", "linear": "linear probe"}[metric])
+        ax_acc.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax_acc.set_xticks(range(len(rows)), rows)
+    ax_acc.set(ylim=(0, 1.18), ylabel="held-out top-1", title="evaluation")
+    ax_acc.legend(loc="upper center", ncol=len(metrics), fontsize=8)
+    return _save(fig, plt, path)
+
+
+def speedup_chart(labels, speedups, path: str, title: str = "") -> str:
+    """Horizontal bars of ``speedups`` (x times the naive variant), log scale, 1x marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(labels) + 1.4))
+    ys = range(len(labels))
+    ax.barh(ys, speedups, color=["tab:green" if s >= 1 else "tab:red" for s in speedups])
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_yticks(ys, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set(xlabel="speed-up vs naive (x, log scale)", title=title)
+    return _save(fig, plt, path)

@@ -1,0 +1,173 @@
+"""Evaluation (``sdae_fast.eval``): k-NN vote against a float64 hand reference, the linear-probe
+recipe, pooled features, the table, checkpoint / exported-encoder loading and ``sdae-fast eval``."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sdae_fast.eval.features import encoder_features, pixel_features
+from sdae_fast.eval.knn import knn_accuracy
+from sdae_fast.eval.linear_probe import linear_probe_accuracy
+from sdae_fast.eval.report import evaluate, flat, format_table
+from test_pretrain import _one_thread  # noqa: F401  (autouse: one torch thread on the shared CPU)
+
+
+
+
+def _knn_by_hand(bank, bank_y, query, k, t):
+    """One query, float64, plain Python: cosine similarities, top k, sum of exp(sim / T) per class."""
+    def unit(v):
+        n = math.sqrt(sum(x * x for x in v))
+        return [x / n for x in v]
+
+    q = unit(query)
+    sims = sorted(((sum(a * b for a, b in zip(q, unit(row))), y) for row, y in zip(bank, bank_y)), reverse=True)
+    votes = {}
+    for s, y in sims[:k]:
+        votes[y] = votes.get(y, 0.0) + math.exp(s / t)
+    return max(votes, key=votes.get)
+
+
+@pytest.mark.parametrize("k,t", [(1, 0.07), (5, 0.07), (7, 1.0), (50, 0.5)])
+def test_knn_matches_hand_reference(k, t):
+    g = torch.Generator().manual_seed(k)
+    bank, bank_y = torch.randn(40, 6, generator=g), torch.randint(0, 4, (40,), generator=g)
+    query, query_y = torch.randn(13, 6, generator=g), torch.randint(0, 4, (13,), generator=g)
+    want = [_knn_by_hand(bank.double().tolist(), bank_y.tolist(), q, k, t) for q in query.double().tolist()]
+    expected = sum(int(p == y) for p, y in zip(want, query_y.tolist())) / len(query_y)
+    assert knn_accuracy(bank, bank_y, query, query_y, k=k, temperature=t, num_classes=4, chunk=5) == expected
+
+
+def test_knn_rejects_bad_settings():
+    x, y = torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="k >= 1"):
+        knn_accuracy(x, y, x, y, k=0)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        knn_accuracy(x, y, x, y, temperature=0.0)
+
+
+def _blobs(n_per_class, dim, classes, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 3
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    return centres[y] + spread * torch.randn(len(y), dim, generator=g), y
+
+
+def test_linear_probe_separates_blobs_and_is_chance_on_noise():
+    x, y = _blobs(30, 8, 3, 0.3, 0)
+    xt, yt = _blobs(10, 8, 3, 0.3, 0)
+    assert linear_probe_accuracy(x, y, xt, yt) == 1.0
+    g = torch.Generator().manual_seed(1)
+    noise, noise_t = torch.randn(300, 20, generator=g), torch.randn(300, 20, generator=g)
+    labels, labels_t = torch.randint(0, 2, (300,), generator=g), torch.randint(0, 2, (300,), generator=g)
+    assert 0.35 < linear_probe_accuracy(noise, labels, noise_t, labels_t) < 0.65
+
+
+def test_linear_probe_small_split_and_bad_input():
+    x, y = _blobs(2, 4, 2, 0.1, 3)  # 2 per class < 3 folds: the fixed C = 1 fallback
+    assert linear_probe_accuracy(x, y, x, y) == 1.0
+    with pytest.raises(ValueError, match=">= 2 train classes"):
+        linear_probe_accuracy(x, torch.zeros_like(y), x, y)
+
+
+def test_features_pool_cls_and_mean():
+    from sdae_fast.models import build
+
+    enc = build("mae", "micro").encoder
+    enc.train()
+    x = torch.randn(5, 1, 32, 32)
+    cls = encoder_features(enc, x, pool="cls", batch_size=2)
+    mean = encoder_features(enc, x, pool="mean", batch_size=3)
+    assert enc.training  # restored
+    with torch.no_grad():
+        tokens = enc.eval().forward_features(x)
+    torch.testing.assert_close(cls, tokens[:, 0])
+    torch.testing.assert_close(mean, tokens[:, 1:].mean(1))
+    assert pixel_features(x).shape == (5, 1024)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        encoder_features(enc, x, pool="max")
+
+
+class _Splits:
+    def __init__(self, seed):
+        self.train_images, self.train_labels = _blobs(20, 16, 3, 0.5, seed)
+        self.heldout_images, self.heldout_labels = _blobs(5, 16, 3, 0.5, seed)
+        self.train_images = self.train_images.view(-1, 1, 4, 4)
+        self.heldout_images = self.heldout_images.view(-1, 1, 4, 4)
+        self.classes, self.name = ["a", "b", "c"], "blobs"
+
+
+def test_evaluate_table_and_flat_keys():
+    splits = _Splits(0)
+    ident = torch.nn.Sequential(torch.nn.Flatten())
+    ident.embed = ident.forward
+    ident.register_parameter("dummy", torch.nn.Parameter(torch.zeros(1)))
+    res = evaluate({"pretrained": ident, "random init": ident, "raw pixels": None}, splits, k=5)
+    assert res["pretrained"] == res["raw pixels"] == {"knn": 1.0, "linear": 1.0}
+    table = format_table(res, 5, 0.07, "cls", 15, "blobs")
+    assert "raw pixels" in table and "vs random init: knn +0.0 pts, linear +0.0 pts" in table
+    assert flat(res)["linear_random_init"] == 1.0 and flat(res)["knn_raw_pixels"] == 1.0
+
+
+def test_plots_write_pngs(tmp_path):
+    from sdae_fast.plots import pretrain_figure, speedup_chart
+
+    res = {"pretrained": {"knn": 0.9, "linear": 0.95}, "random init": {"knn": 0.7, "linear": None}}
+    for path in (pretrain_figure([3.0 - 0.01 * i for i in range(50)], res, str(tmp_path / "a" / "p.png")),
+                 speedup_chart(["x", "y"], [2.5, 0.8], str(tmp_path / "s.png"))):
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _short_run(tmp_path, method):
+    from sdae_fast.train.cli import make_args, run_pretrain
+
+    args = make_args(method=method, steps=4, batch_size=16, ckpt_every=4, out=str(tmp_path / "run"),
+                     quiet=True, knn=False, threads=1)
+    return args, run_pretrain(args)
+
+
+@pytest.mark.parametrize("method", ["mae", "dino"])
+def test_eval_cli_on_checkpoint_and_export(tmp_path, capsys, method):
+    from sdae_fast.cli import main
+    from sdae_fast.eval.load import load_encoder
+
+    args, res = _short_run(tmp_path, method)
+    from sdae_fast.train.checkpoint import checkpoint_path
+
+    ckpt = checkpoint_path(str(tmp_path / "run"), 4)
+    x = torch.randn(3, 1, 32, 32)
+    want = encoder_features(res["model"].encoder, x)
+    for path in (ckpt, tmp_path / "run", tmp_path / "run" / "encoder.pt"):
+        loaded = load_encoder(str(path))
+        torch.testing.assert_close(encoder_features(loaded.encoder, x), want, rtol=1e-5, atol=1e-5)
+    out_json = tmp_path / "e.json"
+    assert main(["eval", "--checkpoint", str(ckpt), "--no-linear", "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "pretrained" in printed and "random init" in printed and "raw pixels" in printed
+    assert set(json.load(open(out_json))) == {"knn_trained", "knn_random_init", "knn_raw_pixels"}
+
+
+def test_eval_cli_errors(tmp_path):
+    from sdae_fast.cli import main
+
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        main(["eval", "--checkpoint", str(tmp_path / "nowhere.pt")])
+    with pytest.raises(IsADirectoryError, match="without encoder.pt"):
+        main(["eval", "--checkpoint", str(tmp_path)])
+
+
+def test_bench_speedup_chart(tmp_path):
+    from sdae_fast.bench.harness import Case, Measurement
+    from sdae_fast.bench.report import speedups, write_speedup_chart
+
+    def m(variant, ms, error=None):
+        return Measurement(Case("ema", "B=4", variant, make=lambda: None), times_ms=[ms] if ms else [], error=error)
+
+    ms = [m("naive", 4.0), m("fused", 1.0), m("compile", 8.0), m("broken", None, error="boom")]
+    assert speedups(ms) == [("ema B=4 fused", 4.0), ("ema B=4 compile", 0.5)]
+    env = {"cpu": "x86", "date": "2026-12-01T00:00:00"}
+    assert write_speedup_chart(ms, env, tmp_path / "b.png") and (tmp_path / "b.png").stat().st_size > 0
+    assert not write_speedup_chart(ms[1:], env, tmp_path / "none.png")  # no naive baseline: no chart
