@@ -160,11 +160,3 @@ MIN_TEMPERATURE = 1e-4
 
 def check_temperature(name: str, value) -> float:
     return check_float(name, value, ge=MIN_TEMPERATURE)
-
-
-def check_values_readable(name: str, t: torch.Tensor, op: str) -> None:
-    """``op`` checks the values of ``t`` on the host: a meta tensor has none, so refuse it clearly
-    (rather than fail inside ``.item()``)."""
-    if t.is_meta:
-        raise ValueError(f"{op}: {name} is a meta tensor, which has no values for the checks {op} makes "
-                         f"on them: pass a tensor on a real device")
