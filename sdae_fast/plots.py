@@ -20,7 +20,7 @@ def _pyplot():
 def _save(fig, plt, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long bar labels stay inside the image
     plt.close(fig)
     return path
 
@@ -62,5 +62,9 @@ def speedup_chart(labels, speedups, path: str, title: str = "") -> str:
     ax.set_yticks(ys, labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set(xlabel="speed-up vs naive (x, log scale)", title=title)
+    lo, hi = ax.get_xlim()  # 1-2-5 ticks labelled "2x" (matplotlib's minor log labels overlap)
+    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if lo <= t <= hi]
+    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.minorticks_off()
+    ax.set(xlabel="speed-up vs naive (log scale)", title=title)
     return _save(fig, plt, path)
