@@ -25,8 +25,8 @@ from __future__ import annotations
 #   this pipeline, the loss drifts to ln 256 = 5.55 (k-NN -5.8 pts vs random init, linear +2.5).
 #   BatchNorm in the head (DINO's own ``use_bn_in_head`` option) spreads them (cosine 0.21, logit std
 #   0.11): with it, a 0.02 teacher temperature and the teacher's EMA momentum starting at 0.99 (0.996
-#   leaves the teacher ~250 of the ~800 steps behind) the loss ends ~3.6 and k-NN +28 / linear +9.5
-#   pts (36 epochs; 20 epochs: +19.5 / +7.2). Teacher temperature 0.04 with BN: loss stays ~5.3, k-NN
+#   leaves the teacher ~250 of the ~800 steps behind) the loss ends ~2.7 and k-NN +28.4 / linear +9.5
+#   pts (36 epochs; 20 epochs: +19.5 / +7.2); BN and the momentum were not measured apart. Teacher temperature 0.04 with BN: loss stays ~5.3, k-NN
 #   +7 at 12 epochs. The fixed sincos table gives the tokens their position from step 0; no drop-path
 #   on 3 blocks; clipping at 3.0 as DINO does.
 DEMO = {
