@@ -15,7 +15,7 @@ from __future__ import annotations
 #   Re-measured on the v2 augmentation pipeline (mask 0.75, 80 epochs): k-NN +9.2, linear -0.6;
 #   ``ema_op="per_ite"`` +8.4 / -0.6 (with mask 0.5: +5.8 / -2.8), so the official per-epoch cadence
 #   stays; no crop +9.7 / -0.6; mask 0.3 +7.8 / -0.6; mask 0.5 +9.2 / +0.3 (loss_dim 2: +8.4 / -0.3);
-#   mask 0.5 at 120 epochs +12.8 / +1.9 (at 5e-4: +3.3 / +1.1).
+#   mask 0.5 at 120 epochs +12.8 / +1.9 (at 5e-4: +3.3 / +1.1; 150 epochs: +12.5 / +1.4).
 # * MAE, MixedAE (old pipeline): 1e-3, 36 epochs. Re-measured on the v2 augmentation pipeline: MAE
 #   at 1e-3 / 36 epochs k-NN -3.3, linear -0.6 pts; 3e-4 / 80 epochs (SdAE's) k-NN +7.0, linear -1.7
 #   (mask ratio 0.5 on top: +6.4 / -1.4). MixedAE 36 epochs +7.2 / +2.5, 72 epochs +10.0 / +3.1.
