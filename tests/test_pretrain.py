@@ -88,7 +88,8 @@ class StandIn(nn.Module):
         self.ema_steps += 1
 
 
-def standin_build(method, size, img_size=32, patch_size=4, in_chans=1, backend=None):
+def standin_build(method, size, img_size=32, patch_size=4, in_chans=1, backend=None, **model_kw):
+    # model_kw: the demo recipe's model options (e.g. SdAE's mask_ratio), meaningless to the stand-in
     return StandIn(img_size, in_chans)
 
 
@@ -196,7 +197,7 @@ def test_real_dino_trains(tmp_path):
     from sdae_fast.models import build
 
     torch.manual_seed(args.seed)
-    init = _params(build("dino", "micro", img_size=16, patch_size=4, in_chans=1))
+    init = _params(build("dino", "micro", img_size=16, patch_size=4, in_chans=1, **args.model_kw))  # the recipe's head
     res = pretrain(args, build_fn=None)
     assert all(torch.isfinite(torch.tensor(res["losses"])))
     final = _params(res["model"])
