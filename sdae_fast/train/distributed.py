@@ -63,3 +63,13 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers on every rank. DDP broadcasts them at the start of every forward, but a
+    BatchNorm's running statistics (DINO's ``use_bn_in_head``) then move with each rank's own batch,
+    so after the last step the replicas differ until this runs (CUDA runs use SyncBatchNorm, as
+    main_dino.py does; PyTorch has no SyncBatchNorm on the CPU)."""
+    if info.enabled:
+        for buf in module.buffers():
+            dist.broadcast(buf, 0)

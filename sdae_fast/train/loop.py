@@ -24,7 +24,7 @@ from ..data import (AugmentedDataset, ShardedBatchSampler, default_workers, load
                     open_sources, to_device, train_views)
 from . import checkpoint as ckpt
 from .metrics import MetricsWriter
-from .distributed import all_gather_objects, barrier, init_distributed, shutdown
+from .distributed import all_gather_objects, barrier, broadcast_buffers, init_distributed, shutdown
 from .optim import StepSchedule, make_optimizer, scaled_lr
 from .progress import Progress, StepWindow, first_nonfinite
 from .recipes import accum_iter_for
@@ -138,6 +138,8 @@ def _pretrain(args, build_fn, info) -> dict:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [info.device.index] if info.device.type == "cuda" else None
+        if info.device.type == "cuda":  # main_dino.py: BatchNorm in the student and teacher heads syncs
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters, in place
         net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=args.find_unused)
     if getattr(args, "compile", None):
         net = torch.compile(net, backend=args.compile)  # forward and, through AOTAutograd, backward
@@ -199,6 +201,7 @@ def _pretrain(args, build_fn, info) -> dict:
             else:
                 epoch, batch = epoch + 1, 0
         flush_window()
+        broadcast_buffers(model, info)  # BatchNorm statistics moved with each rank's own last batch
     finally:
         progress.close()
         metrics.close()
