@@ -15,12 +15,11 @@ Folder policy (documented choices):
   object); other extensions (BMP, TIFF, PPM...) with PIL.
 * A file that cannot be decoded raises :class:`BadImageError` naming it; the dataset decides
   whether to stop or to skip and count (``bad_images`` in :class:`~sdae_fast.data.dataset.AugmentedDataset`).
-* Paths live in one bytes blob + numpy offsets, not a Python list of str: forked DataLoader workers
-  touching Python objects would copy their pages (refcounts), growing every worker's memory with
-  the image count.
+* Paths live in one bytes blob + numpy offsets (:class:`PackedStrings`), not a Python list of str.
 """
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -42,20 +41,32 @@ class BadImageError(ValueError):
         self.path = path if reason is not None else None
 
 
-def decode_rgb(path: str) -> torch.Tensor:
-    """One file as a (3, H, W) uint8 tensor; :class:`BadImageError` naming the file on any failure."""
+def decode_rgb_bytes(data: bytes, name: str) -> torch.Tensor:
+    """One encoded image as a (3, H, W) uint8 tensor; ``name`` (a path or a tar member) picks the
+    decoder by its extension and is what :class:`BadImageError` names on any failure."""
     try:
-        if path.lower().endswith(TORCHVISION_DECODES):
-            from torchvision.io import ImageReadMode, decode_image, read_file
+        if name.lower().endswith(TORCHVISION_DECODES):
+            from torchvision.io import ImageReadMode, decode_image
 
-            return decode_image(read_file(path), mode=ImageReadMode.RGB)
+            # bytearray: torch.frombuffer warns on read-only buffers (one copy of the encoded bytes)
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         from PIL import Image
 
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             rgb = np.asarray(im.convert("RGB"))
         return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
     except Exception as exc:  # decoders raise RuntimeError, OSError, PIL's UnidentifiedImageError...
-        raise BadImageError(path, f"{type(exc).__name__}: {exc}".strip()) from exc
+        raise BadImageError(name, f"{type(exc).__name__}: {exc}".strip()) from exc
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    """One file as a (3, H, W) uint8 tensor; :class:`BadImageError` naming the file on any failure."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise BadImageError(path, f"{type(exc).__name__}: {exc}") from exc
+    return decode_rgb_bytes(data, path)
 
 
 def list_image_files(root: str) -> tuple[list[str], list[int], list[str]]:
@@ -81,32 +92,53 @@ def list_image_files(root: str) -> tuple[list[str], list[int], list[str]]:
     return paths, labels, classes
 
 
+class PackedStrings:
+    """Strings (paths, tar keys) in one bytes blob + numpy end offsets, not a Python list of str:
+    forked DataLoader workers touching Python objects would copy their pages (refcounts), growing
+    every worker's memory with the item count."""
+
+    def __init__(self, strings=(), *, blob: np.ndarray | None = None, ends: np.ndarray | None = None):
+        if blob is None:
+            encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
+            blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+            ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        self._blob, self._ends = blob, ends
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> str:
+        start = self._ends[i - 1] if i else 0
+        return self._blob[start:self._ends[i]].tobytes().decode("utf-8", "surrogateescape")
+
+    def subset(self, keep: np.ndarray) -> "PackedStrings":
+        """The strings where the boolean mask ``keep`` is set (vectorised: no str is made)."""
+        lengths = np.diff(self._ends, prepend=0)
+        return PackedStrings(blob=self._blob[np.repeat(keep, lengths)], ends=np.cumsum(lengths[keep]))
+
+
 class FolderSource:
     """Files of an image folder (or a subset of them), decoded on demand as RGB uint8."""
 
     in_chans, profile = 3, "photo"
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
-    def __init__(self, paths: list[str], labels, classes: list[str], name: str):
-        encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
-        self._blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+    def __init__(self, paths, labels, classes: list[str], name: str):
+        self._paths = paths if isinstance(paths, PackedStrings) else PackedStrings(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.classes, self.name = classes, name
 
     def __len__(self) -> int:
-        return len(self._ends)
+        return len(self._paths)
 
     def describe(self, i: int) -> str:
-        start = self._ends[i - 1] if i else 0
-        return self._blob[start:self._ends[i]].tobytes().decode("utf-8", "surrogateescape")
+        return self._paths[i]
 
     def load(self, i: int) -> torch.Tensor:
         return decode_rgb(self.describe(i))
 
     def subset(self, keep: np.ndarray) -> "FolderSource":
-        return FolderSource([self.describe(int(i)) for i in np.flatnonzero(keep)], self.labels[keep],
-                            self.classes, self.name)
+        return FolderSource(self._paths.subset(keep), self.labels[keep], self.classes, self.name)
 
 
 class TensorSource:
@@ -149,15 +181,19 @@ def digits_sources(img_size: int = 32, holdout: float = 0.2) -> tuple[TensorSour
             TensorSource(images[n_train:].contiguous(), digits.target[n_train:], classes, "digits", mean, std))
 
 
-def folder_sources(root: str, holdout: float = 0.2) -> tuple[FolderSource, FolderSource]:
-    """Train and held-out parts of an image folder: every ``round(1/holdout)``-th file is held out."""
-    paths, labels, classes = list_image_files(root)
-    full = FolderSource(paths, labels, classes, os.path.basename(os.path.normpath(root)))
+def split_holdout(full, holdout: float):
+    """(train, held-out) subsets of a source: every ``round(1/holdout)``-th item is held out."""
     held = np.zeros(len(full), dtype=bool)
     if holdout > 0:
         every = max(2, int(round(1.0 / holdout)))
         held[every - 1::every] = True
     return full.subset(~held), full.subset(held)
+
+
+def folder_sources(root: str, holdout: float = 0.2) -> tuple[FolderSource, FolderSource]:
+    """Train and held-out parts of an image folder: every ``round(1/holdout)``-th file is held out."""
+    paths, labels, classes = list_image_files(root)
+    return split_holdout(FolderSource(paths, labels, classes, os.path.basename(os.path.normpath(root))), holdout)
 
 
 def open_sources(data: str | None, img_size: int = 32, holdout: float = 0.2):
