@@ -52,7 +52,10 @@ setup(
         "cuda": ["ninja"],
         "data": ["scikit-learn", "matplotlib"],
         "timm": ["timm>=0.9"],
-        "test": ["triton>=3.0", "pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "ninja", "timm>=0.9"],
+        # reading shards needs only braceexpand (patterns); webdataset writes them (README) and the tests
+        "webdataset": ["webdataset>=0.2", "braceexpand"],
+        "test": ["triton>=3.0", "pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "ninja", "timm>=0.9",
+                 "webdataset>=0.2", "braceexpand"],
         "bench": ["triton>=3.0", "pytest-benchmark"],
         "xformers": ["xformers"],
         "flash-attn": ["flash-attn"],

@@ -1,4 +1,5 @@
-"""Where images come from: an image folder decoded per item, or the embedded digits.
+"""Where images come from: an image folder decoded per item, or the embedded digits
+(WebDataset tar shards: :mod:`~sdae_fast.data.shards`).
 
 A *source* is indexable: ``len(source)``, ``source.load(i)`` -> one image as a (C, H, W) tensor
 (uint8 for decoded files, float in [0, 1] for the digits), ``source.labels`` (int64 numpy array)
@@ -197,7 +198,12 @@ def folder_sources(root: str, holdout: float = 0.2) -> tuple[FolderSource, Folde
 
 
 def open_sources(data: str | None, img_size: int = 32, holdout: float = 0.2):
-    """``data=None`` is the embedded digits; otherwise an image folder. Returns (train, held-out)."""
+    """``data=None`` is the embedded digits; WebDataset tar shards (a ``.tar``, a brace pattern, a
+    folder of ``*.tar``: :mod:`~sdae_fast.data.shards`); otherwise an image folder. Returns (train, held-out)."""
     if data is None:
         return digits_sources(img_size, holdout)
+    from .shards import is_shard_spec, shard_sources
+
+    if is_shard_spec(data):
+        return shard_sources(data, holdout)
     return folder_sources(data, holdout)

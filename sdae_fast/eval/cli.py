@@ -15,7 +15,7 @@ def add_subcommand(sub) -> None:
                        "and raw pixels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="pretrain checkpoint (.pt), or an exported encoder: encoder.pt or its folder")
-    p.add_argument("--data", default=None, help="image folder (class subfolders); default: the run's data")
+    p.add_argument("--data", default=None, help="image folder (class subfolders) or WebDataset shards; default: the run's data")
     p.add_argument("--holdout", type=float, default=None, help="held-out fraction (default: the run's, else 0.2)")
     p.add_argument("--knn-k", type=int, default=20)
     p.add_argument("--knn-temperature", type=float, default=0.07)

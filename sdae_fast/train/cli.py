@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hyperparameters: 'paper' (the official ImageNet recipe; default with --data) or 'demo' "
                         "(the embedded digits; default without --data). Options given explicitly override it")
     p.add_argument("--size", default=None, help="model size (recipe: micro for demo, base / DINO small for paper)")
-    p.add_argument("--data", default=None, help="image folder (class subfolders); default: embedded digits")
+    p.add_argument("--data", default=None, help="image folder (class subfolders) or WebDataset tar shards (a .tar, "
+                   "'train-{000000..000009}.tar', a folder of .tar); default: embedded digits")
     p.add_argument("--img-size", type=int, default=None, help="recipe: 32 demo, 224 paper")
     p.add_argument("--patch-size", type=int, default=None, help="recipe: 4 demo, 16 paper")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction for k-NN")
