@@ -66,6 +66,7 @@ def test_index_decodes_the_written_images_grouped_as_webdataset_does(tmp_path):
         assert src.read(i) == _image(their) == _image(sample)
         want = decode_image(torch.frombuffer(bytearray(_image(sample)), dtype=torch.uint8), ImageReadMode.RGB)
         assert torch.equal(src.load(i), want), src.describe(i)
+    assert sorted(src._files) == [0, 1, 2]  # one open file per shard, in this process
     # the other spellings of the same shards: one .tar, and a folder of them
     assert len(open_shards(str(tmp_path / "shards" / "train-000002.tar"))) == N - 2 * PER_SHARD
     folder = open_shards(str(tmp_path / "shards"))
@@ -85,6 +86,14 @@ def test_policies_no_label_metadata_only_samples_long_names_and_directories(tmp_
     assert len(src) == 3 and src.labels.tolist() == [2, 0, 1] and src.classes == ["0", "1", "2"]
     assert src.describe(1).endswith("odd.tar:b.PNG") and src.describe(2).endswith(f":{long_key}.png")
     assert all(src.load(i).shape == (3, 20, 24) for i in range(3))
+
+
+def test_at_most_max_open_shards_files_stay_open(tmp_path, monkeypatch):
+    monkeypatch.setattr("sdae_fast.data.shards.MAX_OPEN_SHARDS", 2)
+    src = open_shards(write_shards(tmp_path / "shards")[0])
+    first = [src.load(i) for i in range(N)]
+    assert sorted(src._files) == [1, 2]  # the least recently used shard was closed
+    assert all(torch.equal(a, src.load(i)) for i, a in enumerate(first))  # and reopened when needed
 
 
 def test_held_out_split_is_the_folders_rule(tmp_path):
@@ -158,6 +167,8 @@ def test_clear_errors_naming_the_data_value(tmp_path):
         open_sources(str(bad_label))
     # a folder with images or class subfolders stays an image folder
     assert is_shard_spec(str(tmp_path / "shards")) and not is_shard_spec(str(tmp_path))
+    with pytest.raises(ValueError, match="a folder of shards must hold"):
+        open_shards(str(tmp_path))
 
 
 def test_pretrain_and_eval_cli_on_a_shard_pattern(tmp_path):

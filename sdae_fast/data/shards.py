@@ -96,7 +96,10 @@ def _folder_shards(root: str) -> list[str]:
 def shard_paths(data: str) -> list[str]:
     """The shard files ``--data`` names, in order; clear errors naming ``data`` when one is missing."""
     if os.path.isdir(data):
-        return _folder_shards(data)
+        if not (paths := _folder_shards(data)):
+            raise ValueError(f"--data {data!r}: a folder of shards must hold *{SHARD_SUFFIX} files and no "
+                             "subfolders or images")
+        return paths
     if "{" in data:
         try:
             from braceexpand import braceexpand
