@@ -160,6 +160,10 @@ def test_clear_errors_naming_the_data_value(tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(ValueError, match="junk.tar.*not an uncompressed tar"):
         open_sources(str(tmp_path / "junk.tar"))
+    whole = (tmp_path / "shards" / "train-000000.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[: len(whole) // 2 + 100])  # a copy cut short
+    with pytest.raises(ValueError, match="cut.tar.*or is truncated"):
+        open_sources(str(tmp_path / "cut.tar"))
     bad_label = tmp_path / "label.tar"
     with wds.TarWriter(str(bad_label)) as sink:
         sink.write({"__key__": "a", "png": encoded(np.random.default_rng(0), "png"), "cls": "cat"})

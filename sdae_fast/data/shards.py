@@ -110,9 +110,10 @@ def shard_paths(data: str) -> list[str]:
     else:
         paths = [data]
     missing = [p for p in paths if not os.path.isfile(p)]
+    if len(paths) == 1 and missing:
+        raise FileNotFoundError(f"--data {data!r}: no such file")
     if len(missing) == len(paths):
-        what = "no such file" if len(paths) == 1 else f"none of its {len(paths)} shards exists"
-        raise FileNotFoundError(f"--data {data!r}: {what} (e.g. {missing[0]!r})")
+        raise FileNotFoundError(f"--data {data!r}: none of its {len(paths)} shards exists (e.g. {missing[0]!r})")
     if missing:
         raise FileNotFoundError(f"--data {data!r}: {len(missing)} of {len(paths)} shards do not exist "
                                 f"(first: {missing[0]!r})")
