@@ -139,7 +139,7 @@ def test_eval_cli_on_checkpoint_and_export(tmp_path, capsys, method):
 
     ckpt = checkpoint_path(str(tmp_path / "run"), 4)
     x = torch.randn(3, 1, 32, 32)
-    want = encoder_features(res["model"].encoder, x)
+    want = encoder_features(res["model"].evaluated_encoder, x)  # DINO: the teacher's, the others: the student
     for path in (ckpt, tmp_path / "run", tmp_path / "run" / "encoder.pt"):
         loaded = load_encoder(str(path))
         torch.testing.assert_close(encoder_features(loaded.encoder, x), want, rtol=1e-5, atol=1e-5)
@@ -171,3 +171,14 @@ def test_bench_speedup_chart(tmp_path):
     env = {"cpu": "x86", "date": "2026-12-01T00:00:00"}
     assert write_speedup_chart(ms, env, tmp_path / "b.png") and (tmp_path / "b.png").stat().st_size > 0
     assert not write_speedup_chart(ms[1:], env, tmp_path / "none.png")  # no naive baseline: no chart
+
+
+def test_evaluated_encoder_is_what_each_official_evaluation_reads():
+    """DINO's eval_knn.py / eval_linear.py read the teacher (--checkpoint_key teacher); MAE's and SdAE's
+    main_linprobe.py the student (checkpoint['model'], --model_mode model); MixedAE follows MAE."""
+    from sdae_fast.models import build
+
+    for method in ("mae", "sdae", "mixedae", "dino"):
+        model = build(method, "micro")
+        want = model.teacher["encoder"] if method == "dino" else model.encoder
+        assert model.evaluated_encoder is want, method

@@ -57,7 +57,7 @@ def load_exported(weights: str, meta: str) -> LoadedEncoder:
 
     def make_random():
         if "method" in run_args:  # exported by `sdae-fast pretrain`: the run's own build and seed
-            return _builder(run_args, kwargs["img_size"], kwargs["in_chans"])().encoder
+            return _builder(run_args, kwargs["img_size"], kwargs["in_chans"])().evaluated_encoder
         torch.manual_seed(0)
         return VisionTransformer(**kwargs)
 
@@ -94,7 +94,7 @@ def load_checkpoint_encoder(path: str) -> LoadedEncoder:
     except (RuntimeError, KeyError) as exc:
         raise ValueError(f"checkpoint {path!r} does not fit the model its arguments describe "
                          f"({args['method']}, {args.get('size')}): {exc}") from exc
-    return LoadedEncoder(model.encoder, lambda: make_model().encoder, int(img_size), in_chans, args)
+    return LoadedEncoder(model.evaluated_encoder, lambda: make_model().evaluated_encoder, int(img_size), in_chans, args)
 
 
 def load_encoder(path: str) -> LoadedEncoder:

@@ -53,6 +53,12 @@ class DINO(EmaTeacherMixin, nn.Module):
         self.warmup_teacher_temp, self.warmup_teacher_temp_epochs = warmup_teacher_temp, warmup_teacher_temp_epochs
         self._init_ema(base_momentum=base_momentum, final_momentum=final_momentum, per="iteration")
 
+    @property
+    def evaluated_encoder(self) -> nn.Module:
+        """The backbone that evaluations and the export read: the teacher's, as DINO evaluates
+        (eval_knn.py, eval_linear.py: ``--checkpoint_key teacher``)."""
+        return self.teacher["encoder"]
+
     def current_teacher_temp(self) -> float:
         if self.warmup_teacher_temp is None or self.warmup_teacher_temp_epochs <= 0:
             return self.teacher_temp

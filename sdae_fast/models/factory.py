@@ -7,6 +7,8 @@ Contract shared with the training loop (all methods):
 * ``model.set_schedule(total_steps, steps_per_epoch)`` once before training;
   ``model.after_step()`` after every optimiser step;
 * ``model.encoder`` is the :class:`VisionTransformer` (``embed(images) -> (B, D)``);
+* ``model.evaluated_encoder`` is the encoder evaluations and the export read: the student
+  (``model.encoder``) for MAE, SdAE and MixedAE, the teacher's for DINO (as each official evaluation);
 * ``model.state_dict()`` holds everything needed to resume (teacher, EMA step, DINO centre);
   trainable parameters are exactly those with ``requires_grad``;
 * randomness (masking, mixing, crops) uses torch's global RNG on the images' device;

@@ -214,12 +214,16 @@ def _pretrain(args, build_fn, info) -> dict:
             from ..eval.report import pretrain_report
 
             splits = load_splits(args.data, args.img_size, args.holdout, workers, args.bad_images)
-            result.update(pretrain_report(model.encoder, lambda: _build(build_fn, args, splits.in_chans, args.seed)
-                                          .encoder, args, splits, losses, info.device, say))
+
+            def fresh():  # the same architecture at the run's random init
+                return _build(build_fn, args, splits.in_chans, args.seed).evaluated_encoder
+
+            result.update(pretrain_report(model.evaluated_encoder, fresh, args, splits, losses, info.device, say))
         if args.export:
             from .export import export_encoder
 
-            paths = export_encoder(model.encoder, args.out, args.img_size, args.patch_size, train_src.in_chans,
+            paths = export_encoder(model.evaluated_encoder, args.out, args.img_size, args.patch_size,
+                                   train_src.in_chans,
                                    extra={k: v for k, v in result.items() if k.startswith("knn")}
                                    | {"args": ckpt.plain_args(args), "steps": step})
             say(f"exported encoder (timm format): {paths[0]} + {paths[1]}")
