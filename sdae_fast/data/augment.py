@@ -22,6 +22,13 @@ Two profiles:
 
 Images smaller than the crop are upsampled (RandomResizedCrop always picks a region inside the
 image and resizes it), never an error.
+
+Where it runs: per image in the DataLoader workers, on the CPU, for every device. Issue 9 allows
+batched augmentation on the GPU where that is faster; it was not adopted because it could not be
+measured (no GPU was lent to the sessions that built this). What was measured, on 2 CPU cores:
+this per-image path against ``ImageFolder`` + the same transforms (``sdae-fast bench``'s loader
+case, ``benchmarks/results/cpu-*``). Moving flips and colour to the GPU would also tie the draws
+to the batch, not to (seed, epoch, index), so exact resume would need its own seeding there.
 """
 from __future__ import annotations
 
