@@ -176,9 +176,14 @@ def test_bench_speedup_chart(tmp_path):
 def test_evaluated_encoder_is_what_each_official_evaluation_reads():
     """DINO's eval_knn.py / eval_linear.py read the teacher (--checkpoint_key teacher); MAE's and SdAE's
     main_linprobe.py the student (checkpoint['model'], --model_mode model); MixedAE follows MAE."""
-    from sdae_fast.models import build
+    from torch import nn
+
+    from sdae_fast.models import build, evaluated_encoder
 
     for method in ("mae", "sdae", "mixedae", "dino"):
         model = build(method, "micro")
         want = model.teacher["encoder"] if method == "dino" else model.encoder
-        assert model.evaluated_encoder is want, method
+        assert model.evaluated_encoder is want and evaluated_encoder(model) is want, method
+    own = nn.Module()  # a caller's build_fn model without the attribute: its encoder
+    own.encoder = nn.Linear(2, 2)
+    assert evaluated_encoder(own) is own.encoder

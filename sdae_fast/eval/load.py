@@ -57,7 +57,9 @@ def load_exported(weights: str, meta: str) -> LoadedEncoder:
 
     def make_random():
         if "method" in run_args:  # exported by `sdae-fast pretrain`: the run's own build and seed
-            return _builder(run_args, kwargs["img_size"], kwargs["in_chans"])().evaluated_encoder
+            from ..models import evaluated_encoder
+
+            return evaluated_encoder(_builder(run_args, kwargs["img_size"], kwargs["in_chans"])())
         torch.manual_seed(0)
         return VisionTransformer(**kwargs)
 
@@ -78,6 +80,7 @@ def _builder(args: dict, img_size: int, in_chans: int):
 
 
 def load_checkpoint_encoder(path: str) -> LoadedEncoder:
+    from ..models import evaluated_encoder
     from ..train.checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
@@ -94,7 +97,8 @@ def load_checkpoint_encoder(path: str) -> LoadedEncoder:
     except (RuntimeError, KeyError) as exc:
         raise ValueError(f"checkpoint {path!r} does not fit the model its arguments describe "
                          f"({args['method']}, {args.get('size')}): {exc}") from exc
-    return LoadedEncoder(model.evaluated_encoder, lambda: make_model().evaluated_encoder, int(img_size), in_chans, args)
+    return LoadedEncoder(evaluated_encoder(model), lambda: evaluated_encoder(make_model()), int(img_size), in_chans,
+                         args)
 
 
 def load_encoder(path: str) -> LoadedEncoder:

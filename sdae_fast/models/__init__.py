@@ -4,7 +4,7 @@
 takes ``backend=None|"torch"|"triton"|"cuda"`` and passes it to every sdae_fast op it calls.
 """
 from .dino import DINO, DINOHead
-from .factory import METHODS, MODELS, SIZES, build, create_model
+from .factory import METHODS, MODELS, SIZES, build, create_model, evaluated_encoder
 from .mae import MAE
 from .mixedae import MixedAE
 from .sdae import SdAE
@@ -12,4 +12,4 @@ from .topk_attention import TopKAttention
 from .vit import VisionTransformer, get_2d_sincos_pos_embed, set_backend
 
 __all__ = ["VisionTransformer", "TopKAttention", "MAE", "SdAE", "MixedAE", "DINO", "DINOHead",
-           "build", "create_model", "MODELS", "METHODS", "SIZES", "get_2d_sincos_pos_embed", "set_backend"]
+           "build", "create_model", "evaluated_encoder", "MODELS", "METHODS", "SIZES", "get_2d_sincos_pos_embed", "set_backend"]

@@ -90,6 +90,13 @@ def build(method: str, size: str = "micro", *, img_size: int | None = None, patc
     return METHODS[method](encoder, backend=backend, **_method_defaults(method, size, kw))
 
 
+def evaluated_encoder(model: nn.Module) -> nn.Module:
+    """``model.evaluated_encoder``, or ``model.encoder`` for a model without one (a ``build_fn`` of the
+    caller's that returns its own module)."""
+    encoder = getattr(model, "evaluated_encoder", None)
+    return model.encoder if encoder is None else encoder
+
+
 def _method_defaults(method: str, size: str, kw: dict) -> dict:
     method_kw = dict(MICRO_DEFAULTS[method]) if size == "micro" else {}
     method_kw.update(kw)

@@ -210,20 +210,22 @@ def _pretrain(args, build_fn, info) -> dict:
 
     result = {"losses": losses, "step": step, "total_steps": total, "model": model, "skipped_images": skipped}
     if step >= total and info.is_main:
+        from ..models import evaluated_encoder
+
+        encoder = evaluated_encoder(model)
         if args.knn:  # k-NN + linear probe vs random init and raw pixels; table and PNG (sdae_fast.eval)
             from ..eval.report import pretrain_report
 
             splits = load_splits(args.data, args.img_size, args.holdout, workers, args.bad_images)
 
             def fresh():  # the same architecture at the run's random init
-                return _build(build_fn, args, splits.in_chans, args.seed).evaluated_encoder
+                return evaluated_encoder(_build(build_fn, args, splits.in_chans, args.seed))
 
-            result.update(pretrain_report(model.evaluated_encoder, fresh, args, splits, losses, info.device, say))
+            result.update(pretrain_report(encoder, fresh, args, splits, losses, info.device, say))
         if args.export:
             from .export import export_encoder
 
-            paths = export_encoder(model.evaluated_encoder, args.out, args.img_size, args.patch_size,
-                                   train_src.in_chans,
+            paths = export_encoder(encoder, args.out, args.img_size, args.patch_size, train_src.in_chans,
                                    extra={k: v for k, v in result.items() if k.startswith("knn")}
                                    | {"args": ckpt.plain_args(args), "steps": step})
             say(f"exported encoder (timm format): {paths[0]} + {paths[1]}")
