@@ -58,6 +58,12 @@ WORKER = textwrap.dedent("""
     with open(os.path.join(sys.argv[1], "ok" + str(rank)), "w") as f:
         f.write("ok")
     dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort at exit)
+    # The DDP wrappers hold the process group: free them first, so the group dies in
+    # destroy_process_group and not during interpreter finalisation, where a gloo thread's last
+    # tensor release can abort the process ("terminate called without an active exception").
+    del official, before, after, model
+    import gc
+    gc.collect()
     dist.destroy_process_group()
 """)
 

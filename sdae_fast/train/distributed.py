@@ -1,6 +1,7 @@
 """Process-group setup for ``torchrun`` launches (gloo on the CPU, NCCL on CUDA)."""
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -62,6 +63,9 @@ def barrier(info: DistInfo) -> None:
 
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
+        # A DDP wrapper left in a reference cycle holds the group: collect it now, so the group dies
+        # here and not in interpreter finalisation, where gloo's last tensor release can abort.
+        gc.collect()
         dist.destroy_process_group()
 
 
