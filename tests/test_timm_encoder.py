@@ -88,9 +88,9 @@ def test_pretrain_exports_and_evaluates_a_timm_encoder(tmp_path):
     from sdae_fast.train.cli import make_args
     from sdae_fast.train.loop import pretrain
 
-    def on_timm(method, size, img_size, patch_size, in_chans, backend=None):
+    def on_timm(method, size, img_size, patch_size, in_chans, backend=None, **method_kw):
         vit = tiny_vit(img_size=img_size, patch_size=patch_size, in_chans=in_chans)
-        return build(method, size, encoder=vit, backend=backend)
+        return build(method, size, encoder=vit, backend=backend, **method_kw)  # the demo's MAE options too
 
     args = make_args(method="mae", img_size=16, patch_size=4, batch_size=16, steps=3, lr=2e-3, out=str(tmp_path),
                      ckpt_every=0, knn=True, export=True, quiet=True, log_every=1000)
