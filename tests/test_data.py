@@ -153,6 +153,17 @@ def test_folder_eval_split_streams_resize_centre_crop(tmp_path):
         ["Resize", "CenterCrop"]
 
 
+def test_eval_splits_reuse_sources_already_opened(tmp_path, monkeypatch):
+    import sdae_fast.data.splits as splits
+
+    write_folder(tmp_path, n=10, size=(40, 30))
+    want = load_splits(str(tmp_path), img_size=16, holdout=0.2, workers=0)
+    sources = folder_sources(str(tmp_path), 0.2)
+    monkeypatch.setattr(splits, "open_sources", lambda *a, **k: pytest.fail("the folder was listed again"))
+    got = load_splits(str(tmp_path), img_size=16, holdout=0.2, workers=0, sources=sources)
+    assert torch.equal(got.train_images, want.train_images) and torch.equal(got.heldout_labels, want.heldout_labels)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------

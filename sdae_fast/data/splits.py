@@ -61,11 +61,13 @@ def materialize(source, img_size: int, workers: int | None = None,
 
 
 def load_splits(data: str | None, img_size: int = 32, holdout: float = 0.2, workers: int | None = None,
-                bad_images: str = "error") -> ImageSplits:
-    """Train and held-out splits (``data=None``: the embedded digits; else an image folder) as
-    normalised, un-augmented tensors. ``bad_images="skip"`` puts the next decodable image (and its
-    label) in an undecodable file's place, as in training."""
-    train, held = open_sources(data, img_size, holdout)
+                bad_images: str = "error", sources=None) -> ImageSplits:
+    """Train and held-out splits (``data=None``: the embedded digits; else an image folder or tar
+    shards) as normalised, un-augmented tensors. ``sources``: the (train, held-out) sources already
+    opened for ``data`` (the training loop's), so a folder is not listed nor shards indexed again.
+    ``bad_images="skip"`` puts the next decodable image (and its label) in an undecodable file's
+    place, as in training."""
+    train, held = sources if sources is not None else open_sources(data, img_size, holdout)
     x, y = materialize(train, img_size, workers, bad_images)
     hx, hy = materialize(held, img_size, workers, bad_images)
     return ImageSplits(x, y, hx, hy, list(train.classes), train.name)

@@ -216,7 +216,8 @@ def _pretrain(args, build_fn, info) -> dict:
         if args.knn:  # k-NN + linear probe vs random init and raw pixels; table and PNG (sdae_fast.eval)
             from ..eval.report import pretrain_report
 
-            splits = load_splits(args.data, args.img_size, args.holdout, workers, args.bad_images)
+            splits = load_splits(args.data, args.img_size, args.holdout, workers, args.bad_images,
+                                 sources=(train_src, held_src))
 
             def fresh():  # the same architecture at the run's random init
                 return evaluated_encoder(_build(build_fn, args, splits.in_chans, args.seed))
