@@ -209,16 +209,17 @@ class ShardSource:
         self._files[shard] = f
         return f
 
-    def read(self, i: int) -> bytes:
-        """The encoded bytes of sample ``i``'s image member."""
+    def read(self, i: int) -> bytearray:
+        """The encoded bytes of sample ``i``'s image member (writable: decoded without a copy)."""
         m = self._members[i]
         size = int(m["size"])
+        data = bytearray(size)
         try:
-            data = os.pread(self._file(int(m["shard"])).fileno(), size, int(m["offset"]))
+            got = os.preadv(self._file(int(m["shard"])).fileno(), [data], int(m["offset"]))
         except OSError as exc:
             raise BadImageError(self.describe(i), f"{type(exc).__name__}: {exc}") from exc
-        if len(data) != size:  # the shard shrank after it was indexed
-            raise BadImageError(self.describe(i), f"read {len(data)} of {size} bytes: shard truncated")
+        if got != size:  # the shard shrank after it was indexed
+            raise BadImageError(self.describe(i), f"read {got} of {size} bytes: shard truncated")
         return data
 
     def load(self, i: int) -> torch.Tensor:

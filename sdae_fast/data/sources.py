@@ -42,15 +42,17 @@ class BadImageError(ValueError):
         self.path = path if reason is not None else None
 
 
-def decode_rgb_bytes(data: bytes, name: str) -> torch.Tensor:
+def decode_rgb_bytes(data: bytes | bytearray, name: str) -> torch.Tensor:
     """One encoded image as a (3, H, W) uint8 tensor; ``name`` (a path or a tar member) picks the
-    decoder by its extension and is what :class:`BadImageError` names on any failure."""
+    decoder by its extension and is what :class:`BadImageError` names on any failure. A
+    ``bytearray`` is decoded in place; ``bytes`` are copied once (torch.frombuffer wants a writable
+    buffer)."""
     try:
         if name.lower().endswith(TORCHVISION_DECODES):
             from torchvision.io import ImageReadMode, decode_image
 
-            # bytearray: torch.frombuffer warns on read-only buffers (one copy of the encoded bytes)
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            buffer = data if isinstance(data, bytearray) else bytearray(data)
+            return decode_image(torch.frombuffer(buffer, dtype=torch.uint8), mode=ImageReadMode.RGB)
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
@@ -63,8 +65,9 @@ def decode_rgb_bytes(data: bytes, name: str) -> torch.Tensor:
 def decode_rgb(path: str) -> torch.Tensor:
     """One file as a (3, H, W) uint8 tensor; :class:`BadImageError` naming the file on any failure."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        with open(path, "rb", buffering=0) as f:
+            data = bytearray(os.fstat(f.fileno()).st_size)  # read straight into a writable buffer
+            data = data[:f.readinto(data)]
     except OSError as exc:
         raise BadImageError(path, f"{type(exc).__name__}: {exc}") from exc
     return decode_rgb_bytes(data, path)
