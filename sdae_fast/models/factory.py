@@ -7,8 +7,8 @@ Contract shared with the training loop (all methods):
 * ``model.set_schedule(total_steps, steps_per_epoch)`` once before training;
   ``model.after_step()`` after every optimiser step;
 * ``model.encoder`` is the :class:`VisionTransformer` (``embed(images) -> (B, D)``);
-* ``model.evaluated_encoder`` is the encoder evaluations and the export read: the student
-  (``model.encoder``) for MAE, SdAE and MixedAE, the teacher's for DINO (as each official evaluation);
+* :func:`evaluated_encoder` (``model.evaluated_encoder`` where a method defines one, else
+  ``model.encoder``) is the encoder evaluations and the export read;
 * ``model.state_dict()`` holds everything needed to resume (teacher, EMA step, DINO centre);
   trainable parameters are exactly those with ``requires_grad``;
 * randomness (masking, mixing, crops) uses torch's global RNG on the images' device;
@@ -91,8 +91,10 @@ def build(method: str, size: str = "micro", *, img_size: int | None = None, patc
 
 
 def evaluated_encoder(model: nn.Module) -> nn.Module:
-    """``model.evaluated_encoder``, or ``model.encoder`` for a model without one (a ``build_fn`` of the
-    caller's that returns its own module)."""
+    """The encoder that each method's official evaluation reads: ``model.evaluated_encoder`` where the
+    method defines one (DINO: the teacher's, eval_knn.py / eval_linear.py ``--checkpoint_key
+    teacher``), else the student ``model.encoder`` (MAE and SdAE main_linprobe.py read
+    ``checkpoint['model']`` / ``--model_mode model``; MixedAE follows MAE; a caller's own model)."""
     encoder = getattr(model, "evaluated_encoder", None)
     return model.encoder if encoder is None else encoder
 

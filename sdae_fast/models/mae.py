@@ -37,9 +37,6 @@ class MAE(nn.Module):
         x = gather_tokens(tokens, m.ids_keep, pos_embed=pos[1:], prefix=enc.cls_prefix(pos), backend=self.backend)
         return enc.forward_tokens(x), m
 
-    # The encoder that evaluations and the export read: the student (main_linprobe.py reads checkpoint['model']).
-    evaluated_encoder = property(lambda self: self.encoder)
-
     def forward(self, imgs: torch.Tensor) -> dict:
         latent, m = self.forward_encoder(imgs)
         pred = self.decoder(latent, m.ids_restore)

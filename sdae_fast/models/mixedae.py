@@ -72,9 +72,6 @@ class MixedAE(nn.Module):
         mask = (labels.repeat_interleave(r, dim=0) != shift // keep).float()
         return labels, ids_keep, ids_restore, mask
 
-    # The encoder that evaluations and the export read: the student (as MAE's main_linprobe.py).
-    evaluated_encoder = property(lambda self: self.encoder)
-
     def forward(self, imgs: torch.Tensor) -> dict:
         b, r = imgs.shape[0], self.group_size
         if b % r:

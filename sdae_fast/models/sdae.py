@@ -90,10 +90,6 @@ class SdAE(EmaTeacherMixin, nn.Module):
                 raise ValueError(f"SdAE: shrink_num {self.shrink_num} leaves no token per fold for "
                                  f"{self.num_folds} folds")
 
-    # The encoder that evaluations and the export read: the student (main_linprobe.py: --model_mode
-    # model, not the teacher).
-    evaluated_encoder = property(lambda self: self.encoder)
-
     def forward(self, imgs: torch.Tensor) -> dict:
         enc, b = self.encoder, imgs.shape[0]
         tokens = enc.patch_tokens(imgs)

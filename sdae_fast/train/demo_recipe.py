@@ -43,7 +43,7 @@ from __future__ import annotations
 #   0.11): with it, a 0.02 teacher temperature and the teacher's EMA momentum starting at 0.99 (0.996
 #   leaves the teacher ~250 of the ~800 steps behind) the loss ends ~2.7 and k-NN +28.4 / linear +9.5
 #   pts on the student (36 epochs; 20 epochs: +19.5 / +7.2); BN and the momentum were not measured apart.
-#   Evaluated on the teacher, as DINO does (model.evaluated_encoder): with the momentum's cosine ending at
+#   Evaluated on the teacher, as DINO does (models.evaluated_encoder): with the momentum's cosine ending at
 #   1.0 the teacher stops following a student still learning (+25.1 / +8.1); ending at 0.995 +27.6 / +9.7
 #   (0.99 throughout: the same held-out counts; 0.998 +26.7 / +9.2; starting at 0.98: +22.8 / +6.7).
 #   Teacher temperature 0.04 with BN: loss stays ~5.3, k-NN +7 at 12 epochs. The fixed sincos table
