@@ -1,6 +1,7 @@
 """Test tiers: plain CPU tests; Triton kernels under the interpreter when there is no GPU; GPU
 tests (``@pytest.mark.gpu``) skipped without CUDA. Every launcher's output starts as NaN here."""
 import os
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ import torch
 # Before any Triton kernel is defined: without a GPU, run the kernels in Triton's interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Shard indexes of the tests' throwaway shards go to a throwaway folder, not the user's ~/.cache.
+os.environ.setdefault("SDAE_FAST_SHARD_INDEX_CACHE", tempfile.mkdtemp(prefix="sdae_fast_shard_index_"))
 
 import sdae_fast.alloc  # noqa: E402
 import sdae_fast.checks  # noqa: E402

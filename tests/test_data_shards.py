@@ -231,3 +231,48 @@ def test_the_index_holds_no_python_object_per_sample(tmp_path):
     large.load(19_999)
     clone = pickle.loads(pickle.dumps(large))  # open files are not pickled; the clone opens its own
     assert not clone._files and torch.equal(clone.load(19_999), large.load(19_999))
+
+
+def test_the_index_cache_is_reused_while_a_shard_is_unchanged_and_rebuilt_when_it_changes(tmp_path, monkeypatch):
+    from sdae_fast.data import shard_index
+
+    monkeypatch.setenv(shard_index.CACHE_ENV, str(tmp_path / "cache"))
+    pattern, samples = write_shards(tmp_path / "shards")
+    calls = []
+    real_index = shard_index.index_shard
+    monkeypatch.setattr(shard_index, "index_shard", lambda *a: calls.append(a[0]) or real_index(*a))
+    first = open_shards(pattern)
+    assert len(calls) == 3 and len(list((tmp_path / "cache").glob("*.npz"))) == 3
+    again = open_shards(pattern)
+    assert len(calls) == 3  # all three from the cache
+    for a, b in ((first, again),):
+        assert a.shards == b.shards and a.suffixes == b.suffixes and a.classes == b.classes
+        assert np.array_equal(a._members, b._members) and np.array_equal(a.labels, b.labels)
+        assert [a.describe(i) for i in range(len(a))] == [b.describe(i) for i in range(len(b))]
+        assert all(torch.equal(a.load(i), b.load(i)) for i in (0, 21, len(a) - 1))
+    # rewrite the last shard with other samples: only it is indexed again, and the new index is used
+    last = tmp_path / "shards" / "train-000002.tar"
+    with wds.TarWriter(str(last)) as sink:
+        sink.write({"__key__": "new", "png": encoded(np.random.default_rng(5), "png"), "cls": "7"})
+    changed = open_shards(pattern)
+    assert calls[3:] == [str(last)] and len(changed) == 41 and changed.labels[-1] == 7
+    assert changed.describe(40).endswith("train-000002.tar:new.png")
+    # a damaged cache file is indexed again, not trusted; "off" never reads or writes the cache
+    for f in (tmp_path / "cache").glob("*.npz"):
+        f.write_bytes(b"not an npz")
+    assert len(open_shards(pattern)) == 41 and len(calls) == 7
+    monkeypatch.setenv(shard_index.CACHE_ENV, "off")
+    for f in (tmp_path / "cache").glob("*.npz"):
+        f.unlink()
+    assert len(open_shards(pattern)) == 41 and len(calls) == 10
+    assert not list((tmp_path / "cache").glob("*"))  # no leftover temporary files either
+
+
+def test_a_cache_folder_that_cannot_be_written_only_costs_indexing(tmp_path, monkeypatch):
+    from sdae_fast.data import shard_index
+
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv(shard_index.CACHE_ENV, str(blocked / "cache"))
+    pattern, _ = write_shards(tmp_path / "shards")
+    assert len(open_shards(pattern)) == N

@@ -31,8 +31,9 @@ Format and policies (documented choices):
   not a tar or is truncated (a copy cut short), a missing shard or no images at all are errors
   naming the ``--data`` value, before training.
 
-The index is read once, at start, from every member header (stdlib ``tarfile``: ~15 µs a member on
-2 shared cores, so ~40 s for ImageNet-1k's 2.6 M members) and kept as numpy arrays (shard id,
+The index is read at start from every member header (stdlib ``tarfile``: ~15 µs a member on
+2 shared cores, so ~40 s for ImageNet-1k's 2.6 M members), or from its on-disk cache while a shard
+is unchanged (:mod:`~sdae_fast.data.shard_index`), and kept as numpy arrays (shard id,
 offset, size per sample; the keys in one bytes blob), never as Python objects per sample: memory
 does not grow with the sample count in forked workers. A sample is then one ``os.pread`` at its
 offset. Each process opens the shards lazily and keeps a few open (an open costs a metadata
@@ -58,24 +59,18 @@ split should mix classes evenly (it takes every n-th sample in shard order).
 """
 from __future__ import annotations
 
-import array
 import os
-import re
-import tarfile
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
+from .shard_index import IMAGE_SUFFIXES, cached_index
 from .sources import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, BadImageError, PackedStrings,
                       decode_rgb_bytes, split_holdout)
 
 SHARD_SUFFIX = ".tar"
-LABEL_SUFFIX = "cls"
-IMAGE_SUFFIXES = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 MAX_OPEN_SHARDS = 64  # per process: well under the usual 1024 file descriptors, with 8 workers a node
-# webdataset's key rule (``webdataset.tariterators.base_plus_ext``): key up to the file name's first dot
-_KEY_AND_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 # one row per sample: where its image member lies; the suffix is an id into the source's suffix list
 MEMBER = np.dtype([("shard", np.int32), ("offset", np.int64), ("size", np.int64), ("suffix", np.uint8)])
 
@@ -118,60 +113,6 @@ def shard_paths(data: str) -> list[str]:
         raise FileNotFoundError(f"--data {data!r}: {len(missing)} of {len(paths)} shards do not exist "
                                 f"(first: {missing[0]!r})")
     return paths
-
-
-class _IndexBuilder:
-    """Samples appended shard by shard into compact arrays (no Python object per sample survives)."""
-
-    def __init__(self, data: str):
-        self.data, self.suffixes = data, []
-        self.members, self.labels = array.array("q"), array.array("q")  # 4 numbers a sample; 1
-        self.keys, self.key_ends = bytearray(), array.array("q")
-
-    def add(self, shard: int, key: str, member: tarfile.TarInfo, suffix: str, label: int) -> None:
-        if suffix not in self.suffixes:
-            self.suffixes.append(suffix)  # at most the case variants of IMAGE_EXTENSIONS: < 256
-        self.members.extend((shard, member.offset_data, member.size, self.suffixes.index(suffix)))
-        self.labels.append(label)
-        self.keys += key.encode("utf-8", "surrogateescape")
-        self.key_ends.append(len(self.keys))
-
-    def index_shard(self, shard: int, path: str) -> None:
-        try:
-            with tarfile.open(path, "r:") as tar:
-                key, image, label = None, None, 0
-                for member in _members(tar):
-                    found = _KEY_AND_SUFFIX.match(member.name) if member.isfile() else None
-                    if found is None:
-                        continue
-                    if found[1] != key:
-                        if image is not None:
-                            self.add(shard, key, *image, label)
-                        key, image, label = found[1], None, 0
-                    suffix = found[2]
-                    if image is None and suffix.lower() in IMAGE_SUFFIXES:
-                        image = (member, suffix)
-                    elif suffix.lower() == LABEL_SUFFIX:
-                        label = self._label(tar, member, path)
-                if image is not None:
-                    self.add(shard, key, *image, label)
-        except tarfile.TarError as exc:
-            raise ValueError(f"--data {self.data!r}: {path} is not an uncompressed tar file, or is truncated "
-                             f"({type(exc).__name__}: {exc})") from exc
-
-    def _label(self, tar: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> int:
-        text = tar.extractfile(member).read().decode("utf-8", "replace").strip()
-        if not text.isdigit():
-            raise ValueError(f"--data {self.data!r}: {path}:{member.name} is not a class label "
-                             f"(a non-negative integer): {text[:40]!r}")
-        return int(text)
-
-
-def _members(tar: tarfile.TarFile):
-    """Every member header once, forgetting each (TarFile keeps them all: ~1 KB a member)."""
-    while (member := tar.next()) is not None:
-        tar.members = []
-        yield member
 
 
 class ShardSource:
@@ -231,25 +172,28 @@ class ShardSource:
 
 
 def open_shards(data: str) -> ShardSource:
-    """Every sample of the shards ``--data`` names, indexed once."""
+    """Every sample of the shards ``--data`` names, each shard's index read from the cache
+    (:mod:`~sdae_fast.data.shard_index`) or from its tar."""
     paths = shard_paths(data)
-    builder = _IndexBuilder(data)
-    for shard, path in enumerate(paths):
-        builder.index_shard(shard, path)
-    if not builder.labels:
+    parts = [cached_index(path, data) for path in paths]
+    if not sum(len(p.labels) for p in parts):
         raise ValueError(f"--data {data!r}: its {len(paths)} shard(s) hold no images (looked for members "
                          f"with suffix {', '.join(sorted(IMAGE_SUFFIXES))})")
-    members = np.frombuffer(builder.members, dtype=np.int64).reshape(-1, 4)
-    table = np.empty(len(members), dtype=MEMBER)
-    for col, field in enumerate(MEMBER.names):
-        table[field] = members[:, col]
-    labels = np.frombuffer(builder.labels, dtype=np.int64).copy()
-    keys = PackedStrings(blob=np.frombuffer(bytes(builder.keys), dtype=np.uint8),
-                         ends=np.frombuffer(builder.key_ends, dtype=np.int64).copy())
+    suffixes = sorted({s for p in parts for s in p.suffixes})
+    table = np.empty(sum(len(p.labels) for p in parts), dtype=MEMBER)
+    key_ends, start, blob_start = [], 0, 0
+    for shard, part in enumerate(parts):
+        rows = table[start:start + len(part.labels)]
+        rows["shard"], rows["offset"], rows["size"] = shard, part.offsets, part.sizes
+        remap = np.array([suffixes.index(s) for s in part.suffixes] or [0], dtype=np.uint8)
+        rows["suffix"] = remap[part.suffix_ids]  # the shard's suffix ids -> ids into ``suffixes``
+        key_ends.append(part.key_ends + blob_start)
+        start, blob_start = start + len(part.labels), blob_start + len(part.keys)
+    labels = np.concatenate([p.labels for p in parts])
+    keys = PackedStrings(blob=np.concatenate([p.keys for p in parts]), ends=np.concatenate(key_ends))
     name = os.path.basename(os.path.normpath(data))
     name = name[: -len(SHARD_SUFFIX)] if name.lower().endswith(SHARD_SUFFIX) else name
-    return ShardSource(paths, builder.suffixes, table, keys, labels, [str(c) for c in range(labels.max() + 1)],
-                       name)
+    return ShardSource(paths, suffixes, table, keys, labels, [str(c) for c in range(labels.max() + 1)], name)
 
 
 def shard_sources(data: str, holdout: float = 0.2) -> tuple[ShardSource, ShardSource]:
