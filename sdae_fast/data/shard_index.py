@@ -3,7 +3,8 @@
 Indexing reads every member header with stdlib ``tarfile`` (~15 µs a member on 2 shared cores:
 ~40 s for ImageNet-1k's 2.6 M members), so a run would pay it at every start, and every rank of a
 multi-node run pays it too. The index of each shard is therefore kept on disk, one small ``.npz``
-a shard, and reused while the shard is unchanged:
+a shard, and reused while the shard is unchanged (measured on 2 busy cores: one shard of 50,000
+samples, 100,000 members, indexed from its headers in 1.56 s, read from the cache in 2.3 ms):
 
 * where: ``$SDAE_FAST_SHARD_INDEX_CACHE`` (a folder), by default ``~/.cache/sdae_fast/shard_index``;
   ``SDAE_FAST_SHARD_INDEX_CACHE=off`` turns the cache off. The file is named by a hash of the
