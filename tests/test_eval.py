@@ -146,7 +146,13 @@ def test_eval_cli_on_checkpoint_and_export(tmp_path, capsys, method):
         loaded = load_encoder(str(path))
         torch.testing.assert_close(encoder_features(loaded.encoder, x), want, rtol=1e-5, atol=1e-5)
     out_json = tmp_path / "e.json"
-    assert main(["eval", "--checkpoint", str(ckpt), "--no-linear", "--json", str(out_json)]) == 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # a micro run evaluates with one thread, as it pretrained (the same rule: sdae_fast.threads)
+        assert main(["eval", "--checkpoint", str(ckpt), "--no-linear", "--json", str(out_json)]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
     printed = capsys.readouterr().out
     assert "pretrained" in printed and "random init" in printed and "raw pixels" in printed
     assert set(json.load(open(out_json))) == {"knn_trained", "knn_random_init", "knn_raw_pixels"}
@@ -189,3 +195,18 @@ def test_evaluated_encoder_is_what_each_official_evaluation_reads():
     own = nn.Module()  # a caller's build_fn model without the attribute: its encoder
     own.encoder = nn.Linear(2, 2)
     assert evaluated_encoder(own) is own.encoder
+
+
+def test_cpu_threads_rule():
+    from sdae_fast.threads import apply_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert apply_cpu_threads(None, "base", torch.device("cpu")) is None and torch.get_num_threads() == 2
+        assert apply_cpu_threads(None, None, torch.device("cpu")) is None  # an exported encoder of unknown size
+        assert apply_cpu_threads(None, "micro", torch.device("cuda")) is None and torch.get_num_threads() == 2
+        assert apply_cpu_threads(None, "micro", torch.device("cpu")) == 1 and torch.get_num_threads() == 1
+        assert apply_cpu_threads(2, "micro", torch.device("cpu")) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -23,7 +23,8 @@ def add_subcommand(sub) -> None:
                    help="features: the class token or the mean of the patch tokens")
     p.add_argument("--no-linear", dest="linear", action="store_false", help="k-NN only")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: as pretraining, 1 for a micro run on the CPU)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
 
@@ -32,13 +33,13 @@ def cmd_eval(args) -> int:
     import torch
 
     from ..data import load_splits
+    from ..threads import apply_cpu_threads
     from .load import load_encoder
     from .report import evaluate, flat, format_table
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = load_encoder(args.checkpoint)
+    apply_cpu_threads(args.threads, loaded.run_args.get("size"), device)
     data = args.data if args.data is not None else loaded.run_args.get("data")
     holdout = args.holdout if args.holdout is not None else loaded.run_args.get("holdout", 0.2)
     splits = load_splits(data, loaded.img_size, holdout)

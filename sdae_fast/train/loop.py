@@ -22,6 +22,7 @@ import sdae_fast
 
 from ..data import (AugmentedDataset, ShardedBatchSampler, default_workers, load_splits, make_loader,
                     open_sources, to_device, train_views)
+from ..threads import apply_cpu_threads
 from . import checkpoint as ckpt
 from .metrics import MetricsWriter
 from .distributed import all_gather_objects, barrier, broadcast_buffers, init_distributed, shutdown
@@ -71,11 +72,7 @@ def pretrain(args, build_fn=None) -> dict:
     with the per-step losses, the final step and, when computed, the k-NN accuracies."""
     build_fn = build_fn or default_build
     info = init_distributed(args.device)
-    threads = args.threads
-    if threads is None and args.size == "micro" and info.device.type == "cpu":
-        threads = 1
-    if threads:
-        torch.set_num_threads(threads)
+    apply_cpu_threads(args.threads, args.size, info.device)
     try:
         return _pretrain(args, build_fn, info)
     finally:
