@@ -67,7 +67,7 @@ def decode_rgb(path: str) -> torch.Tensor:
     try:
         with open(path, "rb", buffering=0) as f:
             data = bytearray(os.fstat(f.fileno()).st_size)  # read straight into a writable buffer
-            data = data[:f.readinto(data)]
+            del data[f.readinto(data):]  # in place (a slice would copy): only a file that shrank is cut
     except OSError as exc:
         raise BadImageError(path, f"{type(exc).__name__}: {exc}") from exc
     return decode_rgb_bytes(data, path)
