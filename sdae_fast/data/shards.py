@@ -176,21 +176,22 @@ def open_shards(data: str) -> ShardSource:
     (:mod:`~sdae_fast.data.shard_index`) or from its tar."""
     paths = shard_paths(data)
     parts = [cached_index(path, data) for path in paths]
-    if not sum(len(p.labels) for p in parts):
+    counts = [len(p.labels) for p in parts]
+    if not sum(counts):
         raise ValueError(f"--data {data!r}: its {len(paths)} shard(s) hold no images (looked for members "
                          f"with suffix {', '.join(sorted(IMAGE_SUFFIXES))})")
     suffixes = sorted({s for p in parts for s in p.suffixes})
-    table = np.empty(sum(len(p.labels) for p in parts), dtype=MEMBER)
-    key_ends, start, blob_start = [], 0, 0
-    for shard, part in enumerate(parts):
-        rows = table[start:start + len(part.labels)]
-        rows["shard"], rows["offset"], rows["size"] = shard, part.offsets, part.sizes
-        remap = np.array([suffixes.index(s) for s in part.suffixes] or [0], dtype=np.uint8)
-        rows["suffix"] = remap[part.suffix_ids]  # the shard's suffix ids -> ids into ``suffixes``
-        key_ends.append(part.key_ends + blob_start)
-        start, blob_start = start + len(part.labels), blob_start + len(part.keys)
+    table = np.empty(sum(counts), dtype=MEMBER)
+    table["shard"] = np.repeat(np.arange(len(parts)), counts)
+    table["offset"] = np.concatenate([p.offsets for p in parts])
+    table["size"] = np.concatenate([p.sizes for p in parts])
+    # each shard's suffix ids -> ids into the merged ``suffixes``
+    table["suffix"] = np.concatenate([np.array([suffixes.index(s) for s in p.suffixes] or [0], dtype=np.uint8)
+                                      [p.suffix_ids] for p in parts])
     labels = np.concatenate([p.labels for p in parts])
-    keys = PackedStrings(blob=np.concatenate([p.keys for p in parts]), ends=np.concatenate(key_ends))
+    blob_starts = np.cumsum([0] + [len(p.keys) for p in parts[:-1]])
+    keys = PackedStrings(blob=np.concatenate([p.keys for p in parts]),
+                         ends=np.concatenate([p.key_ends + start for p, start in zip(parts, blob_starts)]))
     name = os.path.basename(os.path.normpath(data))
     name = name[: -len(SHARD_SUFFIX)] if name.lower().endswith(SHARD_SUFFIX) else name
     return ShardSource(paths, suffixes, table, keys, labels, [str(c) for c in range(labels.max() + 1)], name)
