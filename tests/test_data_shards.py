@@ -245,11 +245,11 @@ def test_the_index_cache_is_reused_while_a_shard_is_unchanged_and_rebuilt_when_i
     assert len(calls) == 3 and len(list((tmp_path / "cache").glob("*.npz"))) == 3
     again = open_shards(pattern)
     assert len(calls) == 3  # all three from the cache
-    for a, b in ((first, again),):
-        assert a.shards == b.shards and a.suffixes == b.suffixes and a.classes == b.classes
-        assert np.array_equal(a._members, b._members) and np.array_equal(a.labels, b.labels)
-        assert [a.describe(i) for i in range(len(a))] == [b.describe(i) for i in range(len(b))]
-        assert all(torch.equal(a.load(i), b.load(i)) for i in (0, 21, len(a) - 1))
+    a, b = first, again
+    assert a.shards == b.shards and a.suffixes == b.suffixes and a.classes == b.classes
+    assert np.array_equal(a._members, b._members) and np.array_equal(a.labels, b.labels)
+    assert [a.describe(i) for i in range(len(a))] == [b.describe(i) for i in range(len(b))]
+    assert all(torch.equal(a.load(i), b.load(i)) for i in (0, 21, len(a) - 1))
     # rewrite the last shard with other samples: only it is indexed again, and the new index is used
     last = tmp_path / "shards" / "train-000002.tar"
     with wds.TarWriter(str(last)) as sink:
