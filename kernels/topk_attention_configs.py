@@ -12,7 +12,7 @@ FWD_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st)
 BWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
                for m, n in ((32, 64), (64, 64), (64, 128), (128, 64)) for w in (4, 8) for st in (1, 2)] + \
               [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=8, num_stages=1)
-               for m, n in ((16, 64), (16, 32), (32, 32))]  # fp32 (_FP32_BWD)
+               for m, n in ((16, 32), (32, 32))]  # fp32 (_FP32_BWD)
 
 
 def _arg(named_args, kwargs, name):
@@ -55,6 +55,10 @@ def _prune_fwd(configs, named_args, **kwargs):
     per_warp = 2048 if n_pad <= 256 or _arg(named_args, kwargs, "BLOCK_D") <= 64 else 1024
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * n_pad <= per_warp * c.num_warps]
     if n_pad <= 256:
+        # 64 query rows next to 128-wide head-dim tiles (d 80-128: Q and the fp32 output
+        # accumulator) take all 255 registers at 4 warps, and spill 8-24 B under Triton 3.6.
+        if _arg(named_args, kwargs, "BLOCK_D") > 64:
+            kept = [c for c in kept if c.num_warps == 8]
         # wgmma (HGMMA) takes 64 rows per warp group: smaller BLOCK_M compiles to mma.sync. At
         # N_PAD 512-1024 BLOCK_M = 64 would need 256 key registers per thread (16 warps cap a
         # thread at 128 registers: 2.8 KB spills), so there the selection is a launch of its own
@@ -71,9 +75,11 @@ def _bwd_fits(c, block_d: int) -> bool:
     return bn == 64 and bm >= 32 and (bm * bn + bn * block_d + bm * block_d) <= 3072 * c.num_warps
 
 
-# fp32 ("ieee") backward tilings that ptxas keeps spill-free at every head dim (sm_90): FMA dots
-# hold (rows + columns) × K operands per thread, so the tiles stay small.
-_FP32_BWD = {"dkdv": ((16, 64), (16, 32)), "dq": ((32, 32), (16, 32))}
+# fp32 ("ieee") backward tilings that ptxas keeps spill-free at every head dim (sm_90), under the
+# Triton of CI (3.8) and of the GPU machine (3.6): FMA dots hold (rows + columns) × K operands per
+# thread, so the tiles stay small. dK/dV's 16 × 64 tile took 255 registers at d 80-128 and spilled
+# 16 B at d = 32 under Triton 3.6: 16 × 32 only (one config: fp32 compiles are slow to autotune).
+_FP32_BWD = {"dkdv": ((16, 32),), "dq": ((32, 32), (16, 32))}
 
 
 def _fp32_bwd(configs, kernel):

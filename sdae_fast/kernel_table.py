@@ -8,8 +8,8 @@ from . import kernel_variants, sm90
 
 _LEGEND = """# Triton kernels compiled for sm_90 (H100/H200)
 
-Generated offline by `python -m sdae_fast.kernel_table{flag} > docs/kernels.md` (Triton's ptxas,
-read back with cuobjdump; no GPU involved). `tests/test_sm90_static.py` asserts the promises:
+Generated offline with Triton {triton} by `python -m sdae_fast.kernel_table{flag} > docs/kernels.md`
+(Triton's ptxas, read back with cuobjdump; no GPU involved). `tests/test_sm90_static.py` asserts the promises:
 no spills (stack 0, no STL) where a kernel holds its tile in registers, no FFMA in EMA (bit-exact
 against the reference), HGMMA (wgmma) for 16-bit attention at N <= 256, shared memory <= 227 KB.
 Registers are per thread, stack bytes per thread, shared bytes per block; MMA is HGMMA (wgmma),
@@ -27,7 +27,9 @@ keys do not fit in registers (8 warps: 256 per thread; 16 warps cap a thread at 
 
 
 def table(full: bool = False) -> str:
-    lines = [_LEGEND.format(flag=" --full" if full else ""), sm90.TABLE_HEADER]
+    import triton
+
+    lines = [_LEGEND.format(flag=" --full" if full else "", triton=triton.__version__), sm90.TABLE_HEADER]
     for group in sorted(kernel_variants.GROUPS):
         variants = kernel_variants.variants(group, full=full)
         for v, f in zip(variants, sm90.compile_facts([v.job for v in variants])):
