@@ -34,9 +34,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def feature_block(dim: int) -> int:
-    """Power-of-two tile over D wasting the fewest lanes (768 -> 256 ×3, 1024 -> 1024, 33 -> 64)."""
-    if interpreting():  # few, large programs: the interpreter pays per program instance
+def feature_block(dim: int, interpreter: bool | None = None) -> int:
+    """Power-of-two tile over D wasting the fewest lanes (768 -> 256 ×3, 1024 -> 1024, 33 -> 64).
+    ``interpreter`` (default: whether this process interprets) picks the interpreter's geometry or
+    the GPU's; the offline sm_90 compile (:mod:`sdae_fast.kernel_variants`) asks for the GPU's."""
+    if interpreting() if interpreter is None else interpreter:  # few, large programs: the interpreter pays per program
         return triton.next_power_of_2(dim)
     best = None
     for block in (1024, 512, 256, 128):  # larger first: ties go to fewer programs
@@ -46,14 +48,20 @@ def feature_block(dim: int) -> int:
     return min(best[1], triton.next_power_of_2(dim))
 
 
-def row_block(block_d: int, rows: int) -> int:
+def row_block(block_d: int, rows: int, interpreter: bool | None = None) -> int:
     """Rows per program: ~4096 elements a program on the GPU (16 B vectors, several rows in flight)."""
-    target = 16384 if interpreting() else 4096
+    target = 16384 if (interpreting() if interpreter is None else interpreter) else 4096
     return max(1, min(target // block_d, triton.next_power_of_2(max(rows, 1))))
 
 
+# The token kernels' launch options on the GPU: 8 warps, 16 elements a thread. At 4 warps the
+# 32 × 128 tiles of D = 384 (ViT-S) spilled 56-280 B (sm_90; the backward sums under Triton 3.6,
+# every kernel's int64-offset variant under 3.6 and 3.8): each element carries its own address.
+GPU_LAUNCH = {"num_warps": 8}
+
+
 def launch_options() -> dict:
-    return {} if interpreting() else {"num_warps": 4}
+    return {} if interpreting() else dict(GPU_LAUNCH)
 
 
 def needs_wide_offsets(*tensors) -> bool:

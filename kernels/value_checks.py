@@ -53,6 +53,12 @@ def _value_check_kernel(x_ptr, table_ptr, rows, cols, stride_r, lower, upper, sl
     tl.store(table_ptr, count + failed)
 
 
+def tiles(rows: int, cols: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C): whole rows, ~4096 elements a step."""
+    block_c = triton.next_power_of_2(max(cols, 1))
+    return max(1, min(triton.next_power_of_2(max(rows, 1)), 4096 // block_c)), block_c
+
+
 @kernel_op("check_values_triton", mutates_args=("table",))
 def check_values_triton(x: torch.Tensor, table: torch.Tensor, lower: int, upper: int, slot_row: int,
                         all_zero: bool) -> None:
@@ -63,8 +69,7 @@ def check_values_triton(x: torch.Tensor, table: torch.Tensor, lower: int, upper:
         x = x.contiguous()
     if x.dtype == torch.bool:
         x = x.view(torch.uint8)  # same bytes; Triton loads uint8 portably
-    block_c = triton.next_power_of_2(max(cols, 1))
-    block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), 4096 // block_c))
+    block_r, block_c = tiles(rows, cols)
     launch(_value_check_kernel)[(1,)](x, table, rows, cols, x.stride(0), lower, upper, slot_row,
                                       ALL_ZERO=all_zero, BLOCK_R=block_r, BLOCK_C=block_c)
 

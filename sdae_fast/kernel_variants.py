@@ -1,7 +1,8 @@
 """Every Triton kernel variant the dispatcher can pick at the SPEC shapes, as offline-compile jobs
 for :func:`sdae_fast.sm90.compile_facts`, with what each variant promises:
 
-- ``registers``: the kernel holds its tile in registers, so the compiled code must not spill;
+- ``registers``: the kernel holds its tile in registers, so the compiled code must not spill
+  (``stack_ok``: except for that many stack bytes, a scalar, never a tile);
 - ``exact``: bit-exact against the reference is promised, so no FFMA (fused multiply-add rounds
   once where the reference rounds the product and the sum separately);
 - ``hgmma``: a 16-bit attention path at N <= 256 must run on Hopper's wgmma.
@@ -27,6 +28,7 @@ class Variant:
     exact: bool = False
     hgmma: bool = False
     note: str = ""  # why a promise is not made (shown in docs/kernels.md)
+    stack_ok: int = 0  # stack bytes accepted with ``registers`` (one loop scalar ptxas parks; see note)
 
 
 def _signature(fn, types: dict) -> dict:
@@ -161,7 +163,60 @@ def dino_loss(full: bool) -> list[Variant]:
     return out
 
 
-GROUPS = {"ema": ema, "topk_attention": topk_attention, "contrastive_loss": contrastive_loss, "dino_loss": dino_loss}
+# ------------------------------------------------------------------------------------------------
+TOKEN_DIMS = (192, 384, 768, 1024, 1280)  # ViT-Ti .. ViT-H widths
+
+
+def tokens(full: bool) -> list[Variant]:
+    """The token movers (MAE's gather and unshuffle, their backward sums) and the value checks, at
+    the GPU geometry of their launchers: 32-bit offsets and the int64 (``WIDE``) ones of > 2^31
+    element tensors."""
+    from sdae_fast.kernels import gather_tokens as g, unshuffle_tokens as u, value_checks as vc
+
+    out = []
+    opts = dict(g.GPU_LAUNCH)
+    # The backward sums loop over images: some Triton versions park one 4-byte loop value on the
+    # stack (one STL before the loop, one LDL an image; sm_90 SASS, Triton 3.6 and 3.8).
+    parked = dict(stack_ok=8, note="one 4-byte loop scalar may sit on the stack")
+    for dt in (DTYPES if full else ("bf16",)):
+        ptr = "*" + dt
+        for dim in (TOKEN_DIMS if full else (384,)):  # ViT-S: 128-wide D tiles, the most rows a program
+            block_d = g.feature_block(dim, interpreter=False)
+            block_r = g.row_block(block_d, 1 << 20, interpreter=False)
+            for wide in (False, True):
+                label = f"{dt} D={dim} BLOCK_D={block_d} rows={block_r} wide={int(wide)}"
+                c = dict(HAS_POS=True, HAS_PREFIX=True, WIDE=wide, BLOCK_R=block_r, BLOCK_D=block_d)
+                types = dict(x_ptr=ptr, index_ptr="*i64", pos_ptr=ptr, prefix_ptr=ptr, out_ptr=ptr)
+                out.append(Variant(_job(g.__name__, "_gather_fwd_kernel", types, c, opts, label)))
+                types = dict(x_ptr=ptr, ids_ptr="*i64", mask_ptr=ptr, pos_ptr=ptr, out_ptr=ptr)
+                c = dict(HAS_POS=True, WIDE=wide, BLOCK_R=block_r, BLOCK_D=block_d)
+                out.append(Variant(_job(u.__name__, "_unshuffle_fwd_kernel", types, c, opts, label)))
+                for det in ((False, True) if full else (False,)):
+                    sums = f"{label} deterministic={int(det)}"
+                    types = dict(grad_ptr=ptr, index_ptr="*i64", count_ptr="*i32", reader_ptr="*i64" if wide else "*i32",
+                                 dx_ptr=ptr, dparam_ptr="*fp32")
+                    c = dict(NEED_X=True, NEED_PARAM=True, WIDE=wide, DETERMINISTIC=det, BLOCK_U=block_r,
+                             BLOCK_D=block_d)
+                    out.append(Variant(_job(g.__name__, "_segment_sum_kernel", types, c, opts, sums), **parked))
+                    types = dict(grad_ptr=ptr, ids_ptr="*i64", dmask_ptr="*fp32", dpos_ptr="*fp32")
+                    c = dict(NEED_MASK=True, NEED_POS=True, WIDE=wide, DETERMINISTIC=det, BLOCK_T=block_r,
+                             BLOCK_D=block_d)
+                    out.append(Variant(_job(u.__name__, "_unshuffle_param_grads_kernel", types, c, opts, sums),
+                                       **parked))
+    for wide in (False, True):
+        types = dict(index_ptr="*i64", count_ptr="*i32", reader_ptr="*i64" if wide else "*i32")
+        out.append(Variant(_job(g.__name__, "_count_readers_kernel", types, dict(WIDE=wide, BLOCK=1024), opts,
+                                f"wide={int(wide)}")))
+    block_r, block_c = vc.tiles(64, 147)  # a (batch, kept tokens) index of MAE at ViT/16, 224 px
+    for all_zero in (False, True):
+        types = dict(x_ptr="*u8" if all_zero else "*i64", table_ptr="*i64")
+        c = dict(ALL_ZERO=all_zero, BLOCK_R=block_r, BLOCK_C=block_c)
+        out.append(Variant(_job(vc.__name__, "_value_check_kernel", types, c, {}, f"all_zero={int(all_zero)} 64x147")))
+    return out
+
+
+GROUPS = {"ema": ema, "topk_attention": topk_attention, "contrastive_loss": contrastive_loss, "dino_loss": dino_loss,
+          "tokens": tokens}
 
 
 def variants(group: str, full: bool = False) -> list[Variant]:

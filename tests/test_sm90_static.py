@@ -30,7 +30,10 @@ def _offenders(compiled, bad):
 
 
 def test_tiles_held_in_registers_do_not_spill(compiled):
-    assert not (bad := _offenders(compiled, lambda v, f: v.registers and f.spills)), f"spills:\n{bad}"
+    def spills(v, f):
+        return f.stack > v.stack_ok if v.stack_ok else f.spills
+
+    assert not (bad := _offenders(compiled, lambda v, f: v.registers and spills(v, f))), f"spills:\n{bad}"
 
 
 def test_bit_exact_kernels_have_no_fma_contraction(compiled):
