@@ -76,6 +76,21 @@ def test_triton_matches_reference(m, n, d, sources, normalize, dtype):
     _check_triton(m, n, d, labels, dtype, normalize=normalize, scale=1.0 if normalize else d ** -0.5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on the GPU every test already uses this geometry")
+@pytest.mark.parametrize("dtype", triton_dtypes())
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gpu_geometry_in_interpreter(monkeypatch, dtype, normalize):
+    """The GPU's tiles (gpu_blocks: 64 x 64, fp32 16-wide D steps) in the interpreter: two anchor and
+    key blocks, D = 72 in partial D steps and, for fp32, two backward output chunks."""
+    from sdae_fast.kernels import contrastive_loss as kernel
+
+    used = []
+    monkeypatch.setattr(kernel, "_blocks", lambda n, d, z: used.append(z.dtype) or kernel.gpu_blocks(z.dtype))
+    labels = torch.randint(0, 5, (2, 70), generator=torch.Generator().manual_seed(0))
+    _check_triton(2, 70, 72, labels, dtype, normalize=normalize, scale=1.0 if normalize else 72 ** -0.5)
+    assert len(used) == 2  # forward and backward launched with the GPU's tiles
+
+
 def test_triton_anchors_without_positives():
     # Labels 5 and 9 appear once in image 0; image 1 has a single loner (label 3).
     labels = torch.tensor([[0, 0, 5, 1, 1, 1, 9] + [0] * 10, [3] + [1] * 8 + [2] * 8])
