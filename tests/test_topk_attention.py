@@ -131,6 +131,19 @@ def test_backward_with_another_dot_shape_keeps_the_boundary_key(monkeypatch):
     run_and_compare(q, k, v, 25)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on the GPU the autotuned tiles run")
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_fp32_gpu_row_tiles_in_interpreter(monkeypatch, block_m):
+    """fp32's GPU tiles (topk_attention_configs: 16-row forward, 16 x 32 dK/dV, 16- or 32-row dQ
+    with 32-key chunks) in the interpreter, where the default is 64 rows."""
+    from sdae_fast.kernels import topk_attention as kernel
+
+    monkeypatch.setattr(kernel, "INTERPRETER_BLOCK_M", block_m)
+    monkeypatch.setattr(kernel, "INTERPRETER_BWD_CHUNK", 32)
+    q, k, v = (torch.randn(1, 2, 100, 64, device=DEVICE) for _ in range(3))
+    run_and_compare(q, k, v, 25)
+
+
 @pytest.mark.parametrize("n,topk", [(300, 75), (600, 1)])
 def test_two_launch_forward_of_long_16_bit_rows(monkeypatch, n, topk):
     """N_PAD 512-1024 in 16 bits: a selection launch writes τ, an attend launch reads it back."""
