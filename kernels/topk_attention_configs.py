@@ -7,12 +7,18 @@ from __future__ import annotations
 import torch
 import triton
 
+# fp32 ("ieee") backward tilings that ptxas keeps spill-free at every head dim (sm_90), under the
+# Triton of CI (3.8) and of the GPU machine (3.6): FMA dots hold (rows + columns) × K operands per
+# thread, so the tiles stay small. dK/dV's 16 × 64 tile took 255 registers at d 80-128 and spilled
+# 16 B at d = 32 under Triton 3.6: 16 × 32 only (one config: fp32 compiles are slow to autotune).
+_FP32_BWD = {"dkdv": ((16, 32),), "dq": ((32, 32), (16, 32))}
+
 FWD_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st)
                for m in (16, 32, 64) for w in (4, 8) for st in (1, 2)]
 BWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
                for m, n in ((32, 64), (64, 64), (64, 128), (128, 64)) for w in (4, 8) for st in (1, 2)] + \
               [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=8, num_stages=1)
-               for m, n in ((16, 32), (32, 32))]  # fp32 (_FP32_BWD)
+               for m, n in sorted({tile for tiles in _FP32_BWD.values() for tile in tiles})]
 
 
 def _arg(named_args, kwargs, name):
@@ -73,13 +79,6 @@ def _bwd_fits(c, block_d: int) -> bool:
     keeps in registers; BLOCK_N = 128 spills at every warp count."""
     bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
     return bn == 64 and bm >= 32 and (bm * bn + bn * block_d + bm * block_d) <= 3072 * c.num_warps
-
-
-# fp32 ("ieee") backward tilings that ptxas keeps spill-free at every head dim (sm_90), under the
-# Triton of CI (3.8) and of the GPU machine (3.6): FMA dots hold (rows + columns) × K operands per
-# thread, so the tiles stay small. dK/dV's 16 × 64 tile took 255 registers at d 80-128 and spilled
-# 16 B at d = 32 under Triton 3.6: 16 × 32 only (one config: fp32 compiles are slow to autotune).
-_FP32_BWD = {"dkdv": ((16, 32),), "dq": ((32, 32), (16, 32))}
 
 
 def _fp32_bwd(configs, kernel):
