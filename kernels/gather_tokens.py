@@ -34,11 +34,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _geometry_for_interpreter(interpreter: bool | None) -> bool:
+    """``interpreter`` of the geometry helpers below (default: whether this process interprets) picks
+    the interpreter's geometry or the GPU's; the offline sm_90 compile (:mod:`sdae_fast.kernel_variants`)
+    asks for the GPU's."""
+    return interpreting() if interpreter is None else interpreter
+
+
 def feature_block(dim: int, interpreter: bool | None = None) -> int:
-    """Power-of-two tile over D wasting the fewest lanes (768 -> 256 ×3, 1024 -> 1024, 33 -> 64).
-    ``interpreter`` (default: whether this process interprets) picks the interpreter's geometry or
-    the GPU's; the offline sm_90 compile (:mod:`sdae_fast.kernel_variants`) asks for the GPU's."""
-    if interpreting() if interpreter is None else interpreter:  # few, large programs: the interpreter pays per program
+    """Power-of-two tile over D wasting the fewest lanes (768 -> 256 ×3, 1024 -> 1024, 33 -> 64)."""
+    if _geometry_for_interpreter(interpreter):  # few, large programs: the interpreter pays per program
         return triton.next_power_of_2(dim)
     best = None
     for block in (1024, 512, 256, 128):  # larger first: ties go to fewer programs
@@ -50,7 +55,7 @@ def feature_block(dim: int, interpreter: bool | None = None) -> int:
 
 def row_block(block_d: int, rows: int, interpreter: bool | None = None) -> int:
     """Rows per program: ~4096 elements a program on the GPU (16 B vectors, several rows in flight)."""
-    target = 16384 if (interpreting() if interpreter is None else interpreter) else 4096
+    target = 16384 if _geometry_for_interpreter(interpreter) else 4096
     return max(1, min(target // block_d, triton.next_power_of_2(max(rows, 1))))
 
 
