@@ -72,8 +72,9 @@ from __future__ import annotations
 #   0.936 / 0.933; 6e-4 x 50 (adopted): 0.944 / 0.919, 0.953 / 0.947 (~300 s with one thread beside
 #   another job); out_dim 1024 at 36 epochs 0.886 / 0.922 (seed 0). Then 4 local crops instead of 2
 #   (seed 0 k-NN / linear): at 36 epochs 0.894 / 0.916; at 6e-4 x 50, 0.950 / 0.964 at seed 0 and
-#   0.928 / 0.944 at seed 1. That is 350 s beside another job, and 270 s / 275 s alone, as the README
-#   command runs. Adopted: it is nearer DINO's own 8 local crops.
+#   0.928 / 0.944 at seed 1, 0.905 / 0.933 at seed 2 (2 crops at seed 2: 0.872 / 0.936). So k-NN
+#   +0.6 / +0.9 / +3.3 and linear +1.1 / -0.3 / -0.3 pts over seeds 0-2. That is 350 s beside another
+#   job, and 270 s / 275 s alone, as the README command runs. Adopted: it is nearer DINO's own 8.
 DEMO = {
     "mae": {"lr": 3e-4, "epochs": 80,  # measured: k-NN -3.3 -> +7.0 pts (1e-3, 36 epochs before)
             "model": {"norm_pix_loss": False}},  # measured: k-NN +7.0 -> +15.3, linear -1.7 -> +2.5 pts
