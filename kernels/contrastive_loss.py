@@ -14,7 +14,6 @@ tile serves z_i both as anchor (row statistics of i) and as key (row statistics 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 

@@ -12,7 +12,6 @@ import os
 import tempfile
 
 import numpy as np
-import torch
 
 from .harness import Case, register
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dino_loss import dino_loss

@@ -1,5 +1,4 @@
 """Top-K (homologous) attention of MixedAE (SPEC §3), with the full score matrix."""
-import torch
 
 from .stats import accumulation_dtype
 

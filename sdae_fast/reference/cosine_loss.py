@@ -1,5 +1,4 @@
 """SdAE's cosine loss on standardised teacher features (SPEC §4)."""
-import torch
 
 from .stats import accumulation_dtype, standardize
 
