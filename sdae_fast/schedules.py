@@ -15,6 +15,8 @@ def cosine_schedule(i: int, base: float, final: float, total: int, warmup: int =
         raise ValueError(f"cosine_schedule: warmup {warmup} must lie in [0, total={total}]")
     i = min(max(int(i), 0), total - 1)
     if i < warmup:
+        if warmup == 1:
+            return float(warmup_start)  # np.linspace(start, stop, 1) is [start]
         if i == warmup - 1:
             return float(base)  # linspace ends exactly on its stop value
         return warmup_start + i * ((base - warmup_start) / (warmup - 1))

@@ -71,6 +71,12 @@ def test_cosine_schedules_per_iteration_and_per_epoch():
                      warmup=2, warmup_start=0.9)
     assert [ema.momentum(3 * e) for e in range(6)] == pytest.approx(table, abs=1e-15)
     assert table[:2] == [0.9, 0.96]
+    # A one-epoch warm-up is np.linspace(0.9, 0.96, 1) == [0.9]: the start value, not the base.
+    table = official_cosine_table(0.96, 0.99, 4, warmup=1, warmup_start=0.9)
+    ema = EmaTeacher(Toy(), base_momentum=0.96, final_momentum=0.99, total_steps=4, per="epoch", steps_per_epoch=3,
+                     warmup=1, warmup_start=0.9)
+    assert [ema.momentum(3 * e) for e in range(4)] == pytest.approx(table, abs=1e-15)
+    assert table[0] == 0.9
     with pytest.raises(ValueError, match="steps_per_epoch"):
         EmaTeacher(Toy(), per="epoch")
     with pytest.raises(ValueError, match="steps_per_epoch"):

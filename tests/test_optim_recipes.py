@@ -125,6 +125,10 @@ def test_dino_lr_and_weight_decay_tables_per_iteration():
         assert opt.param_groups[0]["weight_decay"] == pytest.approx(wd_table[step], rel=1e-13)
         assert opt.param_groups[1]["weight_decay"] == 0.0
     assert cosine_schedule(10 ** 6, 1.0, 0.0, 4) == pytest.approx(dino_reference_table(1.0, 0.0, 4, 1)[-1])
+    # A one-iteration warm-up: np.linspace(0, base, 1) == [0], then the cosine from base.
+    one = dino_reference_table(1.0, 0.0, 4, 1, warmup_epochs=1)
+    assert [cosine_schedule(i, 1.0, 0.0, 4, warmup=1) for i in range(4)] == pytest.approx(one, abs=1e-15)
+    assert one[:2] == [0.0, 1.0]
 
 
 # ------------------------------------------------------------------------------------------
