@@ -4,6 +4,16 @@ from __future__ import annotations
 import math
 
 
+def linspace_at(i: int, start: float, stop: float, n: int) -> float:
+    """Entry ``i`` (0 <= i < n) of ``np.linspace(start, stop, n)``: both ends included, and [start]
+    alone when n == 1 (the official warm-ups, DINO's teacher temperature, are such tables)."""
+    if n == 1 or i == 0:
+        return float(start)
+    if i == n - 1:
+        return float(stop)  # linspace ends exactly on its stop value
+    return start + i * ((stop - start) / (n - 1))
+
+
 def cosine_schedule(i: int, base: float, final: float, total: int, warmup: int = 0, warmup_start: float = 0.0) -> float:
     """Entry ``i`` of DINO's ``utils.cosine_scheduler`` table (SdAE's ``util/cosine_scheduler.py`` is
     the same function) of ``total`` entries: ``np.linspace(warmup_start, base, warmup)`` for the
@@ -15,10 +25,6 @@ def cosine_schedule(i: int, base: float, final: float, total: int, warmup: int =
         raise ValueError(f"cosine_schedule: warmup {warmup} must lie in [0, total={total}]")
     i = min(max(int(i), 0), total - 1)
     if i < warmup:
-        if warmup == 1:
-            return float(warmup_start)  # np.linspace(start, stop, 1) is [start]
-        if i == warmup - 1:
-            return float(base)  # linspace ends exactly on its stop value
-        return warmup_start + i * ((base - warmup_start) / (warmup - 1))
+        return linspace_at(i, warmup_start, base, warmup)
     span = total - warmup
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * (i - warmup) / span))

@@ -15,7 +15,7 @@ from sdae_fast.models import build
 from sdae_fast.train import cli, recipes
 from sdae_fast.train.optim import (BETAS, StepSchedule, cancel_last_layer_gradients, clip_gradients_per_param,
                                    make_optimizer, mae_lr, param_groups, scaled_lr)
-from sdae_fast.schedules import cosine_schedule
+from sdae_fast.schedules import cosine_schedule, linspace_at
 
 
 def names_of(model, group):
@@ -104,6 +104,24 @@ def test_mae_per_iteration_warmup_and_cosine(accum):
         assert sched.lr_at(step) == pytest.approx(expected, rel=1e-14, abs=1e-18), step
     assert sched.lr_at(0) == 0.0  # the official warm-up starts at 0
     assert mae_lr(1.0, 1.0, 0.0, 2, 6) == 0.5
+
+
+def test_linspace_at_is_numpy_linspace_and_drives_the_teacher_temperature():
+    import numpy as np
+    for n in range(1, 7):
+        table = np.linspace(0.04, 0.07, n)
+        assert [linspace_at(i, 0.04, 0.07, n) for i in range(n)] == table.tolist(), n  # bit for bit
+    # main_dino.py DINOLoss: np.linspace(warmup_teacher_temp, teacher_temp, warmup epochs), then constant;
+    # warmup_teacher_temp left out: main_dino.py's default 0.04.
+    for warm in (1, 3):
+        model = build("dino", "micro", teacher_temp=0.07, warmup_teacher_temp_epochs=warm)
+        model.set_schedule(8, 2)
+        expected = np.concatenate([np.linspace(0.04, 0.07, warm), np.full(4 - warm, 0.07)]).tolist()
+        temps = []
+        for epoch in range(4):
+            model.step = 2 * epoch + 1
+            temps.append(model.current_teacher_temp())
+        assert temps == expected, warm
 
 
 def test_dino_lr_and_weight_decay_tables_per_iteration():

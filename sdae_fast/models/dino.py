@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..ops.dino_loss import dino_loss
+from ..schedules import linspace_at
 from .dino_head import DINOHead
 from .teacher import EmaTeacherMixin
 from .vit import VisionTransformer, without_drop_path
@@ -32,11 +33,12 @@ class DINO(EmaTeacherMixin, nn.Module):
                  bottleneck_dim: int = 256, norm_last_layer: bool = True, use_bn_in_head: bool = False,
                  global_size: int | None = None, local_size: int | None = None, num_local: int = 8,
                  student_temp: float = 0.1, teacher_temp: float = 0.04,
-                 warmup_teacher_temp: float | None = None, warmup_teacher_temp_epochs: int = 0,
+                 warmup_teacher_temp: float | None = 0.04, warmup_teacher_temp_epochs: int = 0,
                  center_momentum: float = 0.9, base_momentum: float = 0.996, final_momentum: float = 1.0,
                  backend: str | None = None):
         """Crop sizes default to the encoder's image size and 96/224 of it for local crops.
-        ``warmup_teacher_temp`` (e.g. 0.04 with teacher_temp 0.07) ramps linearly per epoch."""
+        The teacher temperature ramps linearly per epoch from ``warmup_teacher_temp`` (main_dino.py's
+        default 0.04) to ``teacher_temp`` over ``warmup_teacher_temp_epochs`` (default 0: no ramp)."""
         super().__init__()
         self.encoder, self.backend = encoder, backend
         gsize = global_size or encoder.img_size
@@ -64,8 +66,7 @@ class DINO(EmaTeacherMixin, nn.Module):
         epoch = self.step // self.steps_per_epoch
         if epoch >= self.warmup_teacher_temp_epochs:
             return self.teacher_temp
-        frac = epoch / max(self.warmup_teacher_temp_epochs - 1, 1)
-        return self.warmup_teacher_temp + frac * (self.teacher_temp - self.warmup_teacher_temp)
+        return linspace_at(epoch, self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs)
 
     @staticmethod
     def _embed(encoder, head, crops) -> torch.Tensor:
