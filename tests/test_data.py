@@ -10,7 +10,8 @@ from torchvision.transforms import v2
 
 from sdae_fast.data import (AugmentedDataset, BadImageError, ShardedBatchSampler, collate_views, default_workers,
                             dino_views, eval_views, folder_sources, load_splits, make_loader, masked_image_views,
-                            open_sources, sample_seed, train_views)
+                            model_input, open_sources, sample_seed, train_views)
+from sdae_fast.models import build
 from sdae_fast.data.sources import IMAGENET_MEAN, IMAGENET_STD, list_image_files
 from test_pretrain import _one_thread  # noqa: F401 (autouse: one torch thread, as the loop's micro runs)
 
@@ -125,6 +126,30 @@ def test_dino_crops_are_batched_per_resolution_view_major():
     single = collate_views([([torch.zeros(1, 4, 4)], 7, ["x"])] * 2)
     assert single["images"].shape == (2, 1, 4, 4) and single["labels"].tolist() == [7, 7]
     assert single["skipped"] == ["x", "x"]
+
+
+def test_local_crops_of_the_global_size_stay_apart_from_the_globals(tmp_path):
+    # main_dino.py: teacher(images[:2]) whatever the crop sizes; collate must not join the two roles.
+    views = dino_views(16, 16, 3, (0.0,), (1.0,), "digits")
+    assert views.groups == (2, 3)
+    samples = [(views(torch.rand(1, 24, 24)), 0, []) for _ in range(4)]
+    glob, local = collate_views(samples, views.groups)["images"]
+    assert glob.shape == (8, 1, 16, 16) and local.shape == (12, 1, 16, 16)
+    assert torch.equal(glob[4], samples[0][0][1]) and torch.equal(local[0], samples[0][0][2])
+    (merged,) = collate_views(samples)["images"]  # no roles given: one tensor per size, as before
+    assert merged.shape == (20, 1, 16, 16)
+    # Through the pretrain loader, with a worker process (the groups reach it in the collate_fn).
+    model = build("dino", "micro", img_size=16, local_size=16, num_local=2, out_dim=16)
+    train, _ = folder_sources(str(write_folder(tmp_path)), holdout=0.0)
+    dataset = AugmentedDataset(train, train_views("dino", train, 16, model), seed=5)
+    sampler = ShardedBatchSampler(len(dataset), 3, seed=5)
+    batch = next(iter(make_loader(dataset, sampler, workers=1, seed=5)))
+    assert [tuple(x.shape) for x in batch["images"]] == [(6, 3, 16, 16), (6, 3, 16, 16)]
+    assert [x.shape[0] for x in model_input(model, torch.rand(3, 1, 16, 16))] == [6, 6]
+    rows = []
+    model.teacher["head"].register_forward_hook(lambda mod, args, out: rows.append(out.shape[0]))
+    model(model_input(model, torch.rand(3, 1, 16, 16)))
+    assert rows == [6]  # the teacher saw the 2 global crops of the 3 images, not the local crops
 
 
 def test_digits_recipe_keeps_digits_readable():

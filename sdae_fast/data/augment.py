@@ -60,16 +60,24 @@ def _blur_kernel(sigma_max: float, size: int) -> int:
 
 
 class Views:
-    """Apply each transform to the same image: a list of views (crop-major order of the batch)."""
+    """Apply each transform to the same image: a list of views (crop-major order of the batch).
 
-    def __init__(self, transforms: list):
+    ``groups``: how many consecutive views play each role (DINO: 2 global crops, then the locals).
+    :func:`~sdae_fast.data.dataset.collate_views` never batches two roles together, so DINO's teacher
+    gets the global crops alone even when the local crops have the same size (``main_dino.py``:
+    ``teacher(images[:2])``)."""
+
+    def __init__(self, transforms: list, groups=None):
         self.transforms = transforms
+        self.groups = tuple(groups) if groups is not None else (len(transforms),)
+        if sum(self.groups) != len(transforms) or min(self.groups, default=1) < 1:
+            raise ValueError(f"Views: groups {self.groups} must be positive counts summing to {len(transforms)} views")
 
     def __call__(self, img):
         return [t(img) for t in self.transforms]
 
     def __repr__(self) -> str:
-        return f"Views({len(self.transforms)}: {self.transforms!r})"
+        return f"Views({len(self.transforms)} in groups {self.groups}: {self.transforms!r})"
 
 
 def masked_image_views(size: int, mean, std, profile: str = "photo", scale=None) -> Views:
@@ -102,7 +110,7 @@ def dino_views(global_size: int, local_size: int, num_local: int, mean, std, pro
     gs, ls = global_scale or p["global_scale"], local_scale or p["local_scale"]
     crops = [_dino_crop(global_size, gs, 1.0, 0.0, mean, std, p), _dino_crop(global_size, gs, 0.1, 0.2, mean, std, p)]
     crops += [_dino_crop(local_size, ls, 0.5, 0.0, mean, std, p) for _ in range(num_local)]
-    return Views(crops)
+    return Views(crops, groups=(2, num_local) if num_local else (2,))
 
 
 def eval_views(size: int, mean, std, profile: str = "photo") -> Views:

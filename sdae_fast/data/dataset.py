@@ -14,6 +14,9 @@ is an error. A failure inside the transform names the file too.
 """
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 from torch.utils.data import Dataset
 
@@ -79,22 +82,31 @@ class AugmentedDataset(Dataset):
         return views, int(self.source.labels[i]), skipped
 
 
-def collate_views(samples: list) -> dict:
+def collate_views(samples: list, groups=None) -> dict:
     """Stack view v of every sample, then join consecutive views of one size along the batch:
     ``images`` is one (B, C, H, W) tensor for one view, else a list with one tensor per resolution,
-    view-major (row v·B + b is view v of sample b), so a model runs one forward per resolution."""
+    view-major (row v·B + b is view v of sample b), so a model runs one forward per resolution.
+    ``groups`` (the transform's :attr:`Views.groups`): counts of consecutive views of one role; views
+    of two roles are never joined, whatever their sizes (DINO: [global crops, local crops])."""
     n_views = len(samples[0][0])
-    groups: list[list[torch.Tensor]] = []
+    role_starts = set(itertools.accumulate((0, *(groups or ()))))
+    joined: list[list[torch.Tensor]] = []
     for v in range(n_views):
         stacked = torch.stack([s[0][v] for s in samples])
-        if groups and groups[-1][-1].shape[1:] == stacked.shape[1:]:
-            groups[-1].append(stacked)
+        if joined and v not in role_starts and joined[-1][-1].shape[1:] == stacked.shape[1:]:
+            joined[-1].append(stacked)
         else:
-            groups.append([stacked])
-    per_resolution = [g[0] if len(g) == 1 else torch.cat(g) for g in groups]
+            joined.append([stacked])
+    per_resolution = [g[0] if len(g) == 1 else torch.cat(g) for g in joined]
     return {"images": per_resolution[0] if n_views == 1 else per_resolution,
             "labels": torch.tensor([s[1] for s in samples], dtype=torch.long),
             "skipped": [p for s in samples for p in s[2]]}
+
+
+def collate_for(dataset):
+    """The ``collate_fn`` of a DataLoader over ``dataset``: :func:`collate_views` with the view
+    groups of its transform (a picklable partial, for worker processes)."""
+    return functools.partial(collate_views, groups=getattr(getattr(dataset, "transform", None), "groups", None))
 
 
 def model_input(model, imgs: torch.Tensor):
@@ -107,4 +119,4 @@ def model_input(model, imgs: torch.Tensor):
     from .augment import dino_views
 
     views = dino_views(model.global_size, model.local_size, model.num_local, (0.0,), (1.0,), "digits")
-    return collate_views([(views(x), 0, []) for x in imgs])["images"]
+    return collate_views([(views(x), 0, []) for x in imgs], views.groups)["images"]

@@ -11,7 +11,7 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
-from .dataset import collate_views
+from .dataset import collate_for
 
 
 def available_cores() -> int:
@@ -34,7 +34,7 @@ def make_loader(dataset, batch_sampler, workers: int | None = None, pin_memory: 
     workers = default_workers(world) if workers is None else workers
     if workers < 0:
         raise ValueError(f"--workers must be >= 0, got {workers}")
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_views,
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_for(dataset),
                       pin_memory=pin_memory, persistent_workers=workers > 0,
                       generator=torch.Generator().manual_seed(seed))
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from .augment import eval_views
-from .dataset import AugmentedDataset, collate_views
+from .dataset import AugmentedDataset, collate_for
 from .loader import default_workers
 from .sources import open_sources
 
@@ -45,7 +45,7 @@ def eval_loader(source, img_size: int, batch_size: int = 256, workers: int | Non
                                bad_images=bad_images)
     batches = BatchSampler(SequentialSampler(range(len(dataset))), batch_size, drop_last=False)
     workers = default_workers() if workers is None else workers
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_views)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_for(dataset))
 
 
 def materialize(source, img_size: int, workers: int | None = None,

@@ -76,7 +76,8 @@ class DINO(EmaTeacherMixin, nn.Module):
 
     def forward(self, crops) -> dict:
         """``crops``: [global crops (2·B, C, g, g), local crops (n·B, C, l, l)] (the local entry absent
-        or None without local crops), view-major: row v·B + b is crop v of image b."""
+        or None without local crops), view-major: row v·B + b is crop v of image b. Two entries even
+        when l == g: the teacher reads the first entry alone (``collate_views`` keeps the roles apart)."""
         if isinstance(crops, torch.Tensor) or not 1 <= len(crops) <= 2:
             raise TypeError("DINO.forward takes [global crops, local crops] (one tensor per resolution, "
                             "from sdae_fast.data.dino_views + collate_views), not an image batch")
