@@ -2,7 +2,8 @@
 
 Encoder input: the kept patches gathered with their position embedding and the cls prefix in one
 ``gather_tokens``; decoder input: one ``unshuffle_tokens``; loss: ``masked_mse_loss`` against the
-per-patch normalised pixels (``norm_pix_loss``).
+per-patch normalised pixels (``norm_pix_loss``). That is on by default, as the paper trains
+(PRETRAIN.md passes ``--norm_pix_loss``); ``models_mae.MaskedAutoencoderViT`` itself defaults to off.
 """
 from __future__ import annotations
 
