@@ -2,7 +2,9 @@
 
 Works with this project's ``VisionTransformer`` and with timm's (an exported encoder loaded back):
 both have ``forward_features(images) -> (B, 1 + N, D)`` after the final norm. ``pool="cls"`` takes
-the class token, ``pool="mean"`` the mean of the patch tokens. An encoder without
+the class token, ``pool="mean"`` the mean of the patch tokens after the final norm (DINO's
+``eval_linear.py --avgpool_patchtokens``; MAE's and timm's global pool instead take ``fc_norm`` of the
+mean of the un-normed tokens, a different vector). An encoder without
 ``forward_features`` (a test stand-in) is read through its ``embed`` (CLS pooling only).
 """
 from __future__ import annotations

@@ -26,7 +26,7 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     correct = 0
     for i in range(0, len(test_feats), chunk):
         sim, idx = (test_feats[i:i + chunk] @ train_feats.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes)
+        votes = sim.new_zeros(len(sim), num_classes)  # on the features' device
         votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
         correct += (votes.argmax(1) == test_labels[i:i + chunk]).sum().item()
     return correct / len(test_feats)
