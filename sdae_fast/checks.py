@@ -83,7 +83,10 @@ def register(op: str, error: type, message: str) -> Check:
 def _table(device: torch.device) -> torch.Tensor:
     key = str(device)
     if key not in _TABLES:
-        _TABLES[key] = torch.zeros(1 + _SLOTS, 5, dtype=torch.int64, device=device)
+        # A normal tensor even when the first op runs under inference_mode: an inference tensor
+        # could not be updated in place outside it, so every later op would fail.
+        with torch.inference_mode(False):
+            _TABLES[key] = torch.zeros(1 + _SLOTS, 5, dtype=torch.int64, device=device)
     return _TABLES[key]
 
 

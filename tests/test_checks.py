@@ -102,3 +102,15 @@ def test_meta_tensors_skip_value_checks():
                                                                                       device="meta"))
     assert out.is_meta and out.shape == (2, 2, 3)
     sdae_fast.check_errors()
+
+
+def test_a_first_call_under_inference_mode_leaves_later_calls_working(monkeypatch):
+    monkeypatch.setattr(checks, "_TABLES", {})  # the table is made by the first op on a device
+    x, index = torch.randn(2, 5, 3), torch.tensor([[0, 1], [2, 3]])
+    with torch.inference_mode():
+        sdae_fast.gather_tokens(x, index)
+    assert not checks._TABLES["cpu"].is_inference()
+    sdae_fast.gather_tokens(x, index)  # failed: "Inplace update to inference tensor outside InferenceMode"
+    sdae_fast.gather_tokens(x, torch.tensor([[0, 9], [1, 2]]))
+    with torch.inference_mode(), pytest.raises(IndexError, match=r"gather_tokens: .*\[0, 9\]"):
+        sdae_fast.check_errors()
