@@ -127,6 +127,32 @@ def test_non_contiguous_is_refused_by_fused_and_served_by_reference():
     assert torch.equal(t, expected)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("shape", [(), (3,)])
+def test_float64_pairs_are_refused_by_fused_and_served_by_reference(backend, shape):
+    # A 0-dim float64 pair too: only the momentum may be a 0-dim float64 tensor the kernels read.
+    t, s = torch.ones(shape, dtype=torch.float64, device=DEVICE), torch.full(shape, 2.0, device=DEVICE)
+    with pytest.raises(sdae_fast.BackendUnavailable, match=r"pairs \[0\] are float64"):
+        sdae_fast.ema_update_([t], [s], 0.9, backend=backend)
+    with pytest.raises(sdae_fast.BackendUnavailable, match="float64"):
+        sdae_fast.ops.ema.EmaUpdate([t], [s], backend=backend)
+    sdae_fast.ema_update_([t], [s], torch.tensor(0.9, dtype=torch.float64, device=DEVICE))
+    assert torch.equal(t, torch.full(shape, 0.9 + 0.1 * 2.0, dtype=torch.float64, device=DEVICE))
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, float("nan")])
+def test_a_momentum_tensor_out_of_range_is_reported(value):
+    t, s = [torch.zeros(3, device=DEVICE)], [torch.ones(3, device=DEVICE)]
+    sdae_fast.ema_update_(t, s, torch.tensor(value, device=DEVICE))  # no sync: reported, not raised
+    with pytest.raises(ValueError, match=r"ema_update_: the momentum tensor must lie in \[0, 1\]"):
+        sdae_fast.check_errors()
+    sdae_fast.ops.ema.EmaUpdate(t, s)(torch.tensor(value, device=DEVICE))
+    with pytest.raises(ValueError, match="momentum tensor"):
+        sdae_fast.check_errors()
+    sdae_fast.ema_update_(t, s, torch.tensor(1.0, device=DEVICE))
+    sdae_fast.check_errors()  # 0 and 1 are in range
+
+
 @pytest.mark.parametrize("teacher,student,momentum,error,match", [
     ([torch.zeros(3)], [], 0.9, ValueError, "teacher has 1 tensors but student has 0"),
     ([torch.zeros(3)], [torch.zeros(4)], 0.9, ValueError, "shape"),

@@ -5,18 +5,27 @@ from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import checks, reference
 from ..dispatch import op
 from ..validate import FLOAT_DTYPES, check_float
 
 EMA = op("ema_update_", auto_order=("cuda", "triton", "torch"))
+MOMENTUM_RANGE = checks.register("ema_update_", ValueError, "the momentum tensor must lie in [0, 1]; it holds a "
+                                 "value outside it, or NaN")
 EMA.register("torch")(reference.ema_update_)
 
 
 def _fused_why_not(teacher, student, momentum) -> list[str]:
-    """The multi-tensor kernels address each tensor as one flat run of elements."""
+    """The multi-tensor kernels address each tensor as one flat run of elements, in fp32/fp16/bf16.
+    (The common float64 rule exempts 0-dim tensors, for the momentum: a 0-dim pair is refused here.)"""
+    reasons = []
+    wide = [i for i, (t, s) in enumerate(zip(teacher, student)) if torch.float64 in (t.dtype, s.dtype)]
+    if wide:
+        reasons.append(f"pairs {wide[:5]} are float64: the torch reference serves them (the kernels compute in fp32)")
     bad = [i for i, (t, s) in enumerate(zip(teacher, student)) if not (t.is_contiguous() and s.is_contiguous())]
-    return [f"pairs {bad[:5]} are not contiguous (the multi-tensor kernels read flat storage)"] if bad else []
+    if bad:
+        reasons.append(f"pairs {bad[:5]} are not contiguous (the multi-tensor kernels read flat storage)")
+    return reasons
 
 
 def _triton_launch(groups, momentum):
@@ -113,7 +122,8 @@ def validate_pairs(teacher, student) -> tuple[list[torch.Tensor], list[torch.Ten
 
 
 def validate_momentum(momentum, device) -> None:
-    """A float in [0, 1], or a 0-dim floating tensor on ``device`` (its value is not read: no sync)."""
+    """A float in [0, 1], or a 0-dim floating tensor on ``device`` (its value is checked on the
+    device, reported by ``sdae_fast.check_errors()``: no sync)."""
     if isinstance(momentum, torch.Tensor):
         if momentum.dim() != 0:
             raise ValueError(f"momentum must be a float or a 0-dim tensor, got shape {tuple(momentum.shape)}")
@@ -121,6 +131,7 @@ def validate_momentum(momentum, device) -> None:
             raise TypeError(f"momentum must be a float or a 0-dim floating tensor, got dtype {momentum.dtype}")
         if device is not None and momentum.device != device:
             raise ValueError(f"momentum is on {momentum.device} but the tensors are on {device}")
+        checks.fail_if(MOMENTUM_RANGE, ~((momentum >= 0) & (momentum <= 1)), 0)  # deferred: no sync; NaN fails
     else:
         check_float("momentum", momentum, ge=0.0, le=1.0, kind="a float or a 0-dim tensor")
 
