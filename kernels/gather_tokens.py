@@ -84,6 +84,12 @@ def rows_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
+def index_rows(index: torch.Tensor) -> torch.Tensor:
+    """The kernels read an index's rows unit-stride (only the row stride is passed): a copy only when
+    its inner stride is not 1. Forward and backward both read the index through this."""
+    return index if index.stride(-1) == 1 else index.contiguous()
+
+
 @triton.jit
 def _gather_fwd_kernel(x_ptr, index_ptr, pos_ptr, prefix_ptr, out_ptr,
                        n_rows, seq_out, P, groups, L, D,
@@ -225,9 +231,10 @@ def segment_sums(grad: torch.Tensor, index: torch.Tensor, dx, *, need_param: boo
 
     Two launches and no sort: one counts the readers of each slot and notes one of them; the other
     reads the single reader of each slot directly and walks the image's rows only where a slot has
-    several. grad is contiguous with rows of D features. The per-image sums are exact fp32 adds in
-    a fixed order; only the sum over batch chunks is an fp32 atomic, unless ``deterministic``: then
-    each chunk stores its partial and one ``sum`` over the chunks reduces them in a fixed order.
+    several. grad is contiguous with rows of D features; index rows are unit-stride (``index_rows``).
+    The per-image sums are exact fp32 adds in a fixed order; only the sum over batch chunks is an
+    fp32 atomic, unless ``deterministic``: then each chunk stores its partial and one ``sum`` over
+    the chunks reduces them in a fixed order.
     """
     dim = grad.shape[-1]
     n_rows = grad.numel() // dim
@@ -268,7 +275,7 @@ def gather_tokens_triton(x: torch.Tensor, index: torch.Tensor, pos_embed: Option
     n_seq, m = index.shape
     p = 0 if prefix is None else prefix.shape[0]
     x, pos_embed, prefix = rows_contiguous(x), rows_contiguous(pos_embed), rows_contiguous(prefix)
-    index = index if index.stride(-1) == 1 else index.contiguous()
+    index = index_rows(index)
     out = empty(n_seq, p + m, dim, dtype=x.dtype, device=x.device)
     n_rows = n_seq * (p + m)
     wide = needs_wide_offsets(x, out, pos_embed)
@@ -296,6 +303,7 @@ def gather_tokens_triton_backward(grad_out: torch.Tensor, index: torch.Tensor, b
                                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx (B, L, D) in x's dtype, or empty; d[prefix; pos_embed] (P + L, D) fp32, or empty)."""
     grad_out = grad_out.contiguous()
+    index = index_rows(index)  # autograd saves the caller's index, which may be strided
     dim = grad_out.shape[-1]
     slots = num_prefix + length
     dx = empty(batch, length, dim, dtype=x_dtype, device=grad_out.device) if need_x else None

@@ -25,8 +25,8 @@ import triton.language as tl
 from sdae_fast.alloc import empty
 from sdae_fast.library import kernel_op, launch
 
-from .gather_tokens import (_cast, batch_chunk, feature_block, interpreting, launch_options, needs_wide_offsets,
-                            row_block, rows_contiguous, segment_sums)
+from .gather_tokens import (_cast, batch_chunk, feature_block, index_rows, interpreting, launch_options,
+                            needs_wide_offsets, row_block, rows_contiguous, segment_sums)
 
 
 @triton.jit
@@ -113,7 +113,7 @@ def unshuffle_tokens_triton(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask
     seq = num_prefix + length
     x_vis, pos_embed = rows_contiguous(x_vis), rows_contiguous(pos_embed)
     mask_token = mask_token.contiguous()
-    ids_restore = ids_restore if ids_restore.stride(-1) == 1 else ids_restore.contiguous()
+    ids_restore = index_rows(ids_restore)
     out = empty(batch, seq, dim, dtype=x_vis.dtype, device=x_vis.device)
     n_rows = batch * seq
     if n_rows and dim:
@@ -136,7 +136,8 @@ def _unshuffle_fake(x_vis, ids_restore, mask_token, pos_embed, num_prefix, deter
 
 
 def _param_grads(grad_out, ids_restore, num_prefix, keep, need_mask, need_pos, deterministic):
-    """(dmask (D,), dpos (T, D)) in fp32, each None when not needed; grad_out (B, T, D) contiguous."""
+    """(dmask (D,), dpos (T, D)) in fp32, each None when not needed; grad_out (B, T, D) contiguous,
+    ids_restore rows unit-stride (``index_rows``)."""
     batch, seq, dim = grad_out.shape
     f32 = dict(dtype=torch.float32, device=grad_out.device)
     if not (batch and seq and dim):
@@ -168,6 +169,7 @@ def unshuffle_tokens_triton_backward(grad_out: torch.Tensor, ids_restore: torch.
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d x_vis in x_vis's dtype, d mask_token (D,) fp32, d pos_embed (T, D) fp32), each empty when not needed."""
     grad_out = grad_out.contiguous()
+    ids_restore = index_rows(ids_restore)  # autograd saves the caller's ids_restore, which may be strided
     batch, seq, dim = grad_out.shape
     keep = rows_in - num_prefix
     dx = empty(batch, rows_in, dim, dtype=x_dtype, device=grad_out.device) if need_x else None

@@ -27,6 +27,18 @@ def grads(out, inputs, grad_out):
     return torch.autograd.grad(out, wanted, grad_out)
 
 
+def transposed(t):
+    """The same values laid out transposed in the last two dims (inner stride != 1), or, 1-D, strided."""
+    if t.dim() == 1:
+        return torch.stack([t, torch.zeros_like(t)], 1)[:, 0]
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def strided_leaf(t, requires_grad=True):
+    """A leaf in ``t``'s layout (``leaf`` clones, which keeps only dense layouts)."""
+    return t.detach().requires_grad_(requires_grad)
+
+
 def max_multiplicity(index: torch.Tensor, groups: int) -> int:
     """Most times one (image, position) is read: the terms its dx element sums."""
     rows = index.shape[0]
@@ -36,7 +48,9 @@ def max_multiplicity(index: torch.Tensor, groups: int) -> int:
 
 # ---------------------------------------------------------------- gather_tokens
 def check_gather(B, L, D, M, groups, P, dtype, index_dtype, *, with_pos=True, param_dtype=None,
-                 repeat=False, need=(True, True, True)):
+                 repeat=False, need=(True, True, True), layout=None):
+    """``layout``: None (contiguous), "index" (a transposed index) or "all" (x, index, pos_embed and
+    prefix all with a non-unit inner stride)."""
     param_dtype = param_dtype or dtype
     x = leaf(torch.randn(B, L, D, device=DEVICE).to(dtype), need[0])
     index = torch.randint(0, L, (B * groups, M), device=DEVICE)
@@ -46,6 +60,12 @@ def check_gather(B, L, D, M, groups, P, dtype, index_dtype, *, with_pos=True, pa
     index = index.to(index_dtype)
     pos = leaf(torch.randn(L, D, device=DEVICE).to(param_dtype), need[1]) if with_pos else None
     prefix = leaf(torch.randn(P, D, device=DEVICE).to(param_dtype), need[2]) if P else None
+    if layout is not None:
+        index = transposed(index)
+        assert M < 2 or B * groups < 2 or index.stride(-1) != 1
+    if layout == "all":
+        x, pos, prefix = [None if t is None else strided_leaf(transposed(t), r)
+                          for t, r in zip((x, pos, prefix), need)]
 
     out = gather_tokens(x, index, pos_embed=pos, prefix=prefix, groups=groups, backend="triton")
     expected = reference.gather_tokens(x, index, pos_embed=pos, prefix=prefix, groups=groups)
@@ -93,6 +113,16 @@ def test_gather_mixed_param_dtype_and_partial_grads():
     check_gather(2, 8, 24, 3, 1, 1, torch.float32, torch.int64, with_pos=False, need=(False, False, False))
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("layout", ["index", "all"])
+def test_gather_strided_grads(layout, index_dtype):
+    # the backward must read the index (and the inputs) in the layout the forward read: forward and
+    # every gradient against the reference, with an index of strides (1, B·groups)
+    check_gather(3, 7, 5, 4, 1, 1, torch.float32, index_dtype, layout=layout)
+    check_gather(2, 9, 7, 5, 3, 2, torch.float32, index_dtype, repeat=True, layout=layout)  # repeats: the walk
+    check_gather(3, 7, 5, 4, 1, 0, torch.float32, index_dtype, need=(True, True, False), layout=layout)
+
+
 def test_gather_strided_inputs():
     B, L, D = 2, 6, 10
     base = torch.randn(B, L + 3, 2 * D, device=DEVICE)
@@ -107,7 +137,9 @@ def test_gather_strided_inputs():
 
 # ---------------------------------------------------------------- unshuffle_tokens
 def check_unshuffle(B, L, K, D, P, dtype, index_dtype, *, permutation=True, param_dtype=None,
-                    need=(True, True, True)):
+                    need=(True, True, True), layout=None):
+    """``layout``: None (contiguous), "index" (a transposed ids_restore) or "all" (x_vis, ids_restore,
+    mask_token and pos_embed all with a non-unit inner stride)."""
     param_dtype = param_dtype or dtype
     if permutation:
         ids_restore = random_masking(B, L, 1 - K / L, device=DEVICE).ids_restore
@@ -118,6 +150,11 @@ def check_unshuffle(B, L, K, D, P, dtype, index_dtype, *, permutation=True, para
     x = leaf(torch.randn(B, P + K, D, device=DEVICE).to(dtype), need[0])
     mask_token = leaf(torch.randn(D, device=DEVICE).to(param_dtype), need[1])
     pos = leaf(torch.randn(P + L, D, device=DEVICE).to(param_dtype), need[2])
+    if layout is not None:
+        ids_restore = transposed(ids_restore)
+        assert B < 2 or L < 2 or ids_restore.stride(-1) != 1
+    if layout == "all":
+        x, mask_token, pos = [strided_leaf(transposed(t), r) for t, r in zip((x, mask_token, pos), need)]
 
     out = unshuffle_tokens(x, ids_restore, mask_token, pos_embed=pos, num_prefix=P, backend="triton")
     expected = reference.unshuffle_tokens(x, ids_restore, mask_token, pos_embed=pos, num_prefix=P)
@@ -160,6 +197,15 @@ def test_unshuffle_no_visible_tokens_mixed_dtype_and_partial_grads():
     check_unshuffle(2, 8, 2, 24, 1, torch.float32, torch.int64, need=(True, False, False))
     check_unshuffle(2, 8, 2, 24, 2, torch.float32, torch.int32, need=(False, True, False))
     check_unshuffle(2, 8, 2, 24, 0, torch.float32, torch.int64, need=(False, False, True))
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("layout", ["index", "all"])
+def test_unshuffle_strided_grads(layout, index_dtype):
+    # d x_vis (segment sums) and d mask_token read ids_restore in the forward's layout: strides (1, B)
+    check_unshuffle(3, 7, 3, 5, 1, torch.float32, index_dtype, layout=layout)
+    check_unshuffle(3, 9, 4, 7, 2, torch.float32, index_dtype, permutation=False, layout=layout)  # repeats
+    check_unshuffle(2, 5, 2, 3, 0, torch.float32, index_dtype, need=(False, True, False), layout=layout)
 
 
 def test_unshuffle_strided_inputs():
@@ -257,3 +303,5 @@ def test_gpu_configuration_in_interpreter(gpu_config):
     check_gather(2, 9, 40, 300, 1, 1, torch.float16, torch.int64)  # several row blocks
     check_unshuffle(5, 9, 3, 300, 2, torch.float32, torch.int64)  # D tiles, 5 batch chunks
     check_unshuffle(3, 12, 4, 20, 1, torch.float16, torch.int32, permutation=False)
+    check_gather(3, 7, 300, 5, 2, 1, torch.float32, torch.int64, repeat=True, layout="all")  # strided index, inputs
+    check_unshuffle(5, 9, 3, 300, 1, torch.float32, torch.int32, permutation=False, layout="all")
