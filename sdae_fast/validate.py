@@ -113,7 +113,7 @@ def check_float(name: str, value, *, ge: float | None = None, gt: float | None =
     value = float(value)
     low, low_closed = (gt, False) if gt is not None else (ge, True)
     high, high_closed = (lt, False) if lt is not None else (le, True)
-    ok = math.isfinite(value)
+    ok = -math.inf < value < math.inf  # False for NaN; a comparison dynamo traces (math.isfinite breaks the graph)
     if low is not None:
         ok = ok and (value >= low if low_closed else value > low)
     if high is not None:

@@ -120,3 +120,25 @@ def test_pretrain_compile_matches_eager(tmp_path):
         return pretrain(args)["losses"]
 
     assert run(tmp_path / "c", "eager") == run(tmp_path / "e", None)
+
+
+LOSSES = {
+    "cosine_loss": (lambda x: sdae_fast.cosine_loss(x, x.detach() * 2 + 1, dim=1, backend="torch"), (2, 3, 4), 1),
+    "masked_mse_loss": (lambda x: sdae_fast.masked_mse_loss(x, x.detach() + 1, torch.ones(x.shape[:2]), backend="torch"),
+                        (2, 3, 4), 1),
+    "dino_loss": (lambda x: sdae_fast.dino_loss(x, x.detach()[:4], torch.zeros(x.shape[1]), update_center=False,
+                                                backend="torch"), (6, 5), 1),
+    "homologous_contrastive_loss": (lambda x: sdae_fast.homologous_contrastive_loss(
+        x, torch.zeros(x.shape[:2], dtype=torch.long), backend="torch"), (2, 4, 3), 1),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_losses_compile_with_dynamic_shapes(name):
+    """dynamic=True turns the float arguments symbolic: their checks must trace (math.isfinite broke the graph)."""
+    fn, shape, axis = LOSSES[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="eager", dynamic=True)
+    for grow in (0, 2, 4):
+        x = torch.randn(*(s + grow if i == axis else s for i, s in enumerate(shape)))
+        torch.testing.assert_close(compiled(x), fn(x))
