@@ -114,6 +114,8 @@ CASES = [
     bad("gather_tokens", "x_rank2", lambda: gather(x=r(5, 3)), ValueError, "x must have 3 dimensions"),
     bad("gather_tokens", "x_list", lambda: gather(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
     bad("gather_tokens", "index_float", lambda: gather(index=torch.zeros(2, 2)), TypeError, "index must have dtype"),
+    bad("gather_tokens", "no_tokens", lambda: gather(x=r(2, 0, 3), index=torch.zeros(2, 1, dtype=I64)), IndexError,
+        r"gather_tokens: x has no tokens \(x shape \(2, 0, 3\)\) but index asks for 1 per row"),
     bad("gather_tokens", "index_rows", lambda: gather(index=idx([0, 1])), ValueError, "index must have B·groups"),
     bad("gather_tokens", "index_too_big", lambda: gather(index=idx([0, 5], [1, 2])), IndexError, r"index .*\[0, 5\)"),
     bad("gather_tokens", "index_negative", lambda: gather(index=idx([0, -1], [1, 2])), IndexError, r"index .*\[0, 5\)"),

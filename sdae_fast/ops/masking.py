@@ -95,6 +95,9 @@ def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, backend=No
         check_tensor("prefix", prefix, ndim=2)
         check_shape("prefix", prefix, (None, dim))
     check_same_device(x=x, index=index, pos_embed=pos_embed, prefix=prefix)
+    if length == 0 and index.numel():
+        raise IndexError(f"gather_tokens: x has no tokens (x shape {tuple(x.shape)}) but index asks for "
+                         f"{index.shape[1]} per row")
     check_index_range("index", index, length, op="gather_tokens")
     return GATHER(x, index, pos_embed=pos_embed, prefix=prefix, groups=groups, deterministic=_deterministic(deterministic),
                   backend=backend)
