@@ -13,7 +13,8 @@ that axis (8 bytes per vector, never the standardised target) and the loss kerne
 element by element as it loads the target.
 
 Liger-style: the forward writes the gradient for a unit upstream gradient; the backward only
-scales it, never re-reading pred or target.
+scales it, never re-reading pred or target. For fp16 each vector is stored times its own power of
+two, whose inverse the backward applies (see loss_grad).
 """
 import math
 
@@ -24,7 +25,7 @@ import triton.language as tl
 from ..alloc import empty
 from ..dispatch import triton_interpreting
 from ..library import kernel_op, launch, register_saved_grad_autograd
-from .loss_grad import defers_mean_factor, scale_saved_grad
+from .loss_grad import pow2_normalizer, scale_saved_grad, scales_per_vector
 from .row_stats import mean_rstd_along, standardize_along
 
 MAX_BLOCK_N = 16384  # a whole vector lives in registers; longer ones are refused by the op's why_not
@@ -69,10 +70,10 @@ def _vector_stats_kernel(
 
 @triton.jit
 def _cosine_loss_fwd_kernel(
-    pred_ptr, target_ptr, grad_ptr, partial_ptr, mean_ptr, rstd_ptr,
+    pred_ptr, target_ptr, grad_ptr, scale_ptr, partial_ptr, mean_ptr, rstd_ptr,
     n, inner, num_inner_blocks, num_vectors,
     inv_n, inv_n_minus_1, std_eps, cos_eps, grad_scale, std_block, std_inner,
-    STANDARDIZE: tl.constexpr, WRITE_GRAD: tl.constexpr, INNER_ONE: tl.constexpr,
+    STANDARDIZE: tl.constexpr, WRITE_GRAD: tl.constexpr, VECTOR_SCALE: tl.constexpr, INNER_ONE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -104,6 +105,10 @@ def _cosine_loss_fwd_kernel(
         # the reference). clamped_p in the divisor keeps a zero vector finite (its coefficient is 0).
         coef = tl.where(norm_p >= cos_eps, cos / (clamped_p * clamped_p), 0.0)
         grad = grad_scale * (t * inv_norms[None, :] - coef[None, :] * p)
+        if VECTOR_SCALE:  # fp16: each vector's max |grad| to [2^14, 2^15), the inverse saved (see loss_grad)
+            up, down = pow2_normalizer(tl.max(tl.where(valid, tl.abs(grad), 0.0), axis=0))
+            grad = grad * up[None, :]
+            tl.store(scale_ptr + vec, down, mask=vec_ok)
         tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
@@ -122,6 +127,12 @@ def _launch_config(n: int, inner: int, num_vectors: int):
 def _view(shape, dim: int):
     """(outer, n, inner) of ``shape`` around axis ``dim``."""
     return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
+
+
+def _factor_shape(shape, dim: int):
+    """``shape`` with axis ``dim`` of size 1: one entry per vector, in the (outer, inner) order of
+    the kernel's flat vector index, broadcasting against the gradient."""
+    return (*shape[:dim], 1, *shape[dim + 1:])
 
 
 def _grid(outer: int, inner: int, block_v: int):
@@ -150,9 +161,11 @@ def target_stats(t, standardize_dim: int, std_eps: float):
 
 def cosine_loss_forward(pred, target, dim: int, standardize_target: bool, standardize_dim: int, eps: float,
                         std_eps: float, write_grad: bool):
-    """(fp32 scalar loss, grad w.r.t. pred or None, the mean's factor the grad still lacks or None).
+    """(fp32 scalar loss, grad w.r.t. pred or None, its per-vector fp32 factor or None).
 
-    The grad is for a unit upstream gradient; for fp16 pred it is V times that (see loss_grad).
+    The grad is for a unit upstream gradient. For fp16 pred each vector of it is stored times a
+    power of two whose inverse the factor holds, shaped ``shape`` with ``dim`` of size 1 (see
+    loss_grad); otherwise it is final and the factor is None.
     """
     shape = pred.shape
     outer, n, inner = _view(shape, dim)
@@ -160,7 +173,7 @@ def cosine_loss_forward(pred, target, dim: int, standardize_target: bool, standa
     p = pred.contiguous()
     t = target.detach().contiguous()
     block_n, block_v, num_warps = _launch_config(n, inner, num_vectors)
-    deferred = write_grad and defers_mean_factor(pred.dtype)
+    per_vector = write_grad and scales_per_vector(pred.dtype)
     grid, num_inner_blocks = _grid(outer, inner, block_v)
     mode = NO_STD if not standardize_target else STD_IN_TILE if standardize_dim == dim else STD_FROM_STATS
     if mode == STD_FROM_STATS:
@@ -168,42 +181,42 @@ def cosine_loss_forward(pred, target, dim: int, standardize_target: bool, standa
     else:
         mean, rstd, std_block, std_inner = t, t, 1, 1  # unread
     grad = empty(*shape, dtype=pred.dtype, device=pred.device) if write_grad else p
+    scale = empty(*_factor_shape(shape, dim), dtype=torch.float32, device=pred.device) if per_vector else p  # unread
     partials = empty(grid, dtype=torch.float32, device=pred.device)
     launch(_cosine_loss_fwd_kernel)[(grid,)](
-        p, t, grad, partials, mean, rstd,
+        p, t, grad, scale, partials, mean, rstd,
         n, inner, num_inner_blocks, num_vectors,
-        1.0 / n, 1.0 / max(n - 1, 1), float(std_eps), float(eps), -1.0 if deferred else -1.0 / num_vectors,
+        1.0 / n, 1.0 / max(n - 1, 1), float(std_eps), float(eps), -1.0 / num_vectors,
         std_block, std_inner,
-        STANDARDIZE=mode, WRITE_GRAD=write_grad, INNER_ONE=inner == 1,
+        STANDARDIZE=mode, WRITE_GRAD=write_grad, VECTOR_SCALE=per_vector, INNER_ONE=inner == 1,
         BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps,
     )
     # Per-program partial sums reduced by torch: deterministic (no atomics), fp32.
     loss = torch.rsub(partials.sum(), 1.0, alpha=1.0 / num_vectors)  # 1 - Σcos / V in one launch
-    return loss, (grad if write_grad else None), (1.0 / num_vectors if deferred else None)
+    return loss, (grad if write_grad else None), (scale if per_vector else None)
 
 
 @kernel_op("cosine_loss_triton")
 def cosine_loss_triton(pred: torch.Tensor, target: torch.Tensor, dim: int, standardize_target: bool,
                        standardize_dim: int, eps: float, std_eps: float,
                        write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, d loss / d pred for a unit upstream gradient or empty, the mean's factor it still lacks)."""
+    """(loss, d loss / d pred for a unit upstream gradient or empty, the factor it still lacks:
+    fp16's per-vector inverse powers of two, else a 0-dim 1)."""
     loss, grad, factor = cosine_loss_forward(pred, target, dim, standardize_target, standardize_dim, eps, std_eps,
                                              write_grad)
     return (loss, pred.new_empty(0) if grad is None else grad,
-            torch.full((), 1.0 if factor is None else factor, dtype=torch.float32, device=pred.device))
+            torch.ones((), dtype=torch.float32, device=pred.device) if factor is None else factor)
 
 
 @cosine_loss_triton.register_fake
 def _cosine_fake(pred, target, dim, standardize_target, standardize_dim, eps, std_eps, write_grad):
     f32 = torch.float32
-    return pred.new_empty((), dtype=f32), pred.new_empty(pred.shape if write_grad else (0,)), pred.new_empty((), dtype=f32)
+    factor_shape = _factor_shape(pred.shape, dim) if write_grad and scales_per_vector(pred.dtype) else ()
+    return (pred.new_empty((), dtype=f32), pred.new_empty(pred.shape if write_grad else (0,)),
+            pred.new_empty(factor_shape, dtype=f32))
 
 
-def _scale(grad, grad_output, factor):
-    return scale_saved_grad(grad, grad_output, factor if defers_mean_factor(grad.dtype) else None)
-
-
-register_saved_grad_autograd(cosine_loss_triton, _scale)
+register_saved_grad_autograd(cosine_loss_triton, scale_saved_grad)
 
 
 def cosine_loss(pred, target, *, dim: int, standardize_target: bool = True, standardize_dim: int | None = None,

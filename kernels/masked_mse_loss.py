@@ -7,6 +7,8 @@ saves that share of the input bandwidth.
 
 The normaliser Σmask is computed on the device and read by the kernel through a pointer, so the
 gradient ``2 (p - t) · m / (P · Σmask)`` is final in the forward without a device->host sync.
+For fp16 each row is stored times its own power of two, whose inverse the backward applies
+(see loss_grad).
 """
 import torch
 import triton
@@ -15,7 +17,7 @@ import triton.language as tl
 from ..alloc import empty
 from ..dispatch import triton_interpreting
 from ..library import kernel_op, launch, register_saved_grad_autograd
-from .loss_grad import defers_mean_factor, scale_saved_grad
+from .loss_grad import pow2_normalizer, scale_saved_grad, scales_per_vector
 from .row_stats import standardize_along
 
 NORM_PIX_EPS = tl.constexpr(1e-6)  # MAE's norm_pix_loss: (t - mean) / (var + 1e-6) ** .5
@@ -24,9 +26,9 @@ MAX_BLOCK_P = 16384  # a whole patch lives in registers; longer rows are refused
 
 @triton.jit
 def _masked_mse_fwd_kernel(
-    pred_ptr, target_ptr, mask_ptr, mask_sum_ptr, grad_ptr, partial_ptr,
+    pred_ptr, target_ptr, mask_ptr, mask_sum_ptr, grad_ptr, scale_ptr, partial_ptr,
     num_rows, P, inv_p, inv_p_minus_1,
-    NORM_TARGET: tl.constexpr, WRITE_GRAD: tl.constexpr, DEFER_MASK_SUM: tl.constexpr,
+    NORM_TARGET: tl.constexpr, WRITE_GRAD: tl.constexpr, ROW_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -49,11 +51,12 @@ def _masked_mse_fwd_kernel(
 
     if WRITE_GRAD:
         # Every row is written, the skipped ones with zeros (diff is 0 there).
-        if DEFER_MASK_SUM:  # fp16: backward divides by Σmask (see loss_grad)
-            row_scale = (2.0 * inv_p) * weight
-        else:
-            row_scale = (2.0 * inv_p / tl.load(mask_sum_ptr)) * weight
+        row_scale = (2.0 * inv_p / tl.load(mask_sum_ptr)) * weight
         grad = diff * row_scale[:, None]
+        if ROW_SCALE:  # fp16: each row's max |grad| to [2^14, 2^15), the inverse saved (see loss_grad)
+            up, down = pow2_normalizer(tl.max(tl.abs(grad), axis=1))
+            grad = grad * up[:, None]
+            tl.store(scale_ptr + row, down, mask=row_ok)
         tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -67,9 +70,10 @@ def _launch_config(num_rows: int, P: int):
 
 
 def masked_mse_forward(pred, target, mask, norm_target: bool, write_grad: bool):
-    """(fp32 scalar loss, grad w.r.t. pred or None, the mean's factor the grad still lacks or None).
+    """(fp32 scalar loss, grad w.r.t. pred or None, its per-row fp32 factor (B, L, 1) or None).
 
-    The grad is for a unit upstream gradient; for fp16 pred it is Σmask times that (see loss_grad).
+    The grad is for a unit upstream gradient. For fp16 pred each row of it is stored times a power
+    of two whose inverse the factor holds (see loss_grad); otherwise it is final and the factor is None.
     """
     B, L, P = pred.shape
     num_rows = B * L
@@ -80,24 +84,26 @@ def masked_mse_forward(pred, target, mask, norm_target: bool, write_grad: bool):
         m = m.view(torch.uint8)  # same bytes; Triton loads uint8 portably
     mask_sum = m.sum(dtype=torch.float32)  # on the device: no sync; exact for 0/1 masks
     block_r, block_p, num_warps = _launch_config(num_rows, P)
-    deferred = write_grad and defers_mean_factor(pred.dtype)
+    per_row = write_grad and scales_per_vector(pred.dtype)
     grid = triton.cdiv(num_rows, block_r)
     grad = empty(B, L, P, dtype=pred.dtype, device=pred.device) if write_grad else p
+    scale = empty(B, L, 1, dtype=torch.float32, device=pred.device) if per_row else p  # unread without
     partials = empty(grid, dtype=torch.float32, device=pred.device)
     launch(_masked_mse_fwd_kernel)[(grid,)](
-        p, t, m, mask_sum, grad, partials,
+        p, t, m, mask_sum, grad, scale, partials,
         num_rows, P, 1.0 / P, 1.0 / max(P - 1, 1),
-        NORM_TARGET=bool(norm_target), WRITE_GRAD=write_grad, DEFER_MASK_SUM=deferred,
+        NORM_TARGET=bool(norm_target), WRITE_GRAD=write_grad, ROW_SCALE=per_row,
         BLOCK_R=block_r, BLOCK_P=block_p, num_warps=num_warps,
     )
     loss = partials.sum() / mask_sum  # deterministic: per-program partials, no atomics
-    return loss, (grad if write_grad else None), (1.0 / mask_sum if deferred else None)
+    return loss, (grad if write_grad else None), (scale if per_row else None)
 
 
 @kernel_op("masked_mse_loss_triton")
 def masked_mse_loss_triton(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_target: bool,
                            write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, d loss / d pred for a unit upstream gradient or empty, the mean's factor it still lacks)."""
+    """(loss, d loss / d pred for a unit upstream gradient or empty, the factor it still lacks:
+    fp16's per-row inverse powers of two, else a 0-dim 1)."""
     loss, grad, factor = masked_mse_forward(pred, target, mask, norm_target, write_grad)
     return (loss, pred.new_empty(0) if grad is None else grad,
             torch.ones((), dtype=torch.float32, device=pred.device) if factor is None else factor)
@@ -106,14 +112,12 @@ def masked_mse_loss_triton(pred: torch.Tensor, target: torch.Tensor, mask: torch
 @masked_mse_loss_triton.register_fake
 def _masked_mse_fake(pred, target, mask, norm_target, write_grad):
     f32 = torch.float32
-    return pred.new_empty((), dtype=f32), pred.new_empty(pred.shape if write_grad else (0,)), pred.new_empty((), dtype=f32)
+    factor_shape = (*pred.shape[:2], 1) if write_grad and scales_per_vector(pred.dtype) else ()
+    return (pred.new_empty((), dtype=f32), pred.new_empty(pred.shape if write_grad else (0,)),
+            pred.new_empty(factor_shape, dtype=f32))
 
 
-def _scale(grad, grad_output, factor):
-    return scale_saved_grad(grad, grad_output, factor if defers_mean_factor(grad.dtype) else None)
-
-
-register_saved_grad_autograd(masked_mse_loss_triton, _scale)
+register_saved_grad_autograd(masked_mse_loss_triton, scale_saved_grad)
 
 
 def masked_mse_loss(pred, target, mask, *, norm_target: bool = True):

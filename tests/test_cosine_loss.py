@@ -224,6 +224,42 @@ def test_triton_fp16_small_gradients_survive_a_grad_scaler():
     assert_close(pred.grad, pred64.grad, dtype=torch.float16, reduction=8)
 
 
+def _fp16_compare(pred, target, upstream=1.0, **kw):
+    """Triton against the float64 reference on the same fp16-rounded inputs: loss and pred's grad."""
+    pred = pred.detach().requires_grad_()
+    loss = cosine_loss(pred, target, **kw, backend="triton")
+    (upstream * loss).backward()
+    pred64 = pred.detach().double().requires_grad_()
+    expected = reference.cosine_loss(pred64, target.double(), **kw)
+    (upstream * expected).backward()
+    n = pred.shape[kw.get("dim", -1)]
+    assert_close(loss, expected, dtype=torch.float32, reduction=pred.numel(), name="loss")
+    assert pred.grad.dtype == torch.float16
+    assert_close(pred.grad, pred64.grad, dtype=torch.float16, reduction=n, name="grad pred")
+
+
+@pytest.mark.parametrize("shape, dim, standardize_dim", [((64, 8), -1, -1), ((8, 64), 0, 0), ((4, 8, 16), 1, -1)])
+def test_triton_fp16_tiny_pred_gradient_does_not_overflow(shape, dim, standardize_dim):
+    # |p| ~ 3e-6: the unit-upstream gradient ~1/(V·|p|) is finite in fp16 (hundreds to thousands),
+    # but V times it (the gradient without the mean's 1/V) is not: it must not be stored that way.
+    device = triton_device()
+    pred = (torch.randn(shape, device=device) * 1e-6).half()
+    target = torch.randn(shape, device=device).half()
+    _fp16_compare(pred, target, dim=dim, standardize_dim=standardize_dim)
+
+
+def test_triton_fp16_large_count_mixed_magnitudes_under_a_grad_scaler():
+    # V = 2048 vectors with |p| spanning ~30..3000: the unit gradients (~1/(V·|p|), 6e-6..6e-8)
+    # are deep in fp16's subnormals or below them, so the mean's 1/V folded into an fp16 store
+    # would lose them before GradScaler's 2^16 upstream; the reference scales in fp32 and rounds
+    # once. The magnitudes differ per vector: one scale for the whole tensor would not do.
+    device = triton_device()
+    magnitude = 10.0 ** (torch.rand(2048, 1, device=device) * 2 + 1)
+    pred = (torch.randn(2048, 8, device=device) * magnitude).half()
+    target = torch.randn(2048, 8, device=device).half()
+    _fp16_compare(pred, target, upstream=65536.0)
+
+
 def test_triton_mixed_dtypes_and_negative_dim():
     # Under autocast the student output is fp16 while the teacher target may stay fp32.
     device = triton_device()
@@ -245,16 +281,23 @@ def test_triton_without_grad():
 
 
 def test_kernel_compiles_for_hopper():
-    signature = {"pred_ptr": "*bf16", "target_ptr": "*bf16", "grad_ptr": "*bf16", "partial_ptr": "*fp32",
+    signature = {"pred_ptr": "*bf16", "target_ptr": "*bf16", "grad_ptr": "*bf16", "scale_ptr": "*fp32",
+                 "partial_ptr": "*fp32",
                  "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                  "n": "i32", "inner": "i32", "num_inner_blocks": "i32", "num_vectors": "i32",
                  "inv_n": "fp32", "inv_n_minus_1": "fp32", "std_eps": "fp32", "cos_eps": "fp32", "grad_scale": "fp32",
                  "std_block": "i32", "std_inner": "i32",
-                 "STANDARDIZE": "constexpr", "WRITE_GRAD": "constexpr", "INNER_ONE": "constexpr",
+                 "STANDARDIZE": "constexpr", "WRITE_GRAD": "constexpr", "VECTOR_SCALE": "constexpr",
+                 "INNER_ONE": "constexpr",
                  "BLOCK_N": "constexpr", "BLOCK_V": "constexpr"}
-    variants = [{"STANDARDIZE": 1, "WRITE_GRAD": True, "INNER_ONE": True, "BLOCK_N": 1024, "BLOCK_V": 4},
-                {"STANDARDIZE": 1, "WRITE_GRAD": True, "INNER_ONE": False, "BLOCK_N": 64, "BLOCK_V": 64},
-                {"STANDARDIZE": 2, "WRITE_GRAD": True, "INNER_ONE": False, "BLOCK_N": 64, "BLOCK_V": 64}]
+    variants = [{"STANDARDIZE": 1, "WRITE_GRAD": True, "VECTOR_SCALE": False, "INNER_ONE": True, "BLOCK_N": 1024,
+                 "BLOCK_V": 4},
+                {"STANDARDIZE": 1, "WRITE_GRAD": True, "VECTOR_SCALE": True, "INNER_ONE": True, "BLOCK_N": 1024,
+                 "BLOCK_V": 4},
+                {"STANDARDIZE": 1, "WRITE_GRAD": True, "VECTOR_SCALE": False, "INNER_ONE": False, "BLOCK_N": 64,
+                 "BLOCK_V": 64},
+                {"STANDARDIZE": 2, "WRITE_GRAD": True, "VECTOR_SCALE": True, "INNER_ONE": False, "BLOCK_N": 64,
+                 "BLOCK_V": 64}]
     compile_for_hopper("sdae_fast.kernels.cosine_loss", "_cosine_loss_fwd_kernel", signature, variants, num_warps=8)
     stats_signature = {"x_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "n": "i32", "inner": "i32",
                        "num_inner_blocks": "i32", "num_vectors": "i32", "inv_n": "fp32", "inv_n_minus_1": "fp32",

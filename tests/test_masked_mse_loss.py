@@ -133,6 +133,35 @@ def test_triton_fp16_small_gradients_survive_a_grad_scaler():
     assert_close(pred.grad, pred64.grad, dtype=torch.float16, reduction=48)
 
 
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_triton_fp16_large_differences_do_not_overflow(P):
+    # |p - t| = 1.2e5 over Σmask = 64 patches: the unit-upstream gradient 2(p - t)/(P·Σmask) is
+    # finite in fp16 (≤ 3750), but 2(p - t)/P (the gradient without the mean's 1/Σmask) is not.
+    device = triton_device()
+    pred = torch.full((4, 16, P), 6e4, device=device).half().requires_grad_()
+    target = torch.full((4, 16, P), -6e4, device=device).half()
+    with torch.no_grad():
+        pred[1] = torch.randn(16, P, device=device)  # ordinary patches next to the extreme ones
+    _compare(pred, target, torch.ones(4, 16, device=device), False)
+
+
+def test_triton_fp16_large_count_mixed_magnitudes_under_a_grad_scaler():
+    # Σmask = 2048 patches of 8 whose |p - t| spans ~1e-3..1e-2: the unit gradients
+    # 2(p - t)/(P·Σmask) (~1e-7..1e-6) are deep in fp16's subnormals, so the mean's 1/Σmask folded into
+    # an fp16 store would lose them before GradScaler's 2^16 upstream; the reference scales in fp32
+    # and rounds once. The magnitudes differ per patch: one scale for the whole tensor would not do.
+    device = triton_device()
+    target = torch.randn(4, 512, 8, device=device).half()
+    offset = torch.randn(4, 512, 8, device=device) * 10.0 ** (torch.rand(4, 512, 1, device=device) - 3)
+    pred = (target + offset).half().requires_grad_()
+    mask = torch.ones(4, 512, device=device)
+    (65536.0 * masked_mse_loss(pred, target, mask, norm_target=False, backend="triton")).backward()
+    pred64 = pred.detach().double().requires_grad_()
+    (65536.0 * reference.masked_mse_loss(pred64, target.double(), mask, norm_target=False)).backward()
+    assert pred.grad.dtype == torch.float16
+    assert_close(pred.grad, pred64.grad, dtype=torch.float16, reduction=8, name="grad pred")
+
+
 def test_triton_mixed_dtypes():
     # MAE under autocast: fp16 decoder output against the fp32 patchified image.
     device = triton_device()
@@ -163,11 +192,11 @@ def test_triton_fp16_constant_and_large_patches_stay_finite():
 
 def test_kernel_compiles_for_hopper():
     signature = {"pred_ptr": "*bf16", "target_ptr": "*bf16", "mask_ptr": "*u8", "mask_sum_ptr": "*fp32",
-                 "grad_ptr": "*bf16", "partial_ptr": "*fp32", "num_rows": "i32", "P": "i32", "inv_p": "fp32",
+                 "grad_ptr": "*bf16", "scale_ptr": "*fp32", "partial_ptr": "*fp32", "num_rows": "i32", "P": "i32", "inv_p": "fp32",
                  "inv_p_minus_1": "fp32", "NORM_TARGET": "constexpr", "WRITE_GRAD": "constexpr",
-                 "DEFER_MASK_SUM": "constexpr", "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"}
-    variants = [{"NORM_TARGET": True, "WRITE_GRAD": True, "DEFER_MASK_SUM": defer, "BLOCK_R": 4, "BLOCK_P": 1024}
-                for defer in (False, True)]
+                 "ROW_SCALE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"}
+    variants = [{"NORM_TARGET": True, "WRITE_GRAD": True, "ROW_SCALE": per_row, "BLOCK_R": 4, "BLOCK_P": 1024}
+                for per_row in (False, True)]
     compile_for_hopper("sdae_fast.kernels.masked_mse_loss", "_masked_mse_fwd_kernel", signature, variants, num_warps=8)
 
 
