@@ -69,10 +69,16 @@ def register_saved_grad_autograd(op, scale) -> None:
 
     def setup_context(ctx, inputs, output):
         _, grad, factor = output
+        ctx.mark_non_differentiable(grad, factor)  # the kernel's constants, not functions to differentiate
         ctx.save_for_backward(grad, factor)
         ctx.num_inputs = len(inputs)
 
     def backward(ctx, grad_loss, _grad, _factor):
+        if torch.is_grad_enabled():
+            # create_graph=True: a second derivative would need d grad / d input, which the kernel
+            # never forms; the saved gradient is a constant, so going on would give a silent zero.
+            raise NotImplementedError(f"{getattr(op, '_qualname', op)}: no double backward through the fused "
+                                      "loss kernel; use backend='torch' for second derivatives")
         grad, factor = ctx.saved_tensors
         return (scale(grad, grad_loss, factor),) + (None,) * (ctx.num_inputs - 1)
 

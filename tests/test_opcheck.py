@@ -117,3 +117,19 @@ def test_triton_kernel_op(name):
 
     op, args = kernel_cases()[name]
     opcheck(op, args)
+
+
+@interpreter
+@pytest.mark.parametrize("name", ["cosine_loss", "masked_mse_loss", "dino_loss"])
+def test_fused_losses_refuse_a_double_backward(name):
+    """The Liger-style kernels write d loss / d input in the forward, a constant to autograd: a
+    second derivative through them must fail loudly, not come back as zero."""
+    op, args, kwargs = public_cases()[name]
+    args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+    kwargs = dict(kwargs, update_center=False) if name == "dino_loss" else kwargs  # the same centre each call
+    x = args[0].detach().requires_grad_()
+    (g,) = torch.autograd.grad(op(x, *args[1:], **kwargs, backend="triton"), x)  # first order: fine
+    with pytest.raises(NotImplementedError, match="no double backward through the fused loss kernel"):
+        torch.autograd.grad(op(x, *args[1:], **kwargs, backend="triton"), x, create_graph=True)
+    (h,) = torch.autograd.grad(op(x, *args[1:], **kwargs, backend="torch"), x, create_graph=True)
+    assert h.requires_grad and torch.allclose(h.detach(), g, atol=1e-5)  # the reference serves it
