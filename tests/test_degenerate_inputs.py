@@ -110,3 +110,14 @@ def test_ema_update_of_nothing_and_of_empty_tensors():
         t = torch.zeros(0, device=DEVICE)
         sdae_fast.ema_update_([t], [torch.zeros(0, device=DEVICE)], 0.9, backend=backend)
         assert t.shape == (0,)
+
+
+def test_constants_get_no_gradient_on_any_backend():
+    """The teacher and centre of dino_loss, the target and mask of masked_mse_loss are constants
+    (SPEC §4): no backend gives them a gradient, even when they require one (_both checks it)."""
+    student, teacher, center = torch.randn(6, 5), torch.randn(4, 5), torch.randn(5)
+    _both(lambda b, s, t, c: sdae_fast.dino_loss(s, t, c, update_center=False, backend=b) if b else
+          reference.dino_loss(s, t, c, update_center=False), student, teacher, center)
+    pred, target, mask = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.tensor([[1., 0, 1], [0, 1, 0]])
+    _both(lambda b, p, t, m: sdae_fast.masked_mse_loss(p, t, m, backend=b) if b else
+          reference.masked_mse_loss(p, t, m), pred, target, mask)

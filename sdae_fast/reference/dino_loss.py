@@ -10,13 +10,14 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
     """Mean over view pairs (g, v), g != v, of ``mean_b(-sum_k q_g · log p_v)``; as DINO's ``DINOLoss``.
 
     student_out (V·B, K), teacher_out (num_global·B, K), center (K,) or (1, K), updated in place
-    after the loss when ``update_center``. This naive form keeps every softmax alive: the baseline.
+    after the loss when ``update_center``. The teacher and the centre are constants (no gradient),
+    as in DINO and the fused kernel. This naive form keeps every softmax alive: the baseline.
     """
     batch = teacher_out.shape[0] // num_global
     views = student_out.shape[0] // batch
     acc = accumulation_dtype(student_out, teacher_out)
     student = (student_out.to(acc) / student_temp).log_softmax(dim=-1).chunk(views)
-    teacher = ((teacher_out.detach().to(acc) - center.to(acc).reshape(1, -1)) / teacher_temp).softmax(dim=-1)
+    teacher = ((teacher_out.detach().to(acc) - center.detach().to(acc).reshape(1, -1)) / teacher_temp).softmax(dim=-1)
     teacher = teacher.chunk(num_global)
     total, pairs = 0.0, 0
     for g, q in enumerate(teacher):

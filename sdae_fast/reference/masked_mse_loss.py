@@ -21,5 +21,5 @@ def masked_mse_loss(pred, target, mask, *, norm_target=True):
     if norm_target:
         t = standardize(t, -1, 1e-6)
     loss = ((p - t) ** 2).mean(dim=-1)
-    m = mask.to(acc)
+    m = mask.detach().to(acc)  # a constant, as the target: only pred gets a gradient (as the kernel)
     return (loss * m).sum() / m.sum()
