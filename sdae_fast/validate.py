@@ -1,6 +1,7 @@
 """Input checks shared by every op, run before any backend: a clear error, never a device crash."""
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Iterable, Sequence
@@ -13,6 +14,28 @@ import torch
 FUSED_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT_DTYPES = FUSED_FLOAT_DTYPES + (torch.float64,)
 INDEX_DTYPES = (torch.int32, torch.int64)
+_ARGUMENT_ERRORS = (TypeError, ValueError, IndexError)
+
+
+def names_its_errors(op_name: str):
+    """Decorator of a public op: the TypeError, ValueError or IndexError its checks raise starts with
+    the op's name (``gather_tokens: index must have dtype ...``), as the deferred value checks' do."""
+    prefix = f"{op_name}: "
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def public_op(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except _ARGUMENT_ERRORS as exc:
+                if type(exc) in _ARGUMENT_ERRORS and exc.args and isinstance(exc.args[0], str) \
+                        and not exc.args[0].startswith(prefix):
+                    exc.args = (prefix + exc.args[0],) + exc.args[1:]  # same exception, same traceback
+                raise
+
+        return public_op
+
+    return wrap
 
 
 def check_tensor(

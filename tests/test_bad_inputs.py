@@ -329,9 +329,11 @@ def test_bad_input(case, backend, check_mode):
     args, kwargs = case.make()
     error, match = case.only.get(backend, (case.raises, case.match))
     if error is not None:
-        with pytest.raises(error, match=match):
+        with pytest.raises(error, match=match) as raised:
             _call(case, backend, args, kwargs)
             check_errors()
+        if raised.type in (TypeError, ValueError, IndexError):  # host-side and deferred checks name the op
+            assert str(raised.value).startswith(f"{case.op}: "), str(raised.value)
         return
     want = _reference(case, args, kwargs)
     out = _call(case, backend, args, kwargs)

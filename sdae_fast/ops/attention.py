@@ -4,7 +4,7 @@ from __future__ import annotations
 from .. import reference
 from ..dispatch import op, triton_installed
 from ..validate import (check_float, check_int, check_last_dim_contiguous, check_same_device, check_same_dtype,
-                        check_tensor)
+                        check_tensor, names_its_errors)
 
 TOPK_ATTENTION = op("topk_attention", auto_order=("triton", "torch"),
                     schema="(Tensor q, Tensor k, Tensor v, int topk, *, float? scale=None) -> Tensor")
@@ -36,6 +36,7 @@ def _triton(q, k, v, topk, *, scale=None):
     return fused(q, k, v, topk, scale=scale)
 
 
+@names_its_errors('topk_attention')
 def topk_attention(q, k, v, topk: int, *, scale=None, backend=None):
     """Softmax attention where each query keeps only its ``topk`` best keys (ties at the threshold kept).
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .. import checks, reference
 from ..dispatch import op
-from ..validate import INDEX_DTYPES, check_same_device, check_shape, check_temperature, check_tensor
+from ..validate import INDEX_DTYPES, check_same_device, check_shape, check_temperature, check_tensor, names_its_errors
 
 CONTRASTIVE_LOSS = op("homologous_contrastive_loss", auto_order=("triton", "torch"),
                       schema="(Tensor z, Tensor labels, *, float temperature=0.07, bool normalize=True) -> Tensor")
@@ -24,6 +24,7 @@ def _triton(*args, **kwargs):
     return fused(*args, **kwargs)
 
 
+@names_its_errors('homologous_contrastive_loss')
 def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True, backend=None):
     """Within each mixed image, pull together tokens from the same source; fp32 scalar (float64 for
     float64 z, on the torch reference only: for fidelity checks; triton refuses it).

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .. import reference
 from ..dispatch import op
-from ..validate import check_dims, check_float, check_same_device, check_tensor
+from ..validate import check_dims, check_float, check_same_device, check_tensor, names_its_errors
 
 COSINE_LOSS = op("cosine_loss", auto_order=("triton", "torch"),
                  schema="(Tensor pred, Tensor target, *, int dim, bool standardize_target=True, int standardize_dim=-1, "
@@ -33,6 +33,7 @@ def _triton(pred, target, *, dim, standardize_target=True, standardize_dim=-1, e
                               standardize_dim=standardize_dim, eps=eps, std_eps=std_eps)
 
 
+@names_its_errors('cosine_loss')
 def cosine_loss(pred, target, *, dim=-1, standardize_target=True, standardize_dim=-1, eps=1e-8, std_eps=1e-6,
                 backend=None):
     """``1 - mean(cos(pred, standardize(target)))``; fp32 scalar (float64 for float64 inputs, on the

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .. import reference
 from ..dispatch import op
-from ..validate import check_float, check_int, check_same_device, check_temperature, check_tensor
+from ..validate import check_float, check_int, check_same_device, check_temperature, check_tensor, names_its_errors
 
 DINO_LOSS = op("dino_loss", auto_order=("triton", "torch"),
                schema="(Tensor student_out, Tensor teacher_out, Tensor(a!) center, *, float student_temp=0.1, "
@@ -32,6 +32,7 @@ def _triton(*args, **kwargs):
     return fused(*args, **kwargs)
 
 
+@names_its_errors('dino_loss')
 def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_temp=0.04, num_global=2,
               center_momentum=0.9, update_center=True, backend=None):
     """Mean over view pairs g != v of ``mean_b(-sum_k softmax((t_g - c)/Tt) · log_softmax(s_v/Ts))``.
@@ -74,6 +75,7 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
                      backend=backend)
 
 
+@names_its_errors('update_center_')
 def update_center_(center, teacher_out, momentum):
     """``center <- momentum·center + (1 - momentum)·mean(teacher_out rows)`` in place, the mean over
     every process when torch.distributed is initialised. center (K,) or (1, K); teacher_out (R, K);

@@ -7,7 +7,7 @@ import torch
 
 from .. import checks, reference
 from ..dispatch import op
-from ..validate import FLOAT_DTYPES, check_float
+from ..validate import FLOAT_DTYPES, check_float, names_its_errors
 
 EMA = op("ema_update_", auto_order=("cuda", "triton", "torch"))
 MOMENTUM_RANGE = checks.register("ema_update_", ValueError, "the momentum tensor must lie in [0, 1]; it holds a "
@@ -136,6 +136,7 @@ def validate_momentum(momentum, device) -> None:
         check_float("momentum", momentum, ge=0.0, le=1.0, kind="a float or a 0-dim tensor")
 
 
+@names_its_errors('ema_update_')
 def ema_update_(teacher, student, momentum, *, backend=None) -> None:
     """``t <- momentum·t + (1 - momentum)·s`` for every pair, in fp32, rounded once to t's dtype.
 

@@ -5,7 +5,7 @@ import torch
 
 from .. import checks, reference
 from ..dispatch import op
-from ..validate import check_same_device, check_shape, check_tensor
+from ..validate import check_same_device, check_shape, check_tensor, names_its_errors
 
 MASKED_MSE_LOSS = op("masked_mse_loss", auto_order=("triton", "torch"),
                      schema="(Tensor pred, Tensor target, Tensor mask, *, bool norm_target=True) -> Tensor")
@@ -33,6 +33,7 @@ def _triton(pred, target, mask, *, norm_target=True):
 MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.bool, torch.uint8, torch.int32, torch.int64)
 
 
+@names_its_errors('masked_mse_loss')
 def masked_mse_loss(pred, target, mask, *, norm_target=True, backend=None):
     """Per-patch MSE against the (standardised) target, averaged over masked patches; fp32 scalar
     (float64 for float64 pred/target, on the torch reference only: for fidelity checks).

@@ -6,7 +6,7 @@ import torch
 from .. import reference
 from ..dispatch import op
 from ..validate import (FLOAT_DTYPES, INDEX_DTYPES, check_float, check_index_range, check_int, check_same_device, check_shape,
-                        check_tensor)
+                        check_tensor, names_its_errors)
 
 GATHER = op("gather_tokens", auto_order=("triton", "torch"),
              schema="(Tensor x, Tensor index, *, Tensor? pos_embed=None, Tensor? prefix=None, int groups=1, "
@@ -49,6 +49,7 @@ def _unshuffle_triton(x_vis, ids_restore, mask_token, *, pos_embed=None, num_pre
                                    deterministic=deterministic)
 
 
+@names_its_errors('random_masking')
 def random_masking(B, L, mask_ratio, *, noise=None, generator=None, device=None):
     """MAE's per-sample random masking (SPEC §1): ``(ids_keep, ids_masked, ids_restore, mask)``.
 
@@ -69,6 +70,7 @@ def _deterministic(flag) -> bool:
     return torch.are_deterministic_algorithms_enabled() if flag is None else bool(flag)
 
 
+@names_its_errors('gather_tokens')
 def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, backend=None, deterministic=None):
     """``out[r, P + j] = x[r // groups, index[r, j]] + pos_embed[index[r, j]]``, rows ``:P`` = ``prefix``.
 
@@ -103,6 +105,7 @@ def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, backend=No
                   backend=backend)
 
 
+@names_its_errors('unshuffle_tokens')
 def unshuffle_tokens(x_vis, ids_restore, mask_token, *, pos_embed=None, num_prefix=0, backend=None,
                      deterministic=None):
     """MAE's decoder input in one pass: visible tokens back in place, ``mask_token`` elsewhere.
