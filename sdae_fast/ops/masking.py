@@ -79,7 +79,8 @@ def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, backend=No
     (scatter-add; rows may repeat across groups), pos_embed and prefix. float64 inputs run on the torch reference, in float64 (for fidelity checks); triton and cuda refuse them.
 
     An index outside [0, L) raises IndexError: at the call with ``SDAE_FAST_CHECKS=eager``, else
-    (no host sync) at the next ``sdae_fast.check_errors()``; the bad rows are skipped meanwhile.
+    (no host sync) at the next ``sdae_fast.check_errors()``; meanwhile the Triton kernels skip a bad
+    position and the torch backend clamps it into [0, L) (an answer to discard either way).
     ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``) makes the Triton
     pos_embed / prefix gradients atomic-free, bitwise identical from run to run.
     """
