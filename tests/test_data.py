@@ -222,6 +222,11 @@ def test_bad_files_skip_and_count_in_pretrain(tmp_path, capsys):
     with pytest.raises(Exception, match="img0000[23].jpg"):  # re-raised from the worker, file named
         pretrain(_args(tmp_path / "e", data=str(root), steps=6, batch_size=8, holdout=0.25, workers=1,
                        bad_images="error"), build_fn=standin_build)
+    # A resumed run goes on counting from the checkpoint's count.
+    kw = dict(data=str(root), steps=6, batch_size=8, holdout=0.25, workers=1, ckpt_every=3)
+    pretrain(_args(tmp_path / "r", stop_after=3, **kw), build_fn=standin_build)
+    resumed = pretrain(_args(tmp_path / "r", resume="auto", **kw), build_fn=standin_build)
+    assert resumed["skipped_images"] == res["skipped_images"]
 
 
 def test_a_folder_of_only_bad_files_is_an_error_before_training(tmp_path):

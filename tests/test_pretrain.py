@@ -211,6 +211,42 @@ def test_real_stop_and_resume_is_exact(tmp_path, method):
     _stop_and_resume(tmp_path, None, method, 3, batch_size=8)
 
 
+def test_stop_and_resume_inside_an_accumulation_window_is_exact(tmp_path):
+    # 89 steps per epoch, windows of 2 restarting every epoch: step 51 (and the epoch's odd end) are
+    # inside a window; the checkpoint carries the partial gradients.
+    _stop_and_resume(tmp_path, standin_build, "sdae", 51, accum_iter=2, lr_schedule="mae", warmup_epochs=0.2)
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(str(tmp_path / "b" / "run"))[0][1])
+    assert state["step"] == 51 and state["partial_grads"]
+
+
+@pytest.mark.skipif("mae" not in REAL, reason="sdae_fast.models.build is not there yet")
+def test_real_resume_inside_an_accumulation_window_is_exact(tmp_path):
+    _stop_and_resume(tmp_path, None, "mae", 3, batch_size=8, accum_iter=2)
+
+
+@pytest.mark.skipif("sdae" not in REAL, reason="sdae_fast.models.build is not there yet")
+def test_a_longer_resumed_run_stretches_the_ema_schedule_as_the_lr(tmp_path):
+    kw = dict(method="sdae", batch_size=8, ckpt_every=2)
+    pretrain(_args(tmp_path, steps=4, stop_after=2, **kw), build_fn=None)
+    res = pretrain(_args(tmp_path, steps=6, resume="auto", **kw), build_fn=None)  # --steps raised on resume
+    assert (res["model"].total_steps, res["model"].step) == (6, 6)
+
+
+def test_a_restart_sets_later_checkpoints_aside(tmp_path):
+    """Resuming from an older checkpoint rewrites history from there: the newer checkpoints of the old
+    run are set aside (kept), so pruning cannot delete the new run's and --resume auto cannot jump
+    back to the old run's end."""
+    pretrain(_args(tmp_path, steps=8, ckpt_every=2, keep_ckpts=0), build_fn=standin_build)
+    run = str(tmp_path / "run")
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2, 4, 6, 8]
+    pretrain(_args(tmp_path, steps=8, ckpt_every=3, keep_ckpts=2, stop_after=6,
+                   resume=os.path.join(run, "ckpt_00000002.pt")), build_fn=standin_build)
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [3, 6]
+    assert sorted(n for n in os.listdir(run) if n.endswith(ckpt.SUPERSEDED_SUFFIX)) == \
+        [f"ckpt_0000000{s}.pt{ckpt.SUPERSEDED_SUFFIX}" for s in (4, 6, 8)]
+    assert ckpt.resolve_resume("auto", run).endswith("ckpt_00000006.pt")
+
+
 def test_missing_and_corrupt_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         pretrain(_args(tmp_path, resume=str(tmp_path / "nope.pt")), build_fn=standin_build)

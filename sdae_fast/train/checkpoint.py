@@ -148,6 +148,22 @@ def prune_checkpoints(out_dir: str, keep: int) -> None:
         os.remove(path)
 
 
+SUPERSEDED_SUFFIX = ".superseded"  # a checkpoint past the step a run restarted from, set aside, never deleted
+
+
+def set_aside_later(out_dir: str, step: int) -> list[str]:
+    """Move the checkpoints of ``out_dir`` past ``step`` aside (``<name>.superseded``): a run that
+    restarts there (fresh, or resumed from an older checkpoint) writes its own history from ``step``
+    on, as its metrics file does, so neither ``--resume auto`` nor pruning may take the old ones
+    for its newest. Returns the new paths."""
+    moved = []
+    for s, path in list_checkpoints(out_dir):
+        if s > step:
+            os.replace(path, path + SUPERSEDED_SUFFIX)
+            moved.append(path + SUPERSEDED_SUFFIX)
+    return moved
+
+
 def resolve_resume(resume: str, out_dir: str) -> str | None:
     """``auto`` is the latest checkpoint in ``out_dir`` (None when there is none: a fresh start),
     without loading it; :func:`resume_checkpoint` is what the loop uses."""

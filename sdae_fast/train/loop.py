@@ -55,16 +55,36 @@ def _build(build_fn, args, in_chans: int, seed: int):
                     in_chans=in_chans, backend=args.backend, **(getattr(args, "model_kw", None) or {}))
 
 
-def _save(model, optimizer, step, steps_per_epoch, args, info):
+def _save(model, optimizer, step, schedule, skipped, args, info):
     rngs = all_gather_objects(ckpt.rng_state(), info)  # every rank's RNG, for an exact DDP resume
     if info.is_main:
-        epoch, batch = divmod(step, steps_per_epoch)
+        epoch, batch = divmod(step, schedule.spe)
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "epoch": epoch, "batch": batch, "rng": rngs, "world": info.world, "args": ckpt.plain_args(args)}
+                 "epoch": epoch, "batch": batch, "rng": rngs, "world": info.world, "args": ckpt.plain_args(args),
+                 "skipped_images": skipped}
+        if schedule.window_open(step):  # DDP averaged them at every backward: rank 0's are every rank's
+            state["partial_grads"] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         path = ckpt.checkpoint_path(args.out, step)
         ckpt.save_checkpoint(state, path)
         ckpt.prune_checkpoints(args.out, args.keep_ckpts)
     barrier(info)
+
+
+def _resume_schedules(model, state, schedule, step, total, spe, say) -> None:
+    """After loading a checkpoint: the partial gradients of an unfinished accumulation window, and
+    this run's schedule for the model's EMA / temperature (the lr schedule already spans ``total``)."""
+    grads = state.get("partial_grads")
+    if grads is not None:
+        for name, p in model.named_parameters():
+            if name in grads:
+                p.grad = grads[name].to(device=p.device, dtype=p.dtype)
+    elif schedule.window_open(step):
+        say(f"warning: step {step} is inside an accumulation window and the checkpoint has no partial "
+            f"gradients (an older sdae_fast): the window restarts from its remaining iterations")
+    if (getattr(model, "total_steps", total), getattr(model, "steps_per_epoch", spe)) != (total, spe):
+        say(f"warning: the checkpoint's run spanned {model.total_steps} steps ({model.steps_per_epoch}/epoch), "
+            f"this one {total} ({spe}/epoch): the EMA and temperature schedules follow this run, as the lr does")
+    model.set_schedule(total, spe)
 
 
 def pretrain(args, build_fn=None) -> dict:
@@ -121,11 +141,22 @@ def _pretrain(args, build_fn, info) -> dict:
             raise ValueError(f"checkpoint {resume_path!r} does not fit this model/optimizer "
                              f"(method {args.method}, size {args.size}): {exc}") from exc
         step = int(state["step"])
+        _resume_schedules(model, state, schedule, step, total, spe, say)
         rngs = state["rng"]
-        ckpt.set_rng_state(rngs[info.rank] if len(rngs) == info.world else rngs[0])
+        if len(rngs) == info.world:
+            ckpt.set_rng_state(rngs[info.rank])
+        else:  # not the same run any more: at least every rank draws its own masks and crops
+            say(f"warning: the checkpoint was written by {len(rngs)} process(es), this run has {info.world}: "
+                f"the random draws are reseeded per rank (not an exact resume)")
+            seed_everything(args.seed + info.rank + 1_000_003 * step)
         say(f"resumed from {resume_path} at step {step}")
     else:
         seed_everything(args.seed + info.rank)  # different masks per rank, same initial weights
+    if info.is_main:
+        for path in ckpt.set_aside_later(args.out, step):
+            say(f"warning: {path[:-len(ckpt.SUPERSEDED_SUFFIX)]} is past step {step}, where this run starts: "
+                f"set aside as {path}")
+    barrier(info)
     if step >= total:
         say(f"already at step {step} of {total}: nothing to train")
     loader, workers = _training_data(args, info, model, train_src, sampler)
@@ -147,7 +178,7 @@ def _pretrain(args, build_fn, info) -> dict:
         f"{len(held_src)} held-out images, {total} steps ({spe}/epoch), global batch "
         f"{global_batch}, {info.world} process(es) on {info.device}, {workers} loader worker(s)")
 
-    losses, skipped = [], 0
+    losses, skipped = [], int(state.get("skipped_images", 0)) if state else 0
     stop_at = min(total, args.stop_after) if args.stop_after else total
     window = StepWindow()
     progress = Progress(total, step, enabled=info.is_main and not args.quiet)
@@ -192,7 +223,7 @@ def _pretrain(args, build_fn, info) -> dict:
                 if args.ckpt_every and (step % args.ckpt_every == 0 or step == total):
                     flush_window()  # the metrics of every step up to the checkpoint are on disk first
                     sdae_fast.check_errors()  # never checkpoint a step that read a bad value
-                    _save(model, optimizer, step, spe, args, info)
+                    _save(model, optimizer, step, schedule, skipped, args, info)
                 if step >= stop_at:
                     break
             else:

@@ -131,8 +131,8 @@ class StepSchedule:
       optional global-norm clip, DINO's per-parameter clip, the last-layer freeze, the AdamW step
       and zeroing of the gradients. Returns the global grad norm when it was computed.
 
-    With ``accum_iter > 1`` a checkpoint inside a window does not carry the partial gradients:
-    checkpoint at window ends (``--ckpt-every`` a multiple of ``--accum-iter``) for an exact resume.
+    A checkpoint taken inside a window (:meth:`window_open`) carries the partial gradients, so a
+    resumed run finishes the window exactly as an uninterrupted one.
     """
 
     def __init__(self, args, steps_per_epoch: int, total_steps: int, warmup_steps: int | None = None):
@@ -153,6 +153,10 @@ class StepSchedule:
         self.clip_grad = args.clip_grad
         self.clip_per_param = getattr(args, "clip_per_param", None)
         self.freeze_last_layer = getattr(args, "freeze_last_layer", None) or 0
+
+    def window_open(self, step: int) -> bool:
+        """Whether ``step`` iterations done leave an accumulation window unfinished (live gradients)."""
+        return self.accum > 1 and (step % self.spe) % self.accum != 0
 
     def lr_at(self, step: int) -> float:
         if self.kind == "mae":
