@@ -88,7 +88,25 @@ def test_checkpoint_with_a_foreign_global_is_refused(tmp_path, foreign):
 
 
 # --- items 2 and 3: corrupt newest checkpoint, metrics without duplicates ---------------------
-CORRUPTIONS = {"half": lambda b: b[: len(b) // 2], "empty": lambda b: b"", "minus_100_bytes": lambda b: b[:-100]}
+def _flip_in_largest_record(b: bytes) -> bytes:
+    """One byte inverted in the middle of the largest record's data: torch.load alone loads that
+    silently (it never checks the CRCs)."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(b)) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    start = info.header_offset  # local header: 30 bytes, then the name and the (local) extra field
+    name_len = int.from_bytes(b[start + 26:start + 28], "little")
+    extra_len = int.from_bytes(b[start + 28:start + 30], "little")
+    at = start + 30 + name_len + extra_len + info.file_size // 2
+    return b[:at] + bytes([b[at] ^ 0xFF]) + b[at + 1:]
+
+
+CORRUPTIONS = {"half": lambda b: b[: len(b) // 2], "empty": lambda b: b"", "minus_100_bytes": lambda b: b[:-100],
+               "flipped_byte": _flip_in_largest_record,
+               "random_bytes": lambda b: bytes(torch.randint(0, 256, (len(b),), dtype=torch.uint8,
+                                                             generator=torch.Generator().manual_seed(0)).tolist())}
 
 
 @pytest.mark.parametrize("how", sorted(CORRUPTIONS))

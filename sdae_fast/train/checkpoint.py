@@ -18,6 +18,7 @@ import os
 import random
 import re
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -222,6 +223,12 @@ def load_checkpoint(path: str) -> dict:
     if os.path.isdir(path):
         raise IsADirectoryError(f"checkpoint {path!r} is a directory (use --resume auto to take the "
                                 "latest checkpoint of --out)")
+    if not zipfile.is_zipfile(path):  # torch.save's archive: anything else is damaged or another file
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or not a sdae_fast checkpoint (not a zip archive)")
+    damaged = _record_failing_crc(path)
+    if damaged:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: its record {damaged!r} fails the CRC-32 torch.save "
+                              f"wrote (its bytes changed since)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle garbage, wrong file type, a foreign global...
@@ -241,6 +248,27 @@ def load_checkpoint(path: str) -> dict:
     if missing:
         raise CheckpointError(f"checkpoint {path!r} lacks {', '.join(missing)}: not a sdae_fast pretrain checkpoint")
     return state
+
+
+def _record_failing_crc(path: str) -> str | None:
+    """The first record of the archive whose bytes fail its CRC-32, or None. torch.save writes the
+    CRCs but torch.load never checks them, so a flipped bit would load as a silently wrong weight.
+    Records written without a CRC (0, torch's ``compute_crc32=False``) are not checked. One read of
+    the file, at resume only."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size:
+                    continue
+                try:
+                    with archive.open(info) as record:
+                        while record.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    return info.filename
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None  # a damaged directory: torch.load names the cause
+    return None
 
 
 def _first_line(exc: Exception) -> str:
