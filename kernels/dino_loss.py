@@ -16,6 +16,7 @@ fp32 without an fp32 copy of it, all-reduced across processes as the reference's
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -26,6 +27,8 @@ import torch.distributed as dist
 
 from sdae_fast.alloc import empty
 from sdae_fast.library import kernel_op, launch, register_saved_grad_autograd
+
+from .loss_grad import scale_saved_grad
 
 
 @triton.jit
@@ -204,6 +207,15 @@ def _dino_forward(student, teacher, center, student_temp, teacher_temp, num_glob
     pairs = num_global * views - min(num_global, views)
     grid = (batch, nsplit)
     inv_ts, inv_tt = 1.0 / student_temp, 1.0 / teacher_temp
+    grad_scale, factor = inv_ts / (pairs * batch), None
+    if write_grad and student.dtype == torch.float16:
+        # |n_v p - Σ_{g≠v} q_g| <= n_v <= num_global, so every element of the unit gradient is at most
+        # bound. That is ~1/(T·B·pairs), times ~1/K for a typical element: fp16 subnormals, which
+        # GradScaler's upstream 2^16 comes too late to rescue. Store it times 2^k, the bound in
+        # [2^14, 2^15) (no overflow possible), and let the backward apply 2^-k in fp32 (loss_grad).
+        k = 14 - math.floor(math.log2(num_global * grad_scale))
+        grad_scale *= 2.0 ** k
+        factor = torch.full((1, 1), 2.0 ** -k, dtype=torch.float32, device=dev)  # (1, 1): fp32 math in backward
     warps = 8 if dev.type == "cuda" else 1
     launch(_dino_stats_kernel)[grid](
         student, teacher, center, m_s, l_s, m_t, l_t, dots,
@@ -213,39 +225,36 @@ def _dino_forward(student, teacher, center, student_temp, teacher_temp, num_glob
     launch(_dino_grad_kernel)[grid](
         student, teacher, center, grad, loss_b, m_s, l_s, m_t, l_t, dots,
         batch, width, chunk, nsplit, student.stride(0), teacher.stride(0), grad.stride(0) if write_grad else 0,
-        inv_ts, inv_tt, inv_ts / (pairs * batch),
+        inv_ts, inv_tt, grad_scale,
         V=views, G=num_global, VP=vp, GP=gp, SP=max(2, _next_pow2(nsplit)), BLOCK_K=block_k,
         WRITE_GRAD=write_grad, num_warps=warps,
     )
     loss = loss_b.sum() / (pairs * batch)
-    return loss, (grad if write_grad else None)
+    return loss, (grad if write_grad else None), factor
 
 
 @kernel_op("dino_loss_triton")
 def dino_loss_triton(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float,
                      teacher_temp: float, num_global: int, write_grad: bool, block_k: Optional[int],
                      splits: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, d loss / d student for a unit upstream gradient or empty, 1): the loss and the student
-    gradient in one forward; the backward scales the stored gradient."""
-    loss, grad = _dino_forward(student, teacher, center, student_temp, teacher_temp, num_global, write_grad,
-                               block_k, splits)
+    """(loss, d loss / d student for a unit upstream gradient or empty, the factor it still lacks:
+    2^-k of shape (1, 1) for fp16, else a 0-dim 1): the loss and the student gradient in one forward;
+    the backward scales the stored gradient."""
+    loss, grad, factor = _dino_forward(student, teacher, center, student_temp, teacher_temp, num_global,
+                                       write_grad, block_k, splits)
     return (loss, student.new_empty(0) if grad is None else grad,
-            torch.ones((), dtype=torch.float32, device=student.device))
+            torch.ones((), dtype=torch.float32, device=student.device) if factor is None else factor)
 
 
 @dino_loss_triton.register_fake
 def _dino_fake(student, teacher, center, student_temp, teacher_temp, num_global, write_grad, block_k, splits):
     f32 = torch.float32
+    factor_shape = (1, 1) if write_grad and student.dtype == torch.float16 else ()
     return (student.new_empty((), dtype=f32), student.new_empty(student.shape if write_grad else (0,)),
-            student.new_empty((), dtype=f32))
+            student.new_empty(factor_shape, dtype=f32))
 
 
-def _scale(grad, grad_output, factor):
-    # Always scale by the device scalar: testing it for 1 on the host would sync every step.
-    return grad * grad_output.to(grad.dtype)
-
-
-register_saved_grad_autograd(dino_loss_triton, _scale)
+register_saved_grad_autograd(dino_loss_triton, scale_saved_grad)
 
 
 def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_temp=0.04, num_global=2,

@@ -51,8 +51,9 @@ def pow2_normalizer(amax):
 def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``grad · factor · grad_output`` in fp32, rounded once to grad's dtype.
 
-    ``factor`` is the 0-dim 1 or, for fp16, the per-vector inverse powers of two, shaped to
-    broadcast against grad. Always one multiply by device scalars, even for a unit upstream
+    ``factor`` is the 0-dim 1 or, for fp16, the inverse powers of two (one per vector; DINO's one
+    per tensor, from a bound, shaped (1, 1) so that the multiply runs in fp32), shaped to broadcast
+    against grad. Always one multiply by device scalars, even for a unit upstream
     gradient: testing for 1.0 on the host (Liger-Kernel's shortcut) would cost a device->host sync
     every step and a graph break under torch.compile.
     """

@@ -167,6 +167,22 @@ def test_triton_grad_output_scaling_and_strided_rows():
     assert_close(s_view.grad, s_ref.grad, dtype=torch.float32, reduction=grad_red, name="scaled grad")
 
 
+def test_triton_fp16_gradient_survives_a_gradscaler_scale():
+    """fp16, a real batch: the unit gradient (~1/(T·B·pairs·K)) is an fp16 subnormal. Stored times a
+    power of two and unscaled in fp32, the gradient of 2^16 · loss equals the reference's (which
+    computes in fp32 and rounds once) to fp16's own rounding; stored as is it lost most of its bits."""
+    device = triton_device()
+    s, t, c = _inputs(4, 2, 32, 1024, torch.float16, device)
+    s = s.detach().requires_grad_()
+    (sdae_fast.dino_loss(s, t, c, backend="triton", update_center=False) * 65536.0).backward()
+    s_ref = s.detach().clone().requires_grad_()
+    (reference_dino_loss(s_ref, t, c, update_center=False) * 65536.0).backward()  # fp32 math, one rounding
+    unit = s_ref.grad.float().abs().median() / 65536.0
+    assert unit < 6.1e-5  # the unit gradient of a typical element is below fp16's normal range
+    _, grad_red = _reductions(s, t, c, 0.1, 0.04, 4, 2)
+    assert_close(s.grad, s_ref.grad, dtype=torch.float16, reduction=grad_red, name="2^16-scaled fp16 grad")
+
+
 def test_triton_without_student_grad():
     device = triton_device()
     s, t, c = _inputs(3, 2, 2, 130, torch.float32, device)
