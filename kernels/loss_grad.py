@@ -59,6 +59,8 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, factor: torc
     """
     scale = factor * grad_output.float()
     if scale.dim() == 0:
-        return grad * scale  # a 0-dim fp32 scale does not promote grad: fp32 math, grad's dtype out
+        # A 0-dim scale does not promote grad: grad's dtype out (fp32; or bf16, where the scale is read
+        # as bf16 first: exact for the usual upstream 1 or power of two).
+        return grad * scale
     # Straight into grad's dtype: no full-size fp32 temporary at the start of the backward.
     return torch.mul(grad, scale, out=torch.empty_like(grad))
