@@ -77,6 +77,21 @@ def test_model_ema_v3_follows_moved_storage():
     assert_close(ours.module[0].weight, 0.5 * before + 1.0, name="weight after reassignment")
 
 
+def test_model_ema_v3_follows_a_replaced_submodule():
+    """convert_sync_batchnorm / reset_classifier style: a submodule swapped after the EMA started
+    must be averaged from the new module, as timm (which reads the state_dict each update) does."""
+    model = small_model()
+    ours, theirs = ModelEmaV3(model, decay=0.5), timm_ema.ModelEmaV3(model, decay=0.5)
+    ours.update(model)
+    theirs.update(model)
+    model[3] = nn.Linear(7, 3)
+    ours.update(model)
+    theirs.update(model)
+    for key, ref in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], ref) if not ref.is_floating_point() else \
+            torch.allclose(ours.state_dict()[key], ref, rtol=1e-6, atol=1e-7), key
+
+
 def test_model_ema_v3_refuses_stochastic_bf16():
     with pytest.raises(NotImplementedError, match="stochastic_rounding=False"):
         ModelEmaV3(small_model().bfloat16())

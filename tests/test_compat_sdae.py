@@ -57,6 +57,22 @@ def test_ema_process_matches_official(backend):
     assert not torch.allclose(teacher.pos_embed, pair()[1].pos_embed)
 
 
+def test_ema_process_follows_a_replaced_student_submodule():
+    student, teacher = pair()
+    student64, teacher64 = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
+    schedule = np.array([0.9, 0.9])
+    EMA_process(student, None, teacher, 0, schedule)
+    official_ema_process(student64, teacher64, schedule[0])
+    student.norm = torch.nn.LayerNorm(16, eps=1e-6)  # a new module after the pairing was made
+    with torch.no_grad():
+        student.norm.weight.fill_(3.0)
+    student64.norm = copy.deepcopy(student.norm).double()
+    EMA_process(student, None, teacher, 1, schedule)
+    official_ema_process(student64, teacher64, schedule[1])
+    for (name, t), t64 in zip(teacher.named_parameters(), teacher64.parameters()):
+        assert_close(t, t64, dtype=torch.float32, reduction=2, name=name)
+
+
 def test_teacher_ema_refuses_a_mismatched_teacher():
     student, _ = pair()
     wrong = timm_vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2,

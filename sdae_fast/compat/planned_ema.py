@@ -47,6 +47,13 @@ class PlannedEma:
             torch._foreach_copy_(self._copy_t, self._copy_s)
 
 
+def module_fingerprint(*modules: nn.Module) -> tuple:
+    """The identities of every submodule: a cached pairing of (owner, attribute) slots stays valid
+    while this is unchanged (a replaced submodule, e.g. by ``convert_sync_batchnorm`` or
+    ``reset_classifier``, changes it; a rebound parameter is read anew through its slot anyway)."""
+    return tuple(id(m) for module in modules for m in module.modules())
+
+
 def state_slots(module: nn.Module, *, params_only: bool = False) -> list[tuple[nn.Module, str]]:
     """(owner module, attribute) of every ``state_dict`` entry, in ``state_dict`` order, so each
     step reads the current tensors with ``getattr`` instead of rebuilding the state_dict."""

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..ema_teacher import unwrap
-from .planned_ema import PlannedEma, read_slots, state_slots
+from .planned_ema import PlannedEma, module_fingerprint, read_slots, state_slots
 
 
 def delivered_name(key: str) -> str | None:
@@ -76,8 +76,9 @@ def EMA_process(model, model_teacher, model_teacher_without_ddp, epoch, momentum
                 backend: str | None = None) -> None:
     """The official signature: EMA-update ``model_teacher_without_ddp`` from ``model`` with
     momentum ``momentum_schedule[epoch]``. ``model_teacher`` is unused, as in the official code."""
-    ref, ema = _TEACHERS.get(model_teacher_without_ddp, (None, None))
-    if ema is None or ref() is not unwrap(model):
+    ref, key, ema = _TEACHERS.get(model_teacher_without_ddp, (None, None, None))
+    now = module_fingerprint(unwrap(model), model_teacher_without_ddp)  # a replaced submodule re-pairs
+    if ema is None or ref() is not unwrap(model) or key != now:
         ema = TeacherEma(model, model_teacher_without_ddp, backend=backend)
-        _TEACHERS[model_teacher_without_ddp] = (weakref.ref(unwrap(model)), ema)
+        _TEACHERS[model_teacher_without_ddp] = (weakref.ref(unwrap(model)), now, ema)
     ema(float(momentum_schedule[epoch]))

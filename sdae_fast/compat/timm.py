@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .planned_ema import PlannedEma, read_slots, state_slots
+from .planned_ema import PlannedEma, module_fingerprint, read_slots, state_slots
 
 
 def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
@@ -72,8 +72,9 @@ class ModelEmaV3(nn.Module):
         return max(min(decay, self.decay), self.min_decay)
 
     def _pairs(self, model: nn.Module, params_only: bool):
-        if self._slots is None or self._slots[0][0]() is not model or self._slots[0][1] != params_only:
-            self._slots = ((weakref.ref(model), params_only), state_slots(self.module, params_only=params_only),
+        key = (params_only, module_fingerprint(self.module, model))
+        if self._slots is None or self._slots[0][0]() is not model or self._slots[0][1] != key:
+            self._slots = ((weakref.ref(model), key), state_slots(self.module, params_only=params_only),
                            state_slots(model, params_only=params_only), None)
         _, ema_slots, model_slots, staging = self._slots
         ema, src = read_slots(ema_slots), read_slots(model_slots)
