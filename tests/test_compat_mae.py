@@ -186,3 +186,45 @@ def test_patch_and_cuda_in_either_order(order):
                                         else compat_mae.patch(model.cuda()))
     imgs = torch.randn(BATCH, 3, 16, 16, device="cuda")
     assert_same_step(run(model, imgs), run(official, imgs))
+
+
+class KeepsFirstPatches(OfficialMAE):
+    """A subclass with masking of its own: the first patches are kept, no noise drawn."""
+
+    def random_masking(self, x, mask_ratio):
+        n, length, dim = x.shape
+        keep = int(length * (1 - mask_ratio))
+        ids_shuffle = torch.arange(length).repeat(n, 1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        mask = torch.ones(n, length)
+        mask[:, :keep] = 0
+        return x[:, :keep], mask, ids_restore
+
+
+class ScalesItsInput(OfficialMAE):
+    def forward_encoder(self, x, mask_ratio):
+        return super().forward_encoder(2 * x, mask_ratio)
+
+
+@pytest.mark.parametrize("cls,part", [(KeepsFirstPatches, "masking"), (ScalesItsInput, "masking")])
+def test_a_subclass_of_its_own_is_refused_not_replaced(cls, part):
+    torch.manual_seed(0)
+    model = cls()
+    with pytest.raises(TypeError, match=f"forward_encoder does not give what the fused {part} gives"):
+        compat_mae.patch(model)
+    assert compat_mae.patched_parts(model) == ()  # left as it was
+    compat_mae.patch(model, masking=False)  # the parts that are official still patch
+    assert compat_mae.patched_parts(model) == ("unshuffle", "loss")
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_images_that_require_grad_get_the_official_gradient(norm_pix):
+    official, fused = twins(OfficialMAE, norm_pix_loss=norm_pix)
+    compat_mae.patch(fused)
+    grads = []
+    for model in (official, fused):
+        imgs = torch.randn(BATCH, 3, 16, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        torch.manual_seed(7)
+        model(imgs)[0].backward()
+        grads.append(imgs.grad)
+    assert_close(grads[1], grads[0], dtype=torch.float32, reduction=BATCH * TOKENS * 48, name="d loss / d imgs")

@@ -13,7 +13,11 @@ was imported from. Three parts, each its own flag:
   one ``gather_tokens``;
 * ``unshuffle``: ``forward_decoder`` builds the decoder input (visible tokens back in place, the
   mask token elsewhere, + decoder_pos_embed) in one ``unshuffle_tokens``;
-* ``loss``: ``forward_loss`` is ``masked_mse_loss`` (``norm_pix_loss`` honoured).
+* ``loss``: ``forward_loss`` is ``masked_mse_loss`` (``norm_pix_loss`` honoured); images that
+  require grad take the class's own loss, which differentiates the target too.
+
+``patch`` runs the class's methods and the patched ones once on a test image (same draws, eval
+mode) and refuses, naming the part, a class whose masking, encoder, decoder or loss is its own.
 
 Under the same seed the patched model's loss, prediction, mask and gradients equal the unpatched
 model's (``tests/test_compat_mae.py``). The official ``random_masking`` stays callable.
@@ -121,11 +125,69 @@ def forward_decoder(self, x, ids_restore):
 
 def forward_loss(self, imgs, pred, mask):
     state = self.__dict__[_STATE]
+    if imgs.requires_grad and torch.is_grad_enabled():
+        # The fused loss treats the target as a constant; the official one differentiates it too.
+        return type(self).forward_loss(self, imgs, pred, mask)
     return masked_mse_loss(pred, self.patchify(imgs), mask, norm_target=bool(self.norm_pix_loss),
                            backend=state["backend"])
 
 
 _METHODS = {"forward_encoder": forward_encoder, "forward_decoder": forward_decoder, "forward_loss": forward_loss}
+
+
+def _differs(got, want, dtype) -> float | None:
+    """The largest difference between two outputs (tuples compared item by item), or None when equal
+    to the dtype's rounding."""
+    got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+    if len(got) != len(want):
+        return float("inf")
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    worst = 0.0
+    for g, w in zip(got, want):
+        if g.shape != w.shape:
+            return float("inf")
+        d = (g.double() - w.double()).abs().max().item() if g.numel() else 0.0
+        if d > tol * (1.0 + w.double().abs().max().item() if w.numel() else 1.0):
+            worst = max(worst, d)
+    return worst or None
+
+
+def _check_same_as_class(inner: nn.Module, parts: tuple) -> None:
+    """Run the class's own methods and the patched ones once on a test image, with the same random
+    draws and in eval mode: a subclass with its own masking, encoder, decoder or loss is refused,
+    not silently replaced. Skipped on the meta device and where the class's code itself cannot run
+    the test image (the patched code, which calls into it, would not either)."""
+    param = next(inner.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return
+    cls, grid = type(inner), int(round((inner.pos_embed.shape[1] - 1) ** 0.5))
+    size = getattr(inner.patch_embed, "img_size", None) or (grid * inner.patch_embed.patch_size[0],) * 2
+    chans = inner.patch_embed.proj.in_channels
+    imgs = torch.randn(1, chans, *size, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
+    devices = [param.device] if param.device.type == "cuda" else []
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            try:
+                torch.manual_seed(0)
+                enc = cls.forward_encoder(inner, imgs, 0.75)
+                pred = cls.forward_decoder(inner, enc[0], enc[2])
+                loss = cls.forward_loss(inner, imgs, pred, enc[1])
+            except Exception:
+                return
+            torch.manual_seed(0)
+            checks = {"masking": lambda: (inner.forward_encoder(imgs, 0.75), enc),
+                      "unshuffle": lambda: (inner.forward_decoder(enc[0], enc[2]), pred),
+                      "loss": lambda: (inner.forward_loss(imgs, pred, enc[1]), loss)}
+            for part in parts:
+                diff = _differs(*checks[part](), param.dtype)
+                if diff is not None:
+                    raise TypeError(f"patch: {cls.__name__}'s {PARTS[part]} does not give what the fused {part} "
+                                    f"gives on a test image (largest difference {diff:.3g}): it is not the official "
+                                    f"one (a subclass of its own?); patch with {part}=False to keep it")
+    finally:
+        inner.train(was_training)
 
 
 def patch(model: nn.Module, *, masking: bool = True, unshuffle: bool = True, loss: bool = True,
@@ -148,6 +210,11 @@ def patch(model: nn.Module, *, masking: bool = True, unshuffle: bool = True, los
         # A partial, not a bound method: it pickles and deep-copies with its instance (torch.save of
         # the whole module keeps the patch; a deep copy is patched onto the copy).
         inner.__dict__[name] = functools.partial(_METHODS[name], inner)
+    try:
+        _check_same_as_class(inner, parts)
+    except TypeError:
+        unpatch(inner)
+        raise
     return model
 
 
