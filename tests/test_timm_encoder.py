@@ -106,7 +106,9 @@ def test_pretrain_exports_and_evaluates_a_timm_encoder(tmp_path):
 
 
 @pytest.mark.parametrize("kw,why", [(dict(reg_tokens=2), "register"), (dict(global_pool="avg"), "global_pool"),
-                                    (dict(class_token=False, global_pool="avg"), "cls_token")])
+                                    (dict(class_token=False, global_pool="avg"), "cls_token"),
+                                    (dict(pos_drop_rate=0.1), "pos_drop_rate"), (dict(patch_drop_rate=0.5), "patch_drop"),
+                                    (dict(dynamic_img_size=True), "dynamic_img_size")])
 def test_unserved_timm_configs_are_refused(kw, why):
     with pytest.raises(ValueError, match=why):
         build("mae", "micro", encoder=tiny_vit(**kw))

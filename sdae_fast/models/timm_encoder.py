@@ -48,9 +48,14 @@ def _why_not(vit: nn.Module) -> list[str]:
         reasons.append("no_embed_class=True (the position table must cover the cls token)")
     if getattr(vit, "global_pool", "token") != "token":
         reasons.append(f"global_pool={vit.global_pool!r} (only 'token': embed is the cls token)")
-    for attr in ("fc_norm", "norm_pre"):
+    for attr in ("fc_norm", "norm_pre", "patch_drop"):
         if not isinstance(getattr(vit, attr, nn.Identity()), nn.Identity):
             reasons.append(f"{attr} is not Identity")
+    pos_drop = getattr(vit, "pos_drop", None)
+    if isinstance(pos_drop, nn.Dropout) and pos_drop.p > 0:  # the masked path adds positions itself
+        reasons.append(f"pos_drop_rate={pos_drop.p} (position dropout is not applied on the masked path)")
+    if getattr(vit, "dynamic_img_size", False):
+        reasons.append("dynamic_img_size=True (timm resamples its position table its own way)")
     pe = vit.patch_embed
     if len(set(pe.patch_size)) != 1 or len(set(pe.grid_size)) != 1:
         reasons.append(f"non-square patches or grid ({pe.patch_size}, {pe.grid_size})")
