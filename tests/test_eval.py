@@ -129,7 +129,7 @@ def _short_run(tmp_path, method):
     return args, run_pretrain(args)
 
 
-@pytest.mark.parametrize("method", ["mae", "dino"])
+@pytest.mark.parametrize("method", ["mae", "mixedae", "dino"])  # MixedAE: dense attention, as the export
 def test_eval_cli_on_checkpoint_and_export(tmp_path, capsys, method):
     from sdae_fast.cli import main
     from sdae_fast.eval.load import load_encoder

@@ -23,6 +23,8 @@ layer, the contrastive weight and temperature (this project's defaults) and the 
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -30,6 +32,7 @@ from ..ops.contrastive_loss import homologous_contrastive_loss
 from ..ops.masked_mse_loss import masked_mse_loss
 from ..ops.masking import gather_tokens, random_masking
 from .decoder import MaskedDecoder
+from .topk_attention import TopKAttention
 from .vit import VisionTransformer
 
 
@@ -99,6 +102,19 @@ class MixedAE(nn.Module):
             out["loss"] = recon + self.contrastive_weight * contrast
             out["contrastive_loss"] = contrast.detach()
         return out
+
+    @property
+    def evaluated_encoder(self) -> nn.Module:
+        """The backbone evaluations and the export read: a copy of the encoder with dense attention.
+        Homologous (top-K) attention keeps the sources of a mixed image apart; a downstream image is
+        not mixed, and the exported timm ViT, the network a fine-tuning run starts from, attends
+        densely, so k-NN and the linear probe score that network (a reading of the paper, which
+        fine-tunes a standard ViT)."""
+        dense = copy.deepcopy(self.encoder)
+        for module in dense.modules():
+            if isinstance(module, TopKAttention):
+                module.topk = None
+        return dense
 
     def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
         """No schedule of its own."""
