@@ -288,3 +288,39 @@ def test_default_workers_and_bad_options():
         make_loader([], ShardedBatchSampler(4, 2), workers=-1)
     with pytest.raises(ValueError, match="outside an epoch"):
         ShardedBatchSampler(8, 2).set_position(0, 5)
+
+
+def test_holdout_is_the_held_out_fraction():
+    from sdae_fast.data.sources import digits_sources, held_out_mask
+
+    assert held_out_mask(10, 0.2).nonzero()[0].tolist() == [4, 9]  # every 5th, as before
+    assert held_out_mask(12, 0.25).nonzero()[0].tolist() == [3, 7, 11]
+    for h in (0.1, 0.4, 0.5, 0.9):
+        assert held_out_mask(1000, h).sum() == round(1000 * h), h  # 0.4 and 0.9 held out 50 % before
+    assert held_out_mask(7, 0.0).sum() == 0
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"holdout must be a finite float in \[0, 1\)"):
+            held_out_mask(10, bad)
+        with pytest.raises(ValueError, match="holdout"):
+            digits_sources(8, bad)
+
+
+def test_unreadable_held_out_images_are_named_and_eval_takes_the_policy(tmp_path, capsys):
+    from test_pretrain import _args, standin_build
+
+    from sdae_fast.cli import main
+    from sdae_fast.train.loop import pretrain
+
+    root = _bad_folder(tmp_path)
+    with pytest.warns(RuntimeWarning, match=r"skipped \d unreadable image\(s\) of bad for the evaluation"):
+        pretrain(_args(tmp_path, data=str(root), steps=2, batch_size=8, holdout=0.5, workers=0, knn=True,
+                       export=True), build_fn=standin_build)
+    # sdae-fast eval of a run trained with --bad-images skip reads its data with the run's policy
+    real = _args(tmp_path / "real", method="mae", data=str(root), steps=2, batch_size=8, holdout=0.5, workers=0,
+                 export=True, knn=False, bad_images="skip")
+    pretrain(real, build_fn=None)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert main(["eval", "--checkpoint", real.out, "--no-linear", "--threads", "1"]) == 0
+    assert "pretrained" in capsys.readouterr().out
+    with pytest.raises(Exception, match=r"img0000[23]\.jpg"):
+        main(["eval", "--checkpoint", real.out, "--no-linear", "--threads", "1", "--bad-images", "error"])

@@ -247,6 +247,31 @@ def test_a_restart_sets_later_checkpoints_aside(tmp_path):
     assert ckpt.resolve_resume("auto", run).endswith("ckpt_00000006.pt")
 
 
+def test_impossible_evaluations_are_found_before_training(tmp_path, capsys):
+    with pytest.raises(ValueError, match="--knn-k must be an int >= 1, got 0"):
+        pretrain(_args(tmp_path, knn=True, knn_k=0), build_fn=standin_build)
+    # A folder without class subfolders (one label), or no held-out split: trained and exported, not evaluated.
+    from PIL import Image
+    import numpy as np
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(20):
+        Image.fromarray(np.full((12, 12, 3), 10 * i, dtype=np.uint8)).save(flat / f"{i}.png")
+    for kw, why in ((dict(data=str(flat)), "single label"), (dict(holdout=0.0), "no held-out images")):
+        out = tmp_path / why.replace(" ", "_")
+        res = pretrain(_args(tmp_path, steps=2, batch_size=4, knn=True, export=True, quiet=False, out=str(out),
+                             workers=0, **kw), build_fn=standin_build)
+        assert res["step"] == 2 and "knn_trained" not in res and (out / "encoder.json").exists()
+        assert why in capsys.readouterr().out
+
+
+def test_an_accumulation_window_longer_than_an_epoch_is_announced(tmp_path):
+    # 1438 / 16 = 89 steps per epoch; windows restart every epoch: 128 never steps.
+    with pytest.warns(RuntimeWarning, match=r"--accum-iter 128 .* no optimizer step will run"):
+        pretrain(_args(tmp_path, accum_iter=128, steps=100), build_fn=standin_build)
+
+
 def test_missing_and_corrupt_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         pretrain(_args(tmp_path, resume=str(tmp_path / "nope.pt")), build_fn=standin_build)

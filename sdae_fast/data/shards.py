@@ -198,5 +198,5 @@ def open_shards(data: str) -> ShardSource:
 
 
 def shard_sources(data: str, holdout: float = 0.2) -> tuple[ShardSource, ShardSource]:
-    """Train and held-out parts of the shards: every ``round(1/holdout)``-th sample is held out."""
+    """Train and held-out parts of the shards (:func:`~sdae_fast.data.sources.split_holdout`)."""
     return split_holdout(open_shards(data), holdout)

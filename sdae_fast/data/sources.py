@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import io
 import os
+from fractions import Fraction
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..validate import check_float
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TORCHVISION_DECODES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
@@ -178,24 +181,35 @@ def digits_sources(img_size: int = 32, holdout: float = 0.2) -> tuple[TensorSour
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # values 0..16
     if img_size != images.shape[-1]:
         images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    n_train = len(images) - int(round(len(images) * holdout))
+    n_train = len(images) - int(round(len(images) * check_holdout(holdout)))
     mean, std = (images[:n_train].mean().item(),), (images[:n_train].std().item(),)
     classes = [str(i) for i in range(10)]
     return (TensorSource(images[:n_train].contiguous(), digits.target[:n_train], classes, "digits", mean, std),
             TensorSource(images[n_train:].contiguous(), digits.target[n_train:], classes, "digits", mean, std))
 
 
+def check_holdout(holdout) -> float:
+    """The held-out fraction: in [0, 1) (at 1 nothing would be left to train on)."""
+    return check_float("holdout", holdout, ge=0.0, lt=1.0)
+
+
+def held_out_mask(n: int, holdout: float) -> np.ndarray:
+    """``floor(n·holdout)`` items held out, spread evenly: item i is held out where
+    ``floor((i + 1)·h) > floor(i·h)`` (h as an exact fraction): every 5th at 0.2, every 4th at 0.25,
+    2 of every 5 at 0.4."""
+    h = Fraction(check_holdout(holdout)).limit_denominator(10 ** 6)
+    i = np.arange(n, dtype=np.int64)
+    return (i + 1) * h.numerator // h.denominator > i * h.numerator // h.denominator
+
+
 def split_holdout(full, holdout: float):
-    """(train, held-out) subsets of a source: every ``round(1/holdout)``-th item is held out."""
-    held = np.zeros(len(full), dtype=bool)
-    if holdout > 0:
-        every = max(2, int(round(1.0 / holdout)))
-        held[every - 1::every] = True
+    """(train, held-out) subsets of a source, the held-out items chosen by :func:`held_out_mask`."""
+    held = held_out_mask(len(full), holdout)
     return full.subset(~held), full.subset(held)
 
 
 def folder_sources(root: str, holdout: float = 0.2) -> tuple[FolderSource, FolderSource]:
-    """Train and held-out parts of an image folder: every ``round(1/holdout)``-th file is held out."""
+    """Train and held-out parts of an image folder (:func:`split_holdout`)."""
     paths, labels, classes = list_image_files(root)
     return split_holdout(FolderSource(paths, labels, classes, os.path.basename(os.path.normpath(root))), holdout)
 

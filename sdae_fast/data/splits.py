@@ -10,6 +10,7 @@ normalised with the source's mean/std: the same normalisation as training.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,10 @@ def materialize(source, img_size: int, workers: int | None = None,
     if source.profile == "digits":
         workers = 0
     batches = list(eval_loader(source, img_size, workers=workers, bad_images=bad_images))
+    skipped = [path for b in batches for path in b["skipped"]]
+    if skipped:  # --bad-images skip: counted and named, as in training
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {source.name} for the evaluation: "
+                      f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", RuntimeWarning, stacklevel=2)
     if not batches:
         shape = (0, source.in_chans, img_size, img_size)
         return torch.empty(shape), torch.empty(0, dtype=torch.long)

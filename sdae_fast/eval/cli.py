@@ -17,6 +17,8 @@ def add_subcommand(sub) -> None:
                    help="pretrain checkpoint (.pt), or an exported encoder: encoder.pt or its folder")
     p.add_argument("--data", default=None, help="image folder (class subfolders) or WebDataset shards; default: the run's data")
     p.add_argument("--holdout", type=float, default=None, help="held-out fraction (default: the run's, else 0.2)")
+    p.add_argument("--bad-images", choices=["skip", "error"], default=None,
+                   help="an unreadable image: skip it (counted, named) or stop (default: the run's setting, else error)")
     p.add_argument("--knn-k", type=int, default=20)
     p.add_argument("--knn-temperature", type=float, default=0.07)
     p.add_argument("--pool", choices=("cls", "mean"), default="cls",
@@ -42,7 +44,10 @@ def cmd_eval(args) -> int:
     apply_cpu_threads(args.threads, loaded.run_args.get("size"), device)
     data = args.data if args.data is not None else loaded.run_args.get("data")
     holdout = args.holdout if args.holdout is not None else loaded.run_args.get("holdout", 0.2)
-    splits = load_splits(data, loaded.img_size, holdout)
+    bad_images = args.bad_images or loaded.run_args.get("bad_images", "error")
+    splits = load_splits(data, loaded.img_size, holdout, bad_images=bad_images)
+    if len(splits.heldout_images) == 0:
+        raise ValueError(f"no held-out images to evaluate on (--holdout {holdout}): give --holdout > 0")
     if splits.in_chans != loaded.in_chans:
         raise ValueError(f"the encoder takes {loaded.in_chans}-channel images but {splits.name} has "
                          f"{splits.in_chans} channels")

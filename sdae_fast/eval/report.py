@@ -67,7 +67,7 @@ def format_table(results: dict, k: int, temperature: float, pool: str, heldout: 
     return "\n".join(lines)
 
 
-def pretrain_report(encoder, make_random_encoder, args, splits, losses, device, say) -> dict:
+def pretrain_report(encoder, make_random_encoder, args, splits, losses, device, say, first_step: int = 1) -> dict:
     """End of pretraining: evaluate ``encoder``, a fresh one from ``make_random_encoder()`` (built
     from the run's seed without touching the global RNG) and the raw pixels; print the table and
     write ``<out>/eval.json`` and ``<out>/pretrain.png``. Returns the flat results (see :func:`flat`)."""
@@ -89,6 +89,6 @@ def pretrain_report(encoder, make_random_encoder, args, splits, losses, device, 
         from ..plots import pretrain_figure
 
         path = pretrain_figure(losses, results, os.path.join(args.out, "pretrain.png"),
-                               title=f"{args.method} ({args.size}) on {splits.name}")
+                               title=f"{args.method} ({args.size}) on {splits.name}", first_step=first_step)
         say(f"plot: {path}")
     return out

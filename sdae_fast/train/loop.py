@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ import sdae_fast
 from ..data import (AugmentedDataset, ShardedBatchSampler, default_workers, load_splits, make_loader,
                     open_sources, to_device, train_views)
 from ..threads import apply_cpu_threads
+from ..validate import check_float, check_int
 from . import checkpoint as ckpt
 from .metrics import MetricsWriter
 from .distributed import all_gather_objects, barrier, broadcast_buffers, init_distributed, shutdown
@@ -114,7 +116,13 @@ def _pretrain(args, build_fn, info) -> dict:
     say = print if info.is_main and not args.quiet else (lambda *a, **k: None)
     if args.method == "mixedae" and args.batch_size % 4:
         raise ValueError(f"MixedAE mixes groups of 4 images: --batch-size {args.batch_size} must be divisible by 4")
+    if args.knn:  # checked before training, not found after it
+        check_int("--knn-k", args.knn_k, ge=1)
+        check_float("--knn-temperature", args.knn_temperature, gt=0.0)
     train_src, held_src = open_sources(args.data, args.img_size, args.holdout)
+    if args.knn and (why := _no_evaluation(train_src, held_src)):
+        say(f"note: no k-NN / linear-probe evaluation at the end of this run: {why}")
+        args.knn = False
     sampler = ShardedBatchSampler(len(train_src), args.batch_size, args.seed, info.rank, info.world)
     spe = sampler.steps_per_epoch
     total = args.steps if args.steps else args.epochs * spe
@@ -130,6 +138,12 @@ def _pretrain(args, build_fn, info) -> dict:
         args.accum_iter = accum_iter_for(args.effective_batch, args.batch_size, info.world)
     if args.lr is None:  # lr = blr · global batch / 256, the global batch including accumulation
         args.lr = scaled_lr(args.blr, args.batch_size * info.world * args.accum_iter)
+    if args.accum_iter > min(spe, total) and info.is_main:  # windows restart every epoch (MAE's engine_pretrain.py)
+        warnings.warn(f"--accum-iter {args.accum_iter} (the recipe's effective batch {args.effective_batch} on a "
+                      f"global batch of {args.batch_size * info.world}) is longer than the {min(spe, total)} steps "
+                      f"of {'an epoch' if spe <= total else 'this run'}: no optimizer step will run, the weights stay "
+                      f"at their init; lower --accum-iter or --effective-batch, or train on more data",
+                      RuntimeWarning, stacklevel=2)
     optimizer = make_optimizer(model, args.method, args.lr, args.weight_decay, args.betas)
     schedule = StepSchedule(args, spe, total, warmup)  # lr / wd schedules, accumulation, clipping, freezing
     step = 0
@@ -250,14 +264,35 @@ def _pretrain(args, build_fn, info) -> dict:
             def fresh():  # the same architecture at the run's random init
                 return evaluated_encoder(_build(build_fn, args, splits.in_chans, args.seed))
 
-            result.update(pretrain_report(encoder, fresh, args, splits, losses, info.device, say))
+            try:
+                result.update(pretrain_report(encoder, fresh, args, splits, losses, info.device, say,
+                                              first_step=step - len(losses) + 1))  # a resumed run: its own steps
+            except Exception:
+                if args.export:  # an evaluation that fails must not cost the trained encoder
+                    _export(encoder, args, train_src, result, step, say)
+                raise
         if args.export:
-            from .export import export_encoder
-
-            paths = export_encoder(encoder, args.out, args.img_size, args.patch_size, train_src.in_chans,
-                                   extra={k: v for k, v in result.items() if k.startswith("knn")}
-                                   | {"args": ckpt.plain_args(args), "steps": step})
-            say(f"exported encoder (timm format): {paths[0]} + {paths[1]}")
+            _export(encoder, args, train_src, result, step, say)
     barrier(info)
     return result
+
+
+def _export(encoder, args, train_src, result, step, say) -> None:
+    """encoder.pt + encoder.json (timm's format) and pretrain_info.json with the run's results."""
+    from .export import export_encoder
+
+    paths = export_encoder(encoder, args.out, args.img_size, args.patch_size, train_src.in_chans,
+                           extra={k: v for k, v in result.items() if k.startswith(("knn", "linear"))}
+                           | {"args": ckpt.plain_args(args), "steps": step})
+    say(f"exported encoder (timm format): {paths[0]} + {paths[1]}")
+
+
+def _no_evaluation(train_src, held_src) -> str | None:
+    """Why the end-of-run k-NN / linear probe cannot run on these splits, or None."""
+    if len(held_src) == 0:
+        return "no held-out images (--holdout 0)"
+    if len(np.unique(train_src.labels)) < 2:
+        return ("the training images have a single label (a folder without class subfolders?): k-NN and the "
+                "linear probe need 2 or more classes; evaluate on a labelled folder with sdae-fast eval --data")
+    return None
 
