@@ -183,15 +183,24 @@ def test_bench_speedup_chart(tmp_path):
 
 def test_evaluated_encoder_is_what_each_official_evaluation_reads():
     """DINO's eval_knn.py / eval_linear.py read the teacher (--checkpoint_key teacher); MAE's and SdAE's
-    main_linprobe.py the student (checkpoint['model'], --model_mode model); MixedAE follows MAE."""
+    main_linprobe.py the student (checkpoint['model'], --model_mode model); MixedAE follows MAE, with
+    dense attention (a copy of the student, as its timm export)."""
     from torch import nn
 
     from sdae_fast.models import build, evaluated_encoder
+    from sdae_fast.models.topk_attention import TopKAttention
 
-    for method in ("mae", "sdae", "mixedae", "dino"):
+    for method in ("mae", "sdae", "dino"):
         model = build(method, "micro")
         want = model.teacher["encoder"] if method == "dino" else model.encoder
         assert evaluated_encoder(model) is want, method
+    model = build("mixedae", "micro")
+    dense = evaluated_encoder(model)
+    assert dense is not model.encoder and dense.state_dict().keys() == model.encoder.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(dense.state_dict().values(), model.encoder.state_dict().values()))
+    tops = [m.topk for m in model.encoder.modules() if isinstance(m, TopKAttention)]
+    assert tops and all(t is not None for t in tops)  # the student keeps its homologous attention
+    assert all(m.topk is None for m in dense.modules() if isinstance(m, TopKAttention))
     own = nn.Module()  # a caller's build_fn model without the attribute: its encoder
     own.encoder = nn.Linear(2, 2)
     assert evaluated_encoder(own) is own.encoder
