@@ -66,9 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile every Triton kernel variant for sm_90 offline and print registers, spills, MMA kind")
     p.add_argument("--full", action="store_true", help="with --kernels: every variant, not the CI subset")
     p.set_defaults(func=cmd_info)
+    from .bench import harness  # the case groups, for --help (registering them imports no kernel)
+
     p = sub.add_parser("bench", help="fused vs naive vs alternatives; markdown + JSON report")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
-    p.add_argument("--ops", default=None, help="comma-separated substrings of case groups to run")
+    p.add_argument("--ops", default=None, help="comma-separated substrings of case groups to run: "
+                   + ", ".join(harness.group_names()))
     p.add_argument("--quick", action="store_true", help="small shapes (always on for the CPU)")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--out", default=None, help="directory for the report (default on CUDA: benchmarks/results)")

@@ -25,17 +25,22 @@ def _save(fig, plt, path: str) -> str:
     return path
 
 
-def pretrain_figure(losses, results: dict, path: str, title: str = "") -> str:
-    """Left: loss per step (and a 20-step running mean). Right: k-NN and linear-probe top-1 per
-    row of ``results`` (``{row: {"knn": acc, "linear": acc}}``, see ``sdae_fast.eval.report``)."""
+def pretrain_figure(losses, results: dict, path: str, title: str = "", first_step: int = 1) -> str:
+    """Left: loss per step (and a 20-step running mean); ``losses[i]`` is the loss of step
+    ``first_step + i`` (a resumed run passes the first step it trained, so the axis shows the true
+    step numbers). Right: k-NN and linear-probe top-1 per row of ``results``
+    (``{row: {"knn": acc, "linear": acc}}``, see ``sdae_fast.eval.report``)."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
-    steps = range(1, len(losses) + 1)
+    steps = range(first_step, first_step + len(losses))
     ax_loss.plot(steps, losses, lw=0.6, alpha=0.45, label="loss")
     if len(losses) >= 20:
         window = 20
         smooth = [sum(losses[i - window:i]) / window for i in range(window, len(losses) + 1)]
-        ax_loss.plot(range(window, len(losses) + 1), smooth, lw=1.6, label="running mean (20)")
+        ax_loss.plot(steps[window - 1:], smooth, lw=1.6, label="running mean (20)")
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 1.5 on short runs
     ax_loss.set(xlabel="step", ylabel="loss", title=f"training loss {title}".strip())
     ax_loss.legend(loc="upper right", fontsize=8)
     rows = list(results)

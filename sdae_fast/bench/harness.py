@@ -65,11 +65,33 @@ def register(name: str):
     return deco
 
 
-def cases(device: str, quick: bool, only: list[str] | None = None) -> list[Case]:
+def _import_case_modules() -> None:
     package = importlib.import_module(__package__)
     for info in pkgutil.iter_modules(package.__path__):
         if info.name not in NOT_CASES:
             importlib.import_module(f"{__package__}.{info.name}")
+
+
+def group_names() -> list[str]:
+    """The registered case groups (what ``sdae-fast bench --ops`` selects by substring)."""
+    _import_case_modules()
+    return sorted(_GENERATORS)
+
+
+def check_groups(only: list[str] | None) -> None:
+    """``ValueError`` naming every entry of ``only`` that is a substring of no case group, with the groups."""
+    names = group_names()
+    unknown = [o for o in only or () if not any(o in name for name in names)]
+    if unknown:
+        raise ValueError(f"unknown op group{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+                         f"--ops takes comma-separated substrings of the case groups; known groups: "
+                         f"{', '.join(names)}")
+
+
+def cases(device: str, quick: bool, only: list[str] | None = None) -> list[Case]:
+    """The cases for ``device`` of every group one of ``only`` is a substring of (all groups without
+    ``only``); an entry matching no group raises ``ValueError`` (:func:`check_groups`)."""
+    check_groups(only)
     out = []
     for name, gen in _GENERATORS.items():
         if only and not any(o in name for o in only):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import itertools
 import json
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -52,7 +54,27 @@ def _fmt(x, spec):
     return "—" if x is None else format(x, spec)
 
 
+def report_stem(out: Path, env: dict, only: list[str] | None) -> str:
+    """A stem no report in ``out`` has yet, claimed by creating its ``.md``: ``<GPU>-<date>-<commit>``,
+    then ``-ops-<g1+g2>`` for an ``--ops`` selection, then ``-2``, ``-3``, ... while taken, so runs on one
+    day from one commit (other ``--ops``, or the same again) never overwrite each other."""
+    base = f"{env.get('gpu', 'cpu').replace(' ', '_')}-{env['date'][:10]}-{env['commit'][:12]}"
+    groups = [re.sub(r"[^A-Za-z0-9_.-]+", "_", o) for o in only or () if o]
+    if groups:
+        base += "-ops-" + "+".join(groups)
+    for n in itertools.count(1):
+        stem = base if n == 1 else f"{base}-{n}"
+        if any((out / f"{stem}{ext}").exists() for ext in (".md", ".json", ".png")):
+            continue
+        try:
+            (out / f"{stem}.md").open("x").close()
+        except FileExistsError:  # a concurrent run took it first
+            continue
+        return stem
+
+
 def run(device: str, quick: bool, only: list[str] | None, out_dir: str | None, reps: int) -> list[harness.Measurement]:
+    harness.check_groups(only)  # an unknown --ops entry fails before anything is measured or written
     env = environment(device)
     env["copy_gbps"] = harness.copy_bandwidth_gbps(device)
     env["matmul_tflops"] = harness.matmul_tflops(device)
@@ -67,7 +89,7 @@ def run(device: str, quick: bool, only: list[str] | None, out_dir: str | None, r
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"{env.get('gpu', 'cpu').replace(' ', '_')}-{env['date'][:10]}-{env['commit'][:12]}"
+        stem = report_stem(out, env, only)
         (out / f"{stem}.md").write_text(table)
         raw = [dict(op=m.case.op, shape=m.case.shape, variant=m.case.variant, bytes=m.case.bytes, flops=m.case.flops,
                     times_ms=m.times_ms, median_ms=m.median_ms if m.times_ms else None, peak_bytes=m.peak_bytes,

@@ -45,3 +45,18 @@ def encoder_features(encoder, images: torch.Tensor, pool: str = "cls", batch_siz
 def pixel_features(images: torch.Tensor) -> torch.Tensor:
     """The baseline with no encoder: every image flattened to one vector (N, C·H·W), fp32."""
     return images.reshape(len(images), -1).float().cpu()
+
+
+def check_finite(feats: torch.Tensor, split: str, evaluation: str) -> None:
+    """``ValueError`` when ``feats`` (N, D) hold NaN or inf, naming ``split`` ("train" / "test"), which
+    of the two and in how many rows; a NaN would otherwise win k-NN's top-k and argmax, and scikit-learn
+    stops on it with its imputer advice. One host sync: evaluation is not a hot path."""
+    if not feats.is_floating_point():
+        return
+    flat = feats.flatten(1) if feats.dim() > 1 else feats[:, None]  # (N, D); N = 0 passes
+    nan_rows, inf_rows = flat.isnan().any(1), flat.isinf().any(1)
+    bad = int((nan_rows | inf_rows).sum())
+    if bad:
+        kinds = " and ".join(kind for kind, rows in (("NaN", nan_rows), ("inf", inf_rows)) if rows.any())
+        raise ValueError(f"{evaluation}: the {split} features contain {kinds} in {bad} of {len(feats)} rows; "
+                         f"the encoder probably diverged (see the training loss; lower --lr or set --clip-grad)")

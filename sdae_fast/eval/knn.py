@@ -9,6 +9,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .features import check_finite
+
+
+def _check_labels(train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int | None) -> int:
+    """The number of classes (``num_classes``, or the largest label + 1); ``ValueError`` for a negative
+    label or one ``>= num_classes`` (the vote table has one column per class)."""
+    for split, labels in (("train", train_labels), ("test", test_labels)):
+        if int(labels.min()) < 0:
+            raise ValueError(f"k-NN: the {split} labels must be class indices in [0, num_classes); "
+                             f"they hold negative ones (smallest {int(labels.min())})")
+        if num_classes and int(labels.max()) >= num_classes:
+            outside = sorted(set(labels[labels >= num_classes].tolist()))
+            raise ValueError(f"k-NN: the {split} labels must lie in [0, {num_classes}) for num_classes={num_classes}; "
+                             f"they hold {', '.join(map(str, outside[:10]))}{' ...' if len(outside) > 10 else ''}")
+    return num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+
 
 @torch.no_grad()
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
@@ -19,9 +35,11 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         raise ValueError("k-NN needs a non-empty feature bank and test set")
     if k < 1 or temperature <= 0:
         raise ValueError(f"k-NN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    check_finite(train_feats, "train", "k-NN")
+    check_finite(test_feats, "test", "k-NN")
+    num_classes = _check_labels(train_labels, test_labels, num_classes)
     train_feats = F.normalize(train_feats.float(), dim=1)
     test_feats = F.normalize(test_feats.float(), dim=1)
-    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     k = min(k, len(train_feats))
     correct = 0
     for i in range(0, len(test_feats), chunk):

@@ -18,6 +18,8 @@ import warnings
 import numpy as np
 import torch
 
+from .features import check_finite
+
 CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 FOLDS = 3
 MAX_ITER = 300  # lbfgs iterations per fit; the CV path warm-starts each C from the previous one
@@ -34,6 +36,8 @@ def linear_probe_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor,
         from threadpoolctl import threadpool_limits  # a scikit-learn dependency
     except ImportError as exc:
         raise ImportError("the linear probe needs scikit-learn: pip install 'sdae_fast[data]'") from exc
+    check_finite(train_feats, "train", "linear probe")
+    check_finite(test_feats, "test", "linear probe")
     x_train = train_feats.double().numpy()
     x_test = test_feats.double().numpy()
     y_train, y_test = train_labels.numpy(), test_labels.numpy()

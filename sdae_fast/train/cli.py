@@ -123,7 +123,8 @@ def cmd_pretrain(args) -> int:
     chosen = args.recipe
     args = finalize_args(args)
     why = "as asked" if chosen else ("the default with --data" if args.data else "the default without --data")
-    print(f"recipe: {args.recipe} ({why})", flush=True)
+    if not args.quiet:  # --quiet prints nothing
+        print(f"recipe: {args.recipe} ({why})", flush=True)
     run_pretrain(args)
     return 0
 
