@@ -2,11 +2,12 @@
 
 Forward, one program per (BLOCK_M queries, b·h): scores against every key, the exact topk-th
 largest score τ of each row (:mod:`kernels.topk_select`), then an online softmax over the kept keys
-(s >= τ) and P@V. The (B, H, N, N) scores never reach device memory: up to N_MAX_ONE_TILE keys
+(not s < τ) and P@V. The (B, H, N, N) scores never reach device memory: up to N_MAX_ONE_TILE keys
 the selection runs on the row's keys held in registers (1, 2 or 4 tiles); beyond that each of the
 32 selection passes recomputes the score chunks (correct, slower). τ, the first column holding τ
 (the boundary key) and the row log-sum-exp are saved so the backward rebuilds the forward's kept
-set and probabilities (flash-attention style recompute).
+set and probabilities (flash-attention style recompute). NaN scores are kept, and give NaN rows
+where the reference's do (see ``_attend`` and topk_attention_bwd).
 
 Backward: a preprocess writes D = rowsum(dO ∘ O); one kernel per key block loops over query blocks
 for dK, dV; one per query block loops over key blocks for dQ. The kept set is a constant.
@@ -190,18 +191,23 @@ def _topk_attention_fwd(Q, K, V, O, TAU, TAU_COL, LSE, N, H, topk, scale,
 def _attend(q, k_base, v_base, O, LSE, tau, tau_col, bh, offs_m, row_ok, N, scale, sk_n, sv_n,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
             PRECISION: tl.constexpr):
-    """Softmax over the kept keys (s >= τ, and the boundary key) and P@V; writes O and the row LSE."""
+    """Softmax over the kept keys (not s < τ, and the boundary key) and P@V; writes O and the row LSE.
+
+    NaN as the reference: "not s < τ" keeps NaN scores (and every key once τ itself is NaN), and
+    the NaN rides l_i and acc (exp(NaN - m) is NaN) to the whole row of O and its LSE, while m_i
+    may drop it (tl.max / tl.maximum ignore NaN by default). +inf gives exp(inf - inf) = NaN."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    # Online softmax over the kept keys; the row's top score is always kept, so l > 0 at the end.
+    # Online softmax over the kept keys; the row's top score is always kept, so l > 0 at the end
+    # (a row of finite scores).
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         s = _scores(q, k_base, sk_n, start_n, N, scale, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kept = (s >= tau[:, None]) | (offs_n[None, :] == tau_col[:, None])
+        kept = ~(s < tau[:, None]) | (offs_n[None, :] == tau_col[:, None])  # NaN s or τ: kept
         s = tl.where(kept, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no kept key yet: avoid -inf - -inf

@@ -5,6 +5,9 @@ is a uint32 whose unsigned order is the float order. Building the threshold key 
 most significant bit — keep a bit when at least ``topk`` keys are >= the candidate — ends on the
 largest key with >= topk keys at or above it: exactly the topk-th largest score, ties included.
 Value bisection on floats would only approximate it; this takes 32 counting passes and is exact.
+
+NaN ranks above +inf whatever its sign bit, as in ``torch.topk``: the reference's τ counts a NaN
+score among the row's largest (and is NaN itself once a row holds topk or more NaNs).
 """
 import triton
 import triton.language as tl
@@ -12,15 +15,18 @@ import triton.language as tl
 
 @triton.jit
 def order_key(s):
-    """fp32 -> uint32 whose unsigned order matches the float order (-0 sorts just below +0)."""
-    bits = s.to(tl.uint32, bitcast=True)
+    """fp32 -> uint32 whose unsigned order matches the float order (-0 sorts just below +0); every
+    NaN sorts above +inf, as torch.topk ranks it."""
+    # A NaN of either sign becomes the positive quiet NaN, whose key 0xFFC00000 is above +inf's
+    # 0xFF800000 (a NaN with the sign bit set, as x86 makes of inf · 0, would sort below -inf).
+    bits = tl.where(s == s, s, float("nan")).to(tl.uint32, bitcast=True)
     negative = (bits >> 31) == 1
     return tl.where(negative, bits ^ 0xFFFFFFFF, bits | 0x80000000)
 
 
 @triton.jit
 def key_to_float(key):
-    """Inverse of :func:`order_key`."""
+    """Inverse of :func:`order_key` (a NaN comes back as the positive quiet NaN)."""
     bits = tl.where((key >> 31) == 1, key ^ 0x80000000, key ^ 0xFFFFFFFF)
     return bits.to(tl.float32, bitcast=True)
 

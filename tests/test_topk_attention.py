@@ -48,10 +48,21 @@ def assert_close_cancelling(got, want, magnitude, *, dtype, reduction, name):
     """dq, dk sum dS = P ∘ (dP - D) terms that cancel, exactly to 0 when a row keeps one key or
     tied copies of one key; D itself comes from O rounded to ``dtype`` (as in flash attention).
     The forward error of such a sum is bounded by tol · Σ|terms| (``magnitude``), not by the size
-    of the result, so that scale joins assert_close's |e| + max|e| with the same dtype tolerance."""
+    of the result, so that scale joins assert_close's |e| + max|e| with the same dtype tolerance.
+    NaN and infinities must sit exactly where the reference has them (NaN inputs); the bound
+    applies to the finite rest, where a NaN magnitude (a NaN row's terms) counts as 0."""
+    got, want, magnitude = got.detach().double().cpu(), want.detach().double().cpu(), magnitude.double().cpu()
+    assert torch.equal(got.isnan(), want.isnan()), (
+        f"{name}: NaN at {int(got.isnan().sum())} elements, reference at {int(want.isnan().sum())}; first "
+        f"mismatch {(got.isnan() != want.isnan()).nonzero()[0].tolist()}")
+    finite = torch.isfinite(want)
+    assert torch.equal(got[want.isinf()], want[want.isinf()]), f"{name}: infinities differ"
+    got, want, magnitude = got[finite], want[finite], magnitude[finite].nan_to_num(nan=0.0)
+    if want.numel() == 0:
+        return
     tol = tolerance(dtype, reduction)
-    err = (got.double().cpu() - want.cpu()).abs()
-    bound = tol * (want.abs().cpu() + want.abs().max().cpu() + magnitude.cpu())
+    err = (got - want).abs()
+    bound = tol * (want.abs() + want.abs().max() + magnitude)
     if (err > bound).any():
         worst = int((err - bound).argmax())
         raise AssertionError(f"{name} ({dtype}): max error {err.max():.3e}, worst {got.flatten()[worst].item()!r} "
@@ -215,6 +226,73 @@ def test_strided_inputs_from_fused_qkv():
     q, k, v = qkv.unbind(0)
     assert not q.is_contiguous()
     run_and_compare(q, k, v, 5, scale=EXACT_SCALE)
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN and infinite inputs: the reference's NaN rows, exactly
+# ----------------------------------------------------------------------------------------------
+# What the reference does (the kernel must match it element for element, forward and gradients):
+# a NaN score is never below τ (torch.topk ranks NaN highest; NaN < τ is false, and a NaN τ keeps
+# the whole row), so a row with a NaN or +inf score is NaN in every output column and its softmax
+# row is NaN at every key: dv is NaN everywhere in that head. Gradients through the kept-set mask
+# are exactly 0 at dropped keys, so dk is NaN only on keys some NaN row keeps, or through 0 · NaN
+# in dS @ Q (a NaN q). NaN in v reaches every row's output column through P @ V's 0 · NaN, kept
+# or not, and every dS through D. (The tests above hold the finite fast path.)
+NAN, INF = float("nan"), float("inf")
+NONFINITE_CASES = {
+    "q element": ("q", (0, 0, 3, 5), NAN),      # one query row
+    "q row": ("q", (0, 1, 6), NAN),
+    "k row": ("k", (0, 0, 2), NAN),             # every query's score against key 2
+    "k element": ("k", (0, 1, 5, 0), NAN),
+    "k two rows": ("k", (0, 0, slice(2, 4)), NAN),  # topk <= 2: τ is NaN, the row keeps all keys
+    "v element": ("v", (0, 0, 2, 1), NAN),
+    "v row": ("v", (0, 1, 4), NAN),
+    "q +inf": ("q", (0, 0, 3, 0), INF),         # scores +inf, -inf and inf · 0 = NaN in one row
+    "k -inf": ("k", (0, 1, 2), -INF),
+}
+
+
+def nonfinite_inputs(n, case, d=32):
+    q, k = exact_qk(1, 2, n, d, torch.float32)
+    v = torch.randn(1, 2, n, d, device=DEVICE)
+    name, index, value = NONFINITE_CASES[case]
+    {"q": q, "k": k, "v": v}[name][index] = value
+    return q, k, v
+
+
+@pytest.mark.parametrize("topk", [1, 2, 5, 8])  # N = 8: top-k and dense
+@pytest.mark.parametrize("case", sorted(NONFINITE_CASES))
+def test_nonfinite_inputs_give_the_reference_nans(case, topk):
+    q, k, v = nonfinite_inputs(8, case)
+    run_and_compare(q, k, v, topk, scale=EXACT_SCALE)
+
+
+def test_nan_key_fills_the_row_instead_of_displacing_a_key():
+    """The audit's case: a NaN key made the kernel attend to topk - 1 real keys, all finite."""
+    q, k, v = nonfinite_inputs(4, "k row")
+    for topk in (2, 4):
+        out = topk_attention(q, k, v, topk, backend="triton")
+        assert out[0, 0].isnan().all() and not out[0, 1].isnan().any()
+
+
+@pytest.mark.parametrize("path", ["register tiles", "recomputed chunks"])
+@pytest.mark.parametrize("case", ["k two rows", "q row", "v element", "q +inf"])
+def test_nonfinite_inputs_across_chunks(monkeypatch, path, case):
+    """NaN rows over several softmax/backward chunks: 4 register tiles of 16 keys, or rows past
+    N_MAX_ONE_TILE whose selection recomputes 64-key chunks per pass."""
+    from sdae_fast.kernels import topk_attention as kernel
+
+    if path == "register tiles":
+        monkeypatch.setattr(kernel, "TILE_N", 16)
+        n = 50
+    else:
+        monkeypatch.setattr(kernel, "N_MAX_ONE_TILE", 64)
+        n = 100
+    q, k, v = nonfinite_inputs(n, case)
+    if case == "k two rows":  # NaN keys in two different chunks
+        k[0, 0, n - 3] = NAN
+    for topk in (1, 12, n):
+        run_and_compare(q, k, v, topk, scale=EXACT_SCALE)
 
 
 # ----------------------------------------------------------------------------------------------
