@@ -2,6 +2,8 @@
 the methods' torchvision v2 recipes, DINO crops batched per resolution, bad input."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -324,3 +326,14 @@ def test_unreadable_held_out_images_are_named_and_eval_takes_the_policy(tmp_path
     assert "pretrained" in capsys.readouterr().out
     with pytest.raises(Exception, match=r"img0000[23]\.jpg"):
         main(["eval", "--checkpoint", real.out, "--no-linear", "--threads", "1", "--bad-images", "error"])
+
+
+def test_linked_folders_inside_a_class_are_followed_once(tmp_path):
+    root = write_folder(tmp_path / "data", n=8)
+    extra = write_folder(tmp_path / "elsewhere", n=3, classes=1) / "class0"
+    os.symlink(extra, root / "class1" / "more")  # a linked folder of 3 more class-1 images
+    os.symlink(root / "class1", root / "class1" / "loop")  # a link back up: must not walk forever
+    train, _ = folder_sources(str(root), holdout=0.0)
+    paths = [train.describe(i) for i in range(len(train))]
+    assert len(paths) == 8 + 3 and sum("/more/" in p for p in paths) == 3
+    assert sorted(train.labels.tolist()) == [0] * 4 + [1] * 7

@@ -87,8 +87,10 @@ def list_image_files(root: str) -> tuple[list[str], list[int], list[str]]:
     classes = subdirs or [os.path.basename(os.path.normpath(root))]
     paths, labels = [], []
     for folder, label in folders:
-        for dirpath, dirnames, names in os.walk(folder):
-            dirnames.sort()
+        seen = set()  # real paths walked: a link back up the tree is not followed twice
+        for dirpath, dirnames, names in os.walk(folder, followlinks=True):  # as torchvision's ImageFolder
+            seen.add(os.path.realpath(dirpath))
+            dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in seen)
             for n in sorted(names):
                 if n.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(os.path.join(dirpath, n))
