@@ -25,7 +25,9 @@ from __future__ import annotations
 #   at 1e-3 / 36 epochs k-NN -3.3, linear -0.6 pts; 3e-4 / 80 epochs (SdAE's) k-NN +7.0, linear -1.7
 #   (mask ratio 0.5 on top: +6.4 / -1.4). MixedAE 36 epochs +7.2 / +2.5, 72 epochs +10.0 / +3.1, both
 #   read through its top-K attention; with the dense attention its export has (the evaluation since),
-#   72 epochs give +6.7 / -0.3 (0.772 / 0.905 against 0.705 / 0.908).
+#   72 epochs give +6.7 / -0.3 (0.772 / 0.905 against 0.705 / 0.908; seed 1: +12.5 / +5.6). Dense read,
+#   MAE's demo values (3e-4 x 80 epochs, no norm_pix_loss): +8.1 / +1.7, seed 1 +10.6 / +0.6 (mean
+#   linear +1.2 against +2.7); no norm_pix_loss alone +7.2 / +1.4. Kept.
 #   MAE without norm_pix_loss: +15.3 / +2.5 (seed 1: +18.7 / +1.9; with it, seed 1: +17.0 / +1.4). Why:
 #   a 4 px patch of a 4x-upsampled 8 px digit is about one original pixel, smoothly interpolated;
 #   normalising it per patch removes its mean, the pixel's value, and leaves the interpolation ramp
