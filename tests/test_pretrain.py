@@ -359,3 +359,11 @@ def test_exported_encoder_loads_strict_into_timm_create_model(tmp_path):
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), encoder.embed(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_relative_data_folder_is_recorded_absolute(tmp_path, monkeypatch):
+    """The checkpoint's args name the data; sdae-fast eval run from elsewhere must find it."""
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert make_args(data="imgs").data == str(tmp_path / "imgs")
+    assert make_args(data="train-{000..009}.tar").data == "train-{000..009}.tar"  # a shard pattern: as given

@@ -94,6 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill what the user left unset from the recipe (``--recipe``, or the default for ``--data``)."""
     apply_recipe(args)
+    if args.data and os.path.exists(args.data):  # recorded in checkpoints: eval from another folder finds it
+        args.data = os.path.abspath(args.data)
     if args.metrics is None:
         args.metrics = os.path.join(args.out, "metrics.jsonl")
     return args
