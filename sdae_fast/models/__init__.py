@@ -11,5 +11,8 @@ from .sdae import SdAE
 from .topk_attention import TopKAttention
 from .vit import VisionTransformer, get_2d_sincos_pos_embed, set_backend
 
+globals().update(MODELS)  # the named constructors: from sdae_fast.models import sdae_vit_base_patch16
+
 __all__ = ["VisionTransformer", "TopKAttention", "MAE", "SdAE", "MixedAE", "DINO", "DINOHead",
-           "build", "create_model", "evaluated_encoder", "MODELS", "METHODS", "SIZES", "get_2d_sincos_pos_embed", "set_backend"]
+           "build", "create_model", "evaluated_encoder", "MODELS", "METHODS", "SIZES", "get_2d_sincos_pos_embed",
+           "set_backend", *MODELS]
