@@ -260,6 +260,9 @@ def test_factory_names():
     for name in ("mae_vit_base_patch16", "sdae_vit_base_patch16", "mixedae_vit_base_patch16",
                  "dino_vit_small_patch16", "mae_vit_micro_patch4", "dino_vit_micro_patch4"):
         assert name in MODELS
+    from sdae_fast.models import mae_vit_micro_patch4, sdae_vit_base_patch16  # noqa: F401  (as the README shows)
+
+    assert mae_vit_micro_patch4 is MODELS["mae_vit_micro_patch4"]
     model = create_model("sdae_vit_micro_patch4", backend="torch", decoder_depth=2)
     assert len(model.decoder.blocks) == 2 and model.backend == "torch"
     with pytest.raises(ValueError, match="unknown method"):
