@@ -211,3 +211,16 @@ def test_planned_update_matches_the_op(backend):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         update(2.0)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_a_tied_teacher_tensor_is_updated_once_per_pair_by_the_reference(backend):
+    """timm's EMA lerps a weight tied under two names twice; fused blocks updating it in parallel
+    would race on a GPU, so the fused backends refuse and the automatic choice takes the reference."""
+    t = torch.zeros(5, device=DEVICE)
+    teacher = [t, torch.zeros(3, device=DEVICE), t]
+    student = [torch.ones(5, device=DEVICE), torch.ones(3, device=DEVICE), torch.ones(5, device=DEVICE)]
+    with pytest.raises(sdae_fast.BackendUnavailable, match=r"teacher tensors \[\(0, 2\)\] are one tensor"):
+        sdae_fast.ema_update_(teacher, student, 0.5, backend=backend)
+    sdae_fast.ema_update_(teacher, student, 0.5)  # automatic: the reference, one pair after another
+    assert torch.equal(t, torch.full((5,), 0.75, device=DEVICE))  # 0 -> 0.5 -> 0.75

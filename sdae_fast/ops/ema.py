@@ -25,6 +25,15 @@ def _fused_why_not(teacher, student, momentum) -> list[str]:
     bad = [i for i, (t, s) in enumerate(zip(teacher, student)) if not (t.is_contiguous() and s.is_contiguous())]
     if bad:
         reasons.append(f"pairs {bad[:5]} are not contiguous (the multi-tensor kernels read flat storage)")
+    first, tied = {}, []
+    for i, t in enumerate(teacher):
+        if t.numel():
+            j = first.setdefault(t.data_ptr(), i)
+            if j != i:
+                tied.append((j, i))
+    if tied:  # timm's EMA of a tied weight lerps it once per name: only one pair after another does that
+        reasons.append(f"teacher tensors {tied[:3]} are one tensor (tied weights): the fused kernels update the "
+                       f"pairs in parallel, the reference one after another")
     return reasons
 
 
