@@ -295,4 +295,3 @@ def _no_evaluation(train_src, held_src) -> str | None:
         return ("the training images have a single label (a folder without class subfolders?): k-NN and the "
                 "linear probe need 2 or more classes; evaluate on a labelled folder with sdae-fast eval --data")
     return None
-
