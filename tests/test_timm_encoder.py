@@ -117,3 +117,13 @@ def test_unserved_timm_configs_are_refused(kw, why):
 def test_builtin_encoder_options_are_refused_with_an_encoder():
     with pytest.raises(ValueError, match="encoder's own configuration"):
         build("mae", "micro", encoder=tiny_vit(), drop_path_rate=0.1)
+
+
+def test_topk_keeps_timm_proj_dropout_and_refuses_attention_dropout():
+    # MixedAE's top-K blocks take over timm's attention layers: the output dropout stays with them;
+    # attention dropout, which the top-K kernel does not apply, is refused rather than dropped.
+    model = build("mixedae", "micro", encoder=tiny_vit(proj_drop_rate=0.1))
+    attns = [blk.attn for blk in model.encoder.blocks]
+    assert all(a.proj_drop.p == 0.1 for a in attns), [a.proj_drop for a in attns]
+    with pytest.raises(ValueError, match="attn_drop_rate=0.1"):
+        build("mixedae", "micro", encoder=tiny_vit(attn_drop_rate=0.1))

@@ -112,9 +112,14 @@ class TimmEncoder(VisionTransformer):
                      and not isinstance(m, nn.Identity)]
             if extra or getattr(attn, "gate", None) is not None:
                 raise ValueError(f"top-K attention cannot replace a timm attention with {extra or ['gate']}")
+            attn_drop = getattr(getattr(attn, "attn_drop", None), "p", 0.0)
+            if attn_drop > 0:  # the top-K kernel has no attention dropout: it would vanish silently
+                raise ValueError(f"top-K attention cannot replace a timm attention with attn_drop_rate={attn_drop}: "
+                                 f"the top-K kernel applies no attention dropout")
             new = TimmTopKAttention(self.embed_dim, attn.num_heads, attn.qkv.bias is not None, topk=k,
                                     backend=self.backend)
-            new.qkv, new.proj = attn.qkv, attn.proj  # the same layers: same weights, same keys
+            # The same layers: same weights, same keys, and timm's output dropout (proj_drop_rate).
+            new.qkv, new.proj, new.proj_drop = attn.qkv, attn.proj, attn.proj_drop
             blk.attn = new
 
     def patch_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
