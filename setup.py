@@ -3,7 +3,10 @@
 The top-level ``kernels/`` folder (Triton kernels) installs as ``sdae_fast.kernels``: a top-level
 ``kernels`` package would clash with another PyPI project. ``csrc/`` ships as package data so that
 just-in-time builds work from an installed copy; ``SDAE_FAST_BUILD_CUDA=1`` builds it ahead of time.
+That needs torch at build time, which pip's isolated build environment lacks (pyproject.toml asks
+for setuptools and wheel only): ``SDAE_FAST_BUILD_CUDA=1 pip install --no-build-isolation .``
 """
+import importlib.util
 import os
 
 from setuptools import setup
@@ -26,12 +29,19 @@ def cuda_extensions():
     """The CUDA extension, only when asked for: building it needs torch with CUDA at build time."""
     if os.environ.get("SDAE_FAST_BUILD_CUDA") != "1":
         return {}
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-
-    from sdae_fast.cuda_build import extension_kwargs
-
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError as exc:
+        raise RuntimeError("SDAE_FAST_BUILD_CUDA=1 needs torch installed at build time: install torch first, then "
+                           "SDAE_FAST_BUILD_CUDA=1 pip install --no-build-isolation .") from exc
+    root = os.path.dirname(os.path.abspath(__file__))
+    # cuda_build.py by its path: importing the sdae_fast package would import all of it (and triton).
+    spec = importlib.util.spec_from_file_location("_sdae_fast_cuda_build",
+                                                  os.path.join(root, "sdae_fast", "cuda_build.py"))
+    cuda_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_build)
     return {
-        "ext_modules": [CUDAExtension(**extension_kwargs(os.path.dirname(os.path.abspath(__file__))))],
+        "ext_modules": [CUDAExtension(**cuda_build.extension_kwargs(root))],
         "cmdclass": {"build_ext": BuildExtension},
     }
 
@@ -61,4 +71,5 @@ setup(
         "flash-attn": ["flash-attn"],
     },
     entry_points={"console_scripts": ["sdae-fast=sdae_fast.cli:main"]},
+    **cuda_extensions(),
 )

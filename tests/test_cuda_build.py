@@ -65,3 +65,38 @@ def test_binding_refuses_a_strided_block_table_and_a_momentum_elsewhere():
         module.ema_update(*args, strided, g.block_start, 0, 0, 0.9, 0.1, None)
     with pytest.raises(RuntimeError, match="momentum"):
         module.ema_update(*args, g.block_tensor, g.block_start, 0, 0, 0.9, 0.1, torch.tensor([0.9]))
+
+
+def _setup_kwargs(monkeypatch, build_cuda):
+    """setup.py's kwargs to ``setuptools.setup`` (recorded, nothing built), with or without
+    ``SDAE_FAST_BUILD_CUDA=1``."""
+    import runpy
+    from pathlib import Path
+
+    import setuptools
+
+    root = Path(__file__).resolve().parent.parent
+    if build_cuda:
+        monkeypatch.setenv("SDAE_FAST_BUILD_CUDA", "1")
+    else:
+        monkeypatch.delenv("SDAE_FAST_BUILD_CUDA", raising=False)
+    seen = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.chdir(root)
+    runpy.run_path(str(root / "setup.py"), run_name="__main__")
+    return seen
+
+
+def test_setup_builds_the_extension_only_when_asked(monkeypatch):
+    plain = _setup_kwargs(monkeypatch, build_cuda=False)
+    assert plain["name"] == "sdae_fast" and "ext_modules" not in plain and "cmdclass" not in plain
+    built = _setup_kwargs(monkeypatch, build_cuda=True)
+    (ext,) = built["ext_modules"]
+    assert ext.name == f"sdae_fast.{cuda_build.NAME}"  # imported by cuda_build as sdae_fast.sdae_fast_cuda
+    assert sorted(s.rsplit("/", 1)[-1] for s in ext.sources) == ["ema.cu", "ema_binding.cpp"]
+    assert all(not s.startswith("/") for s in ext.sources)  # setuptools wants paths relative to setup.py
+    assert set(cuda_build.ARCH_FLAGS) <= set(ext.extra_compile_args["nvcc"])
+    from torch.utils.cpp_extension import BuildExtension
+
+    assert issubclass(built["cmdclass"]["build_ext"], BuildExtension)
+    assert {k: v for k, v in built.items() if k not in ("ext_modules", "cmdclass")} == plain
