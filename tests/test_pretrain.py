@@ -318,6 +318,11 @@ def test_knn_report_and_export(tmp_path, capsys):
 def test_mixedae_batch_must_divide_by_group_size(tmp_path):
     with pytest.raises(ValueError, match="divisible by 4"):
         pretrain(_args(tmp_path, method="mixedae", batch_size=6), build_fn=standin_build)
+    # The run's own r (model option group_size), not the default's 4, decides.
+    with pytest.raises(ValueError, match="groups of 8 images: --batch-size 12 must be divisible by 8"):
+        pretrain(_args(tmp_path, method="mixedae", batch_size=12, model_kw={"group_size": 8}), build_fn=standin_build)
+    res = pretrain(_args(tmp_path, method="mixedae", batch_size=6, steps=1, model_kw={"group_size": 2}))
+    assert res["model"].group_size == 2
 
 
 def test_cli_registers_pretrain():

@@ -57,6 +57,15 @@ def _build(build_fn, args, in_chans: int, seed: int):
                     in_chans=in_chans, backend=args.backend, **(getattr(args, "model_kw", None) or {}))
 
 
+def _mixedae_group_size(args) -> int:
+    """The r of the run's MixedAE: its model options' ``group_size``, else the constructor's default."""
+    import inspect
+
+    from ..models.mixedae import MixedAE
+    default = inspect.signature(MixedAE).parameters["group_size"].default
+    return (getattr(args, "model_kw", None) or {}).get("group_size", default)
+
+
 def _save(model, optimizer, step, schedule, skipped, args, info):
     rngs = all_gather_objects(ckpt.rng_state(), info)  # every rank's RNG, for an exact DDP resume
     if info.is_main:
@@ -114,8 +123,9 @@ def _training_data(args, info, model, train_src, sampler):
 
 def _pretrain(args, build_fn, info) -> dict:
     say = print if info.is_main and not args.quiet else (lambda *a, **k: None)
-    if args.method == "mixedae" and args.batch_size % 4:
-        raise ValueError(f"MixedAE mixes groups of 4 images: --batch-size {args.batch_size} must be divisible by 4")
+    if args.method == "mixedae" and args.batch_size % (group := _mixedae_group_size(args)):
+        raise ValueError(f"MixedAE mixes groups of {group} images: --batch-size {args.batch_size} must be "
+                         f"divisible by {group}")
     if args.knn:  # checked before training, not found after it
         check_int("--knn-k", args.knn_k, ge=1)
         check_float("--knn-temperature", args.knn_temperature, gt=0.0)
