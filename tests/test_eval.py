@@ -201,6 +201,8 @@ def test_evaluated_encoder_is_what_each_official_evaluation_reads():
     tops = [m.topk for m in model.encoder.modules() if isinstance(m, TopKAttention)]
     assert tops and all(t is not None for t in tops)  # the student keeps its homologous attention
     assert all(m.topk is None for m in dense.modules() if isinstance(m, TopKAttention))
+    assert model.encoder.config["topk"] is not None and dense.config["topk"] is None
+    assert all(m.topk is None for m in dense.fresh().modules() if isinstance(m, TopKAttention))  # its twin too
     own = nn.Module()  # a caller's build_fn model without the attribute: its encoder
     own.encoder = nn.Linear(2, 2)
     assert evaluated_encoder(own) is own.encoder

@@ -114,6 +114,8 @@ class MixedAE(nn.Module):
         for module in dense.modules():
             if isinstance(module, TopKAttention):
                 module.topk = None
+        if "topk" in getattr(dense, "config", {}):  # so that ``dense.fresh()`` builds a dense twin too
+            dense.config = {**dense.config, "topk": None}
         return dense
 
     def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
