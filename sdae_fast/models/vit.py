@@ -202,7 +202,8 @@ def make_blocks(depth, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, topk=None, 
     topks = list(topk) if isinstance(topk, (list, tuple)) else [topk] * depth
     if len(topks) != depth:
         raise ValueError(f"topk lists {len(topks)} layers but depth is {depth}")
-    rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]  # the official "stochastic depth decay rule"
+    # the official "stochastic depth decay rule"; on the CPU, so a default device (meta, cuda) never applies
+    rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
     return nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias, topks[i], attn_impl, rates[i], backend)
                          for i in range(depth))
 
