@@ -17,8 +17,10 @@ FMA dots over 16-wide head-dim chunks, so they do not spill (sm_90; fp32 rows pa
 refused, see ``why_not``); fp16/bf16 inputs use tensor-core dots with fp32 accumulation. Every
 pass computes a score with the same dot orientation and head-dim tile. A pass whose dot shape
 differs could still round the key at τ an ulp lower and drop it — so every pass keeps the boundary
-key by column as well; other keys would need a distinct score within that rounding of τ (an fp32
-near-tie, ill-defined anyway).
+key by column as well. Other keys would need a score within that rounding of τ: an fp32 near-tie
+(ill-defined anyway), or an exact copy of the boundary key, which a differing pass drops. On the GPU
+the passes share one dot code; the CPU interpreter's numpy dot rounds by tile shape, and there a
+copy of the boundary key is lost in the backward (a GPU test checks duplicated keys on hardware).
 """
 from __future__ import annotations
 

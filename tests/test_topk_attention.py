@@ -364,3 +364,16 @@ def test_gpu_shapes(n, topk, d, dtype):
 def test_gpu_random_bf16(d):
     q, k, v = (torch.randn(4, 12, 197, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     run_and_compare(q, k, v, 49)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_duplicate_keys_with_rounded_scores(dtype):
+    """Every key twice, random (rounded) scores: each threshold falls on an exact tie of two copies,
+    whose scores round alike in any pass. The backward's recomputed scores must keep both copies,
+    as the forward and the reference do. (In the CPU interpreter, numpy's dot rounds by tile shape,
+    so a backward with another tile can lose the copy that is not the boundary key: GPU-only check.)"""
+    n = 66 if dtype == torch.float32 else 198
+    q, v = (torch.randn(2, 3, n, 64, device="cuda").to(dtype) for _ in range(2))
+    k = torch.randn(2, 3, n // 2, 64, device="cuda").to(dtype).repeat_interleave(2, dim=2)
+    run_and_compare(q, k, v, 7)
