@@ -1,0 +1,22 @@
+"""The GPU case list of ``sdae-fast bench`` is generated without a GPU (nothing is run): a
+generator that fails while listing cases would otherwise kill the whole report on the lent GPU
+before the first case."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdae_fast.bench import harness
+from test_pretrain import _one_thread  # noqa: F401  (autouse: one torch thread on the shared CPU)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_cuda_case_list_is_generated_on_a_cpu_machine(quick):
+    cases = harness.cases("cuda", quick)  # end_to_end builds ViT-B under torch.device("meta")
+    groups = {c.op.split()[0] for c in cases}
+    for expected in ("topk_attention", "gather_tokens", "ema_update_", "mae", "dino", "loader"):
+        assert expected in groups, sorted(groups)
+    assert all("cuda" in c.devices for c in cases)
+    e2e = [c for c in cases if c.op.endswith("train step") and not c.op.startswith("compat")]
+    assert e2e and all(c.flops > 0 for c in e2e)  # the meta-device FLOP count ran
+
