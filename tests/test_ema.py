@@ -224,3 +224,23 @@ def test_a_tied_teacher_tensor_is_updated_once_per_pair_by_the_reference(backend
         sdae_fast.ema_update_(teacher, student, 0.5, backend=backend)
     sdae_fast.ema_update_(teacher, student, 0.5)  # automatic: the reference, one pair after another
     assert torch.equal(t, torch.full((5,), 0.75, device=DEVICE))  # 0 -> 0.5 -> 0.75
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_planned_update_under_compile(backend, compile_backend):
+    """aot_eager functionalizes without reinplacing: the op gets copies of the teacher, then copies
+    them back. A plan launched on its saved pointers updated the real teacher, then the copy-back
+    overwrote it (the EMA did nothing); the op must update what it is handed."""
+    from sdae_fast.ops.ema import EmaUpdate
+
+    teacher, student = pairs(torch.float32, torch.float16, [(5, 7), (4097,)])
+    expected = [t.clone() for t in teacher]
+    update = EmaUpdate(teacher, student, backend=backend)
+    torch._dynamo.reset()
+    step = torch.compile(lambda m: update(m), backend=compile_backend, fullgraph=True)
+    for m in (0.9, torch.tensor(0.75, device=DEVICE)):
+        reference.ema_update_(expected, student, m)
+        step(m)
+        for a, b in zip(teacher, expected):
+            assert torch.equal(a, b)

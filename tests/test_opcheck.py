@@ -133,3 +133,22 @@ def test_fused_losses_refuse_a_double_backward(name):
         torch.autograd.grad(op(x, *args[1:], **kwargs, backend="triton"), x, create_graph=True)
     (h,) = torch.autograd.grad(op(x, *args[1:], **kwargs, backend="torch"), x, create_graph=True)
     assert h.requires_grad and torch.allclose(h.detach(), g, atol=1e-5)  # the reference serves it
+
+
+@interpreter
+@pytest.mark.parametrize("backend", ["triton"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_ema_op_with_a_plan(backend):
+    """An EmaUpdate's plan (pointer tables made once) serves the tensors it was made for; handed
+    other tensors (functionalization's copies under aot_dispatch) the op pairs those instead."""
+    from sdae_fast.ops.ema import EmaUpdate
+
+    teacher, student = [[torch.randn(3, device=DEVICE), torch.randn(4097, device=DEVICE)] for _ in range(2)]
+    update = EmaUpdate(teacher, student, backend=backend)
+    assert update._plan >= 0
+    opcheck(ops.ema_update_.default, (teacher, student, 0.9, None, backend, update._plan))
+    opcheck(ops.ema_update_.default, (teacher, student, 0.0, torch.tensor(0.5, device=DEVICE), backend, update._plan))
+    # opcheck copies its inputs, so a plan that ignored them would pass it: check that directly too.
+    copies, expected = [t.clone() for t in teacher], [t.clone() for t in teacher]
+    ops.ema_update_.default(copies, student, 0.9, None, backend, update._plan)
+    sdae_fast.ema_update_(expected, student, 0.9, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(copies, expected))

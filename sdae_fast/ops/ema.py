@@ -75,8 +75,26 @@ def _ema_cuda(teacher, student, momentum):
 
 
 # Block tables planned once by an EmaUpdate, looked up by the op through an int handle (an op's
-# arguments are tensors and scalars; the plan's pointer tables stay on the device between steps).
-_PLANS: dict[int, list] = {}
+# arguments are tensors and scalars; the plan's pointer tables stay on the device between steps),
+# with the addresses they were planned for: handle -> (addresses, groups).
+_PLANS: dict[int, tuple[tuple[int, ...], list]] = {}
+
+
+def _addresses(teacher, student) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in teacher) + tuple(s.data_ptr() for s in student)
+
+
+def _planned_groups(plan: int, teacher, student) -> list:
+    """The plan's tables if it was made for these very tensors, else tables for the tensors handed
+    in: functionalization without reinplacing (aot_eager) passes copies, which are what must be
+    updated (launching on the plan's addresses would update the originals, then the copy-back would
+    overwrite them). A host-side comparison of addresses, no device sync."""
+    entry = _PLANS.get(plan)
+    if entry is not None and entry[0] == _addresses(teacher, student):
+        return entry[1]
+    from ..multi_tensor import pair_groups
+
+    return pair_groups(teacher, student)
 
 
 @torch.library.custom_op("sdae_fast::ema_update_", mutates_args=("teacher",))
@@ -87,7 +105,7 @@ def ema_update_op(teacher: list[torch.Tensor], student: list[torch.Tensor], mome
     ``plan`` is an :class:`EmaUpdate`'s handle to its block tables, or -1 to plan here."""
     m = momentum if momentum_tensor is None else momentum_tensor
     if plan >= 0 and backend in _LAUNCHERS:
-        _LAUNCHERS[backend](_PLANS[plan], m)
+        _LAUNCHERS[backend](_planned_groups(plan, teacher, student), m)
     else:
         EMA.impls[backend].fn(teacher, student, m)
 
@@ -165,8 +183,10 @@ def ema_update_(teacher, student, momentum, *, backend=None) -> None:
 
 class EmaUpdate:
     """:func:`ema_update_` bound to fixed pairs: validation, backend choice and the fused backends'
-    block tables happen once, so a step costs a launch per dtype group and no per-tensor Python.
-    The pairs must keep their storage: rebuild it after ``module.to(...)`` or a reassigned ``.data``.
+    block tables happen once, so a step costs a launch per dtype group and a host-side check that
+    the op was handed the planned tensors (their addresses; ~25 µs for 200 pairs). Handed others
+    (copies, under functionalization) it pairs those. The pairs must keep their storage: rebuild
+    it after ``module.to(...)`` or a reassigned ``.data``.
     """
 
     def __init__(self, teacher, student, *, backend=None):
@@ -180,7 +200,7 @@ class EmaUpdate:
 
             self._groups = pair_groups(self.teacher, self.student)
             self._plan = id(self)
-            _PLANS[self._plan] = self._groups
+            _PLANS[self._plan] = (_addresses(self.teacher, self.student), self._groups)
 
     @property
     def backend(self) -> str | None:
