@@ -63,3 +63,13 @@ def test_bench_cli_unknown_op_group(tmp_path, fake_groups):
     with pytest.raises(ValueError, match="unknown op group 'nosuchop'"):
         main(["bench", "--device", "cpu", "--ops", "nosuchop", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_markdown_shows_the_case_notes(tmp_path, fake_groups, monkeypatch):
+    def gen(device, quick):
+        return [harness.Case("noted op", "n=1", "naive", make=lambda: (lambda: None), note="median ms per 20 calls")]
+
+    monkeypatch.setitem(harness._GENERATORS, "fakegroup_noted", gen)
+    report.run("cpu", True, ["fakegroup_noted"], str(tmp_path), reps=1)
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "- noted op: median ms per 20 calls" in md

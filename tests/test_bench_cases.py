@@ -20,3 +20,16 @@ def test_cuda_case_list_is_generated_on_a_cpu_machine(quick):
     e2e = [c for c in cases if c.op.endswith("train step") and not c.op.startswith("compat")]
     assert e2e and all(c.flops > 0 for c in e2e)  # the meta-device FLOP count ran
 
+
+
+def test_attention_flops_are_dense_equivalent_forward_times_3_5_with_backward():
+    cases = [c for c in harness.cases("cuda", False, ["topk_attention"]) if c.variant == "naive"]
+    by_op = {}
+    for c in cases:
+        by_op.setdefault(c.shape, {})[c.op] = c
+    b, h, n, d = 64, 12, 197, 64  # ViT-B B=64
+    fwd = by_op["ViT-B B=64 topk=49 bfloat16"]
+    assert fwd["topk_attention fwd"].flops == 4 * b * h * n * n * d
+    assert fwd["topk_attention fwd+bwd"].flops == int(3.5 * 4 * b * h * n * n * d)
+    assert all("dense-equivalent" in c.note for c in cases)
+

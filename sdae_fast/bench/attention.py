@@ -4,8 +4,10 @@ Variants: "fused" (the Triton kernel via the public op), "naive" (the reference,
 materialises the scores), "sdpa-boolean-mask" (scores, torch.topk threshold and a boolean mask
 built in PyTorch, then SDPA with that mask — the mask needs the scores, so their cost is counted),
 "sdpa-dense" (plain SDPA with no selection: the floor a top-K kernel can hope for) and
-"compile(reference)" on the GPU. Floors: flops 4·B·H·N²·d forward, ×2.5 forward+backward; bytes
-q, k, v read and o written once (forward), plus dO, q, k, v, o read and dq, dk, dv written.
+"compile(reference)" on the GPU. Floors: flops are dense-equivalent (kept and dropped keys alike,
+so variants compare on one scale): 4·B·H·N²·d forward (QKᵀ and PV), and FlashAttention's convention
+backward = 2.5 × forward, so ×3.5 forward+backward; bytes q, k, v read and o written once
+(forward), plus dO, q, k, v, o read and dq, dk, dv written.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ GPU_SHAPES = [
     ("N=785 /8 B=16", 16, 12, 785, 64, 196),
 ]
 CPU_SHAPES = [("tiny B=1 H=2 N=50", 1, 2, 50, 32, 12)]
+NOTE_FWD = "flops: dense-equivalent FLOPs (kept and dropped keys), 4·B·H·N²·d"
+NOTE_BWD = "flops: dense-equivalent FLOPs (kept and dropped keys), 3.5 × 4·B·H·N²·d (backward = 2.5 × forward)"
 
 
 def _sdpa_boolean_mask(q, k, v, topk):
@@ -82,9 +86,9 @@ def topk_attention_cases(device: str, quick: bool) -> list[Case]:
         for backward in (False, True):
             op = "topk_attention fwd+bwd" if backward else "topk_attention fwd"
             nbytes = (12 if backward else 4) * elems * elsize
-            flops = int(fwd_flops * (2.5 if backward else 1))
+            flops = int(fwd_flops * (3.5 if backward else 1))
             for variant, fn in _variants(device).items():
                 cases.append(Case(op, f"{label} topk={topk} {str(dtype).replace('torch.', '')}", variant,
                                   _maker(fn, shape, topk, dtype, device, backward), bytes=nbytes, flops=flops,
-                                  devices=(device,)))
+                                  devices=(device,), note=NOTE_BWD if backward else NOTE_FWD))
     return cases

@@ -155,4 +155,16 @@ def markdown(measurements, env) -> str:
         lines.append(f"| {m.case.op} | {m.case.shape} | {m.case.variant} | {m.median_ms:.4f} | {_fmt(speedup, '.2f')} | "
                      f"{_fmt(m.gbps, '.0f')} | {_fmt(frac_bw, '.1f')} | {_fmt(m.tflops, '.3g')} | {_fmt(frac_mm, '.1f')} | "
                      f"{_fmt(peak, '.1f')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _notes(measurements)) + "\n"
+
+
+def _notes(measurements) -> list[str]:
+    """The cases' notes (units such as "median ms per 20 calls", what one call is, FLOP conventions),
+    once per op and note, below the table."""
+    seen = {}
+    for m in measurements:
+        if m.case.note:
+            seen.setdefault((m.case.op, m.case.note), None)
+    if not seen:
+        return []
+    return ["", "Notes:", ""] + [f"- {op}: {note}" for op, note in seen]
