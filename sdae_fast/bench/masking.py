@@ -58,11 +58,13 @@ def _unshuffle_fns(device):
 
 
 def _timed(fn, args, backward: bool):
-    """The zero-argument call to time: forward only, or forward + backward with a fixed grad."""
+    """The zero-argument call to time: forward only, or forward + backward with a fixed grad, as
+    ``torch.autograd.grad`` w.r.t. the leaves (no accumulation into ``.grad``: no add_ per rep)."""
     if not backward:
         return lambda: fn(*args)
+    leaves = tuple(a for a in args if a.requires_grad)
     grad = torch.randn_like(fn(*args))
-    return lambda: fn(*args).backward(grad)
+    return lambda: torch.autograd.grad(fn(*args), leaves, grad)
 
 
 def _gather_make(fn, B, D, dtype, device, backward):
