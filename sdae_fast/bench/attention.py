@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..ops.attention import topk_attention
 from ..reference.attention import topk_attention as reference
-from .harness import Case, register
+from .harness import Case, Compiled, fresh, register
 
 # (label, B, H, N, d, topk): ViT-B / ViT-L encoders at 224 px with r = 4, and a /8 model (785 tokens).
 GPU_SHAPES = [
@@ -48,23 +48,23 @@ def _variants(device: str):
     if device == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         out["fused"] = lambda q, k, v, topk: topk_attention(q, k, v, topk, backend="triton")
     if device == "cuda":
-        compiled = torch.compile(reference)
-        out["compile(reference)"] = lambda q, k, v, topk: compiled(q, k, v, topk)
+        out["compile(reference)"] = Compiled(reference)  # built per case (harness.fresh)
     return out
 
 
 def _maker(fn, shape, topk, dtype, device, backward: bool):
     def make():
+        run_fn = fresh(fn)
         q, k, v = (torch.randn(*shape, device=device, dtype=dtype, requires_grad=backward) for _ in range(3))
         if not backward:
             def run():
                 with torch.no_grad():
-                    return fn(q, k, v, topk)
+                    return run_fn(q, k, v, topk)
             return run
         d_out = torch.randn(*shape, device=device, dtype=dtype)
 
         def run_with_grad():
-            out = fn(q, k, v, topk)
+            out = run_fn(q, k, v, topk)
             return torch.autograd.grad(out, (q, k, v), d_out)
         return run_with_grad
 

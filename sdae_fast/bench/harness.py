@@ -41,6 +41,8 @@ class Measurement:
     times_ms: list = field(default_factory=list)
     peak_bytes: int | None = None
     error: str | None = None
+    graphs: int = 0  # graphs torch.compile built for the case (Dynamo's count; 0 for eager variants)
+    graphs_timed: int = 0  # of them, built after the first call (a recompile in the warm-up or timing)
 
     @property
     def median_ms(self) -> float:
@@ -100,6 +102,34 @@ def cases(device: str, quick: bool, only: list[str] | None = None) -> list[Case]
     return out
 
 
+class Compiled:
+    """A ``torch.compile`` baseline to build per case: :func:`fresh` turns it into a new
+    ``torch.compile(fn, dynamic=False)`` after ``torch._dynamo.reset()``, so one case's shapes never
+    meet another's compiled graphs (no automatic dynamic shapes, no recompile limit reached and
+    silent eager fallback)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+
+def compile_fresh(fn: Callable, **kwargs) -> Callable:
+    """``torch.compile(fn, dynamic=False, **kwargs)`` with Dynamo's caches cleared first."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False, **kwargs)
+
+
+def fresh(fn):
+    """``fn`` itself, or for a :class:`Compiled` its :func:`compile_fresh` (call inside ``make()``)."""
+    return compile_fresh(fn.fn) if isinstance(fn, Compiled) else fn
+
+
+def _dynamo_graphs() -> int:
+    """Graphs Dynamo has compiled in this process (its counters survive ``torch._dynamo.reset()``)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -130,20 +160,24 @@ def time_calls(fn: Callable[[], object], device: str, *, warmup: int = 5, reps: 
 
 def measure(case: Case, device: str, *, warmup: int = 5, reps: int = 30) -> Measurement:
     result = Measurement(case)
+    graphs0 = _dynamo_graphs()
     try:
         fn = case.make()
+        fn()  # compile / autotune outside the memory and time window (and counted as a warm-up)
         if device == "cuda":
-            fn()  # compile / autotune outside the memory and time window
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             fn()
             torch.cuda.synchronize()
             result.peak_bytes = torch.cuda.max_memory_allocated() - base
-        result.times_ms = time_calls(fn, device, warmup=warmup, reps=reps)
+        graphs1 = _dynamo_graphs()
+        result.times_ms = time_calls(fn, device, warmup=max(warmup - 1, 0), reps=reps)
+        result.graphs_timed = _dynamo_graphs() - graphs1
     except Exception as exc:  # one failing variant must not hide the others
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
+        result.graphs = _dynamo_graphs() - graphs0
         if device == "cuda":
             torch.cuda.empty_cache()
     return result

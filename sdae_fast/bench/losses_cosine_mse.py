@@ -1,9 +1,9 @@
 """Benchmark cases for SdAE's cosine loss and MAE's masked pixel loss (SPEC §4), forward + backward.
 
 Variants: "fused" (the public op with backend="triton"), "naive" (the plain-PyTorch reference,
-i.e. SdAE's / MAE's official formulas), "compile(reference)" (torch.compile of the reference; GPU
-only). Each call is the loss and ``torch.autograd.grad`` of it w.r.t. pred (no accumulation into
-``.grad``, which would add passes that belong to no variant).
+i.e. SdAE's / MAE's official formulas), "compile(reference)" (torch.compile of the reference,
+dynamic=False, built anew per case; GPU only). Each call is the loss and ``torch.autograd.grad`` of
+it w.r.t. pred (no accumulation into ``.grad``, which would add passes that belong to no variant).
 
 ``bytes`` is the floor: the cosine loss reads pred and target once and writes grad once; the masked
 MSE must read pred and target only on masked patches (MAE masks 75% of them), reads the mask, and
@@ -18,7 +18,7 @@ import torch
 from .. import reference
 from ..ops.cosine_loss import cosine_loss
 from ..ops.masked_mse_loss import masked_mse_loss
-from .harness import Case, register
+from .harness import Case, Compiled, fresh, register
 
 SDAE_FOLDS, SDAE_TOKENS, WIDTH = 3, 49, 768  # teacher folds per image, visible tokens, ViT-B width
 MAE_PATCHES, MAE_PIXELS, MASK_RATIO = 196, 16 * 16 * 3, 0.75
@@ -33,11 +33,13 @@ def _variants(device: str, reference_fn, fused_fn):
     if _fused_available(device):
         fns["fused"] = fused_fn
     if device == "cuda":
-        fns["compile(reference)"] = torch.compile(reference_fn)
+        fns["compile(reference)"] = Compiled(reference_fn)  # built per case (harness.fresh)
     return fns
 
 
 def _loss_and_grad(loss_fn, pred, *rest, **kwargs):
+    loss_fn = fresh(loss_fn)
+
     def step():
         loss = loss_fn(pred, *rest, **kwargs)
         return loss, torch.autograd.grad(loss, pred)[0]

@@ -1,8 +1,8 @@
 """Benchmark cases: DINO's loss and MixedAE's homologous contrastive loss, forward + backward.
 
 Variants: "fused" (the Triton kernels through the public op), "naive" (the reference),
-"compile(reference)" (torch.compile of the reference; GPU only). On the CPU (quick) the shapes are
-tiny and "fused" runs only under ``TRITON_INTERPRET=1``.
+"compile(reference)" (torch.compile of the reference, dynamic=False, built anew per case; GPU
+only). On the CPU (quick) the shapes are tiny and "fused" runs only under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from .. import reference
 from ..ops.contrastive_loss import homologous_contrastive_loss
 from ..ops.dino_loss import dino_loss
-from .harness import Case, register
+from .harness import Case, compile_fresh, register
 
 
 def _fused_devices():
@@ -26,7 +26,7 @@ def _dino_make(variant, views, glob, batch, width, dtype, device):
         teacher = torch.randn(glob * batch, width, device=device, dtype=dtype)
         center = torch.zeros(1, width, device=device, dtype=torch.float32)
         if variant == "compile(reference)":
-            loss_fn = torch.compile(reference.dino_loss)
+            loss_fn = compile_fresh(reference.dino_loss)
         else:
             backend = "triton" if variant == "fused" else "torch"
 
@@ -49,7 +49,7 @@ def _contrastive_make(variant, images, tokens, width, sources, dtype, device):
         z = torch.randn(images, tokens, width, device=device, dtype=dtype, requires_grad=True)
         labels = torch.randint(0, sources, (images, tokens), device=device)
         if variant == "compile(reference)":
-            loss_fn = torch.compile(reference.homologous_contrastive_loss)
+            loss_fn = compile_fresh(reference.homologous_contrastive_loss)
         else:
             backend = "triton" if variant == "fused" else "torch"
 

@@ -3,8 +3,9 @@
 Variants: "fused" (the public op with backend="triton"), "naive" (MAE's official code: an
 ``unsqueeze(-1).repeat(1, 1, D)`` int64 index, ``+ pos``, ``cat`` of the cls token; for the decoder,
 the ``repeat`` of the mask token, ``cat``, ``gather`` and ``cat`` of models_mae.py), and
-"compile(reference)" (torch.compile of the reference; GPU only). ``bytes`` is the floor: every
-input row the op needs read once, every output written once (backward: the full dx, zeros included).
+"compile(reference)" (torch.compile of the reference, dynamic=False, built anew per case; GPU
+only). ``bytes`` is the floor: every input row the op needs read once, every output written once
+(backward: the full dx, zeros included).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from .. import reference
 from ..ops.masking import gather_tokens, random_masking, unshuffle_tokens
-from .harness import Case, register
+from .harness import Case, Compiled, fresh, register
 
 MODELS = {"ViT-B": 768, "ViT-L": 1024}
 PATCHES, KEEP = 196, 49  # 224 px / 16, mask ratio 0.75
@@ -41,8 +42,8 @@ def _gather_fns(device):
         "fused": lambda x, ids, pos, pre: gather_tokens(x, ids, pos_embed=pos, prefix=pre, backend="triton"),
     }
     if device == "cuda":
-        compiled = torch.compile(reference.gather_tokens)
-        fns["compile(reference)"] = lambda x, ids, pos, pre: compiled(x, ids, pos_embed=pos, prefix=pre)
+        fns["compile(reference)"] = Compiled(  # built per case (harness.fresh)
+            lambda x, ids, pos, pre: reference.gather_tokens(x, ids, pos_embed=pos, prefix=pre))
     return fns
 
 
@@ -52,14 +53,15 @@ def _unshuffle_fns(device):
         "fused": lambda x, ids, mt, pos: unshuffle_tokens(x, ids, mt, pos_embed=pos, num_prefix=1, backend="triton"),
     }
     if device == "cuda":
-        compiled = torch.compile(reference.unshuffle_tokens)
-        fns["compile(reference)"] = lambda x, ids, mt, pos: compiled(x, ids, mt, pos_embed=pos, num_prefix=1)
+        fns["compile(reference)"] = Compiled(
+            lambda x, ids, mt, pos: reference.unshuffle_tokens(x, ids, mt, pos_embed=pos, num_prefix=1))
     return fns
 
 
 def _timed(fn, args, backward: bool):
     """The zero-argument call to time: forward only, or forward + backward with a fixed grad, as
     ``torch.autograd.grad`` w.r.t. the leaves (no accumulation into ``.grad``: no add_ per rep)."""
+    fn = fresh(fn)
     if not backward:
         return lambda: fn(*args)
     leaves = tuple(a for a in args if a.requires_grad)

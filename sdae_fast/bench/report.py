@@ -93,7 +93,8 @@ def run(device: str, quick: bool, only: list[str] | None, out_dir: str | None, r
         (out / f"{stem}.md").write_text(table)
         raw = [dict(op=m.case.op, shape=m.case.shape, variant=m.case.variant, bytes=m.case.bytes, flops=m.case.flops,
                     times_ms=m.times_ms, median_ms=m.median_ms if m.times_ms else None, peak_bytes=m.peak_bytes,
-                    error=m.error, note=m.case.note) for m in measurements]
+                    error=m.error, note=m.case.note, compiled_graphs=m.graphs, graphs_while_timed=m.graphs_timed)
+               for m in measurements]
         (out / f"{stem}.json").write_text(json.dumps({"environment": env, "results": raw}, indent=1))
         written = ".md and .json"
         if write_speedup_chart(measurements, env, out / f"{stem}.png"):
