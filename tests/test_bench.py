@@ -73,3 +73,9 @@ def test_markdown_shows_the_case_notes(tmp_path, fake_groups, monkeypatch):
     report.run("cpu", True, ["fakegroup_noted"], str(tmp_path), reps=1)
     md = next(tmp_path.glob("*.md")).read_text()
     assert "- noted op: median ms per 20 calls" in md
+
+
+def test_markdown_says_how_it_timed():
+    env = dict(date="2026-01-01T00:00:00", device="cuda", gpu="X", commit="abc", copy_gbps=1.0, matmul_tflops=1.0)
+    assert "256 MB buffer is zeroed" in report.markdown([], env)
+    assert "no cache flush" in report.markdown([], dict(env, device="cpu", cpu="x86_64"))

@@ -1,8 +1,12 @@
 """Timing, memory and ceiling measurement for the benchmarks (device/METHOD.md).
 
 Device work is asynchronous: GPU timings use CUDA events around each call, after warm-up, and
-report the median. Inputs larger than L2 are used at the benchmark shapes, so repeated calls do
-not measure the cache. Nothing here writes a figure it did not measure.
+report the median. Many benchmark inputs fit in L2 (the H200 has 60 MB), so on CUDA a 256 MB buffer
+is zeroed before each timed call, outside its event window (as ``triton.testing.do_bench`` does):
+every timed call starts with its inputs out of L2. Writes can still end in L2 inside the window, so
+a small case can show a little over 100 % of the measured copy bandwidth. Host-bound cases (tiny
+inputs, ``Case.flush_l2=False``) skip the flush. On the CPU nothing is flushed. Nothing here writes
+a figure it did not measure.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class Case:
     flops: int = 0  # floating-point operations the op must do
     devices: tuple = ("cuda", "cpu")
     note: str = ""
+    flush_l2: bool = True  # CUDA: zero a 256 MB buffer before each timed call (module docstring)
 
 
 @dataclass
@@ -135,16 +140,32 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_calls(fn: Callable[[], object], device: str, *, warmup: int = 5, reps: int = 30) -> list[float]:
-    """Per-call times in ms: CUDA events on the GPU, ``perf_counter`` around a synchronised call on the CPU."""
+L2_FLUSH_BYTES = 256 << 20  # over 4x the largest L2 of the GPUs this runs on (H200: 60 MB)
+_L2_FLUSH: list = []
+
+
+def _l2_flush_buffer() -> torch.Tensor:
+    """The CUDA buffer zeroed between timed calls, allocated once per process."""
+    if not _L2_FLUSH:
+        _L2_FLUSH.append(torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda"))
+    return _L2_FLUSH[0]
+
+
+def time_calls(fn: Callable[[], object], device: str, *, warmup: int = 5, reps: int = 30,
+               flush_l2: bool = True) -> list[float]:
+    """Per-call times in ms: CUDA events on the GPU (L2 flushed before each call unless ``flush_l2``
+    is False), ``perf_counter`` around a synchronised call on the CPU."""
     for _ in range(warmup):
         fn()
     synchronize(device)
     times = []
     if device == "cuda":
+        flush = _l2_flush_buffer() if flush_l2 else None
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for s, e in zip(starts, ends):
+            if flush is not None:
+                flush.zero_()  # queued before the start event: not inside the timed window
             s.record()
             fn()
             e.record()
@@ -172,7 +193,7 @@ def measure(case: Case, device: str, *, warmup: int = 5, reps: int = 30) -> Meas
             torch.cuda.synchronize()
             result.peak_bytes = torch.cuda.max_memory_allocated() - base
         graphs1 = _dynamo_graphs()
-        result.times_ms = time_calls(fn, device, warmup=max(warmup - 1, 0), reps=reps)
+        result.times_ms = time_calls(fn, device, warmup=max(warmup - 1, 0), reps=reps, flush_l2=case.flush_l2)
         result.graphs_timed = _dynamo_graphs() - graphs1
     except Exception as exc:  # one failing variant must not hide the others
         result.error = f"{type(exc).__name__}: {exc}"

@@ -87,5 +87,6 @@ def host_overhead_cases(device: str, quick: bool) -> list[Case]:
             variants.append("kernel op")
         for variant in variants:
             out.append(Case(f"{name} host overhead", f"{CALLS} calls, tiny fp32", variant, _make(device, name, variant),
-                            note=f"median ms per {CALLS} calls; µs per call = ms × {1000 // CALLS}"))
+                            note=f"median ms per {CALLS} calls; µs per call = ms × {1000 // CALLS}; no L2 flush "
+                                 "(a flush in flight would hide host time)", flush_l2=False))
     return out

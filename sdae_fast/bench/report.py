@@ -139,6 +139,7 @@ def markdown(measurements, env) -> str:
         ", ".join(f"{k}: {env[k]}" for k in ("date", "torch", "triton", "cuda", "commit") if env.get(k)),
         f"Measured ceilings: copy {env['copy_gbps']:.0f} GB/s (read + write), "
         f"matmul {env['matmul_tflops']:.3g} TFLOP/s.",
+        _timing_line(env),
         "",
         "| op | shape | variant | median ms | speed-up vs naive | GB/s | % copy BW | TFLOP/s | % matmul | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -157,6 +158,15 @@ def markdown(measurements, env) -> str:
                      f"{_fmt(m.gbps, '.0f')} | {_fmt(frac_bw, '.1f')} | {_fmt(m.tflops, '.3g')} | {_fmt(frac_mm, '.1f')} | "
                      f"{_fmt(peak, '.1f')} |")
     return "\n".join(lines + _notes(measurements)) + "\n"
+
+
+def _timing_line(env) -> str:
+    if env["device"] == "cuda":
+        return (f"Timing: median over the timed calls, CUDA events around each call; before each timed call a "
+                f"{harness.L2_FLUSH_BYTES >> 20} MB buffer is zeroed outside the events, so inputs start out of "
+                f"L2 (not for the host-overhead cases); writes may still end in L2, so a small case can pass 100 % "
+                f"of copy BW.")
+    return "Timing: median over the timed calls, wall time around each synchronised call; no cache flush (CPU)."
 
 
 def _notes(measurements) -> list[str]:
