@@ -79,3 +79,21 @@ def test_markdown_says_how_it_timed():
     env = dict(date="2026-01-01T00:00:00", device="cuda", gpu="X", commit="abc", copy_gbps=1.0, matmul_tflops=1.0)
     assert "256 MB buffer is zeroed" in report.markdown([], env)
     assert "no cache flush" in report.markdown([], dict(env, device="cpu", cpu="x86_64"))
+
+
+def test_speedup_bars_start_at_1x_on_the_log_axis(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from sdae_fast import plots
+
+    figures = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, plt, path: (figures.append(fig), real_save(fig, plt, path))[1])
+    plots.speedup_chart(["a", "b", "c"], [0.5, 2.0, 40.0], str(tmp_path / "s.png"), title="t")
+    ax = figures[0].axes[0]
+    spans = sorted((min(p.get_x(), p.get_x() + p.get_width()), max(p.get_x(), p.get_x() + p.get_width()))
+                   for p in ax.patches)
+    assert spans == [(0.5, 1.0), (1.0, 2.0), (1.0, 40.0)]  # each bar from 1x to its speed-up
+    lo, hi = ax.get_xlim()
+    assert lo < 0.5 and hi > 40.0 and ax.get_xscale() == "log"
+    assert "×" in ax.get_xlabel() or "x" in ax.get_xlabel()
+    assert (tmp_path / "s.png").stat().st_size > 0
