@@ -89,7 +89,21 @@ class EmaTeacher:
             self._keep = lambda name: not any(fnmatch.fnmatch(name, p) for p in patterns)
         self.names, self._teacher_params, self._student_params = self._pair(student_module)
         self._buffer_pairs = self._pair_buffers(student_module) if copy_buffers else []
-        self._update = None  # an EmaUpdate, planned at the first update (after any .to(device))
+        self._update = None
+        self.prepare()
+
+    def prepare(self) -> "EmaTeacher":
+        """Plan the update now, on the host (validation, backend choice, the fused backends' block
+        tables): planning reads ``data_ptr()`` and may load the CUDA extension, which a traced step
+        (``torch.compile``) cannot do, so it happens here, when the teacher is built, not in the
+        first update. The pairs hold the parameters' storage as it is now: build the EmaTeacher
+        after any ``.to(device)``."""
+        if self._update is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError("EmaTeacher: the EMA update must be planned before torch.compile traces it; "
+                                   "build the EmaTeacher (or call prepare()) outside the compiled function")
+            self._update = EmaUpdate(self._teacher_params, self._student_params, backend=self.backend)
+        return self
 
     def _pair(self, student_module: nn.Module):
         teacher_params = dict(self.teacher.named_parameters())
@@ -125,9 +139,7 @@ class EmaTeacher:
 
     @torch.no_grad()
     def _apply(self, m: float) -> None:
-        if self._update is None:
-            self._update = EmaUpdate(self._teacher_params, self._student_params, backend=self.backend)
-        self._update(m)
+        self.prepare()._update(m)
         for t, s in self._buffer_pairs:
             t.copy_(s)
 

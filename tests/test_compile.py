@@ -19,10 +19,10 @@ from sdae_fast.train.optim import make_optimizer
 METHODS = ("mae", "sdae", "mixedae", "dino")
 
 
-def tiny(method, backend, device="cpu"):
+def tiny(method, backend, device="cpu", steps_per_epoch=5):
     torch.manual_seed(0)
     model = build(method, "micro", img_size=16, patch_size=4, depth=1, backend=backend).to(device)
-    model.set_schedule(10, 5)
+    model.set_schedule(10, steps_per_epoch)
     return model.train()
 
 
@@ -34,10 +34,11 @@ def warm(model):
     return model
 
 
-def one_step(method, backend, compile_backend, device="cpu"):
-    model = tiny(method, backend, device)
-    eager_model = warm(copy.deepcopy(model))
-    warm(model)
+def one_step(method, backend, compile_backend, device="cpu", steps_per_epoch=5, warm_first=True):
+    model = tiny(method, backend, device, steps_per_epoch)
+    eager_model = copy.deepcopy(model)
+    if warm_first:
+        warm(eager_model), warm(model)
     images = model_input(model, torch.randn(4, 1, 16, 16, device=device))  # DINO: its crops
     results = []
     for m, compiled in ((model, True), (eager_model, False)):
@@ -64,6 +65,36 @@ def test_fullgraph_step_through_aot_autograd():
     torch.testing.assert_close(loss_c, loss_e)
     for p, q in zip(model_c.parameters(), model_e.parameters()):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("method", ["dino", "sdae"])
+@pytest.mark.parametrize("warm_first", [True, False])
+def test_fullgraph_step_with_the_triton_ema(method, warm_first):
+    """The fused EMA's plan (pairing by data_ptr(), backend choice) cannot be made inside a trace:
+    it is made on the host, when the EMA teacher is built or by TrainStep before the step runs
+    (``warm_first=False``: nothing built before TrainStep). The compiled step updates the teacher
+    exactly as the reference EMA would from the same student, and matches the eager step."""
+    from sdae_fast import reference
+    from sdae_fast.dispatch import triton_why_not
+
+    if triton_why_not([torch.empty(1)]):
+        pytest.skip("; ".join(triton_why_not([torch.empty(1)])))
+    torch._dynamo.reset()
+    # SdAE updates at the end of every epoch: one step per epoch, so this step updates.
+    start = tiny(method, "triton", steps_per_epoch=1)
+    momentum = start.momentum()
+    (loss_c, model_c), (loss_e, model_e) = one_step(method, "triton", "eager", steps_per_epoch=1, warm_first=warm_first)
+    assert model_c._ema._update.backend == "triton"
+    torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=0)
+    names = [n for n, _ in start.teacher.named_parameters()]
+    expected = [start.get_parameter("teacher." + n).detach().clone() for n in names]
+    reference.ema_update_(expected, [model_c.get_parameter(n).detach() for n in names], momentum)
+    for name, e in zip(names, expected):
+        got = model_c.get_parameter("teacher." + name)
+        assert torch.equal(got, e), name  # the compiled step's EMA is the reference's, bit for bit
+        torch.testing.assert_close(got, model_e.get_parameter("teacher." + name), rtol=1e-5, atol=1e-7, msg=name)
+    sdae_fast.check_errors()
 
 
 def test_train_step_matches_optimizer_step():

@@ -66,6 +66,10 @@ class TrainStep:
         init_adamw_state(optimizer)
         device = self.params[0].device
         self._lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in optimizer.param_groups]
+        # EMA teachers built lazily (EmaTeacherMixin._ema_teacher, reset by .to() or set_schedule):
+        # built before each step, on the host, so that a traced after_step finds its plan made.
+        modules = model.modules() if isinstance(model, torch.nn.Module) else ()
+        self._ema_teachers = [m._ema_teacher for m in modules if callable(getattr(m, "_ema_teacher", None))]
         self._fn = torch.compile(self._step, fullgraph=True, backend=backend) if compile else self._step
 
     def _step(self, images, lrs):
@@ -86,6 +90,8 @@ class TrainStep:
         return loss.detach().float()
 
     def __call__(self, images):
+        for ema_teacher in self._ema_teachers:
+            ema_teacher().prepare()  # pairing and plan on the host: neither can be traced
         for t, group in zip(self._lrs, self.optimizer.param_groups):
             t.fill_(float(group["lr"]))  # host scalar into device memory: no sync, no recompile
         with torch._dynamo.config.patch(trace_autograd_ops=True, allow_unspec_int_on_nn_module=True):
