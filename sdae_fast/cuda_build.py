@@ -12,9 +12,12 @@ import os
 from pathlib import Path
 
 NAME = "sdae_fast_cuda"
-# Hopper (H100/H200) and Ampere; PTX for newer parts.
+# Hopper (H100/H200) and Ampere; PTX for newer parts. sm_80 code runs on every 8.x device and the
+# compute_90 PTX on 9.0 and later, so nothing runs below 8.0: an older device (a T4 is 7.5) is
+# refused with its compute capability (capability_reason) and the Triton or torch backend serves.
 ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
               "-gencode=arch=compute_90,code=compute_90"]
+MIN_CAPABILITY = (8, 0)
 # No -std: torch's build adds the C++ standard its headers need (C++20 from torch 2.10 on).
 # No --use_fast_math: the kernels round exactly as the references do.
 NVCC_FLAGS = ["-O3", "-lineinfo"]
@@ -121,6 +124,17 @@ def status() -> str:
     if any(build_dir.glob(f"{NAME}*.so")):
         return f"built just in time in {build_dir}"
     return f"not built (built just in time into {build_dir} at first use on a CUDA device)"
+
+
+def capability_reason(index: int) -> str | None:
+    """Why device ``cuda:index`` cannot run the extension's code (ARCH_FLAGS), or None."""
+    import torch
+
+    capability = tuple(torch.cuda.get_device_capability(index))
+    if capability < MIN_CAPABILITY:
+        return (f"compute capability {capability[0]}.{capability[1]} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} on "
+                f"cuda:{index}: the CUDA extension is built for sm_80 and newer")
+    return None
 
 
 def unavailable_reason() -> str | None:

@@ -80,15 +80,28 @@ def triton_why_not(tensors: Sequence[torch.Tensor]) -> list[str]:
     return reasons
 
 
+@torch.compiler.assume_constant_result
+def cuda_device_why_not(index: int) -> str:
+    """Why the CUDA C++ backend cannot run on ``cuda:index`` ('' when it can): too old a device
+    (checked first: no build for a device that cannot run it), or no extension. Decided on the
+    host: under torch.compile the call runs once, at trace time, and its answer is a constant
+    of the graph (loading the extension, maybe building it under a file lock, cannot be traced)."""
+    from . import cuda_build  # deferred: importing it costs nothing, loading the extension does
+
+    return cuda_build.capability_reason(index) or cuda_build.unavailable_reason() or ""
+
+
 def cuda_why_not(tensors: Sequence[torch.Tensor]) -> list[str]:
     if any(t.device.type != "cuda" for t in tensors):
         return ["the CUDA C++ backend needs every tensor on a CUDA device"]
     if reasons := fused_dtype_why_not(tensors):
         return reasons
-    from . import cuda_build  # deferred: importing it costs nothing, loading the extension does
-
-    reason = cuda_build.unavailable_reason()
-    return [reason] if reason else []
+    reasons = []
+    for index in sorted({0 if t.device.index is None else t.device.index for t in tensors}):
+        reason = cuda_device_why_not(index)
+        if reason:
+            reasons.append(reason)
+    return reasons
 
 
 _COMMON_WHY_NOT = {

@@ -100,3 +100,70 @@ def test_setup_builds_the_extension_only_when_asked(monkeypatch):
 
     assert issubclass(built["cmdclass"]["build_ext"], BuildExtension)
     assert {k: v for k, v in built.items() if k not in ("ext_modules", "cmdclass")} == plain
+
+
+class _OnCuda:
+    """What the CUDA backend's common check reads of a tensor (no GPU here to make a real one)."""
+    device = __import__("torch").device("cuda", 0)
+    dtype = __import__("torch").float32
+
+    def dim(self):
+        return 1
+
+
+@pytest.fixture
+def jit_built(tmp_path, monkeypatch):
+    """A CUDA machine whose just-in-time build succeeds (torch's load() faked: nothing compiles)."""
+    import torch
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("SDAE_FAST_CUDA_BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cpp, "load", lambda **kwargs: "module")
+    clear = cuda_build._load.cache_clear  # a test may replace _load
+    clear()
+    yield
+    clear()
+
+
+@pytest.mark.parametrize("capability, refused", [((7, 5), True), ((8, 6), False), ((9, 0), False), ((12, 0), False)])
+def test_a_device_older_than_sm_80_is_refused_with_its_capability(jit_built, monkeypatch, capability, refused):
+    """The extension holds sm_80 and sm_90 code (+ compute_90 PTX): a T4 (7.5) would fail at launch with
+    'no kernel image is available', so the backend says why it cannot serve, before building anything."""
+    import torch
+
+    from sdae_fast import dispatch
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    built = []
+    monkeypatch.setattr(cuda_build, "_load", lambda: built.append(1) or ("module", None))
+    reasons = dispatch.cuda_why_not([_OnCuda(), _OnCuda()])
+    if refused:
+        assert reasons == [f"compute capability {capability[0]}.{capability[1]} < 8.0 on cuda:0: the CUDA extension "
+                           f"is built for sm_80 and newer"] and not built
+    else:
+        assert reasons == [] and built
+
+
+def test_cuda_availability_is_decided_on_the_host_under_compile(monkeypatch):
+    """torch.compile of a function whose ops select a backend: the CUDA backend's availability
+    (importing, perhaps building, the extension) is not traced (Dynamo cannot) but read as a
+    constant of the graph. (torch.cuda.is_available stays real here: Dynamo itself asks it.)"""
+    import torch
+
+    from sdae_fast import dispatch
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    tensors = [_OnCuda()]
+    eager = dispatch.cuda_why_not(tensors)
+
+    def fn(x):
+        return x + len(dispatch.cuda_why_not(tensors))
+
+    cuda_build._load.cache_clear()
+    torch._dynamo.reset()
+    try:
+        assert torch.compile(fn, backend="eager", fullgraph=True)(torch.zeros(1)).item() == len(eager)
+    finally:
+        cuda_build._load.cache_clear()
