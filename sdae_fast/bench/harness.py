@@ -38,6 +38,7 @@ class Case:
     devices: tuple = ("cuda", "cpu")
     note: str = ""
     flush_l2: bool = True  # CUDA: zero a 256 MB buffer before each timed call (module docstring)
+    slow: bool = False  # seconds per case (models, data): run after the op cases under a time budget
 
 
 @dataclass
