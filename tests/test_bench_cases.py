@@ -14,12 +14,22 @@ from test_pretrain import _one_thread  # noqa: F401  (autouse: one torch thread 
 def test_cuda_case_list_is_generated_on_a_cpu_machine(quick):
     cases = harness.cases("cuda", quick)  # end_to_end builds ViT-B under torch.device("meta")
     groups = {c.op.split()[0] for c in cases}
-    for expected in ("topk_attention", "gather_tokens", "ema_update_", "mae", "dino", "loader"):
+    for expected in ("topk_attention", "gather_tokens", "ema_update_", "mae", "dino_loss", "loader"):
         assert expected in groups, sorted(groups)
     assert all("cuda" in c.devices for c in cases)
     e2e = [c for c in cases if c.op.endswith("train step") and not c.op.startswith("compat")]
     assert e2e and all(c.flops > 0 for c in e2e)  # the meta-device FLOP count ran
 
+
+
+def test_quick_cuda_selection_cuts_the_heavy_groups():
+    full, quick = harness.cases("cuda", False), harness.cases("cuda", True)
+    assert len(quick) < len(full) // 2, (len(quick), len(full))
+    for prefix in ("compat", "mae train step", "dino train step"):
+        assert sum(c.op.startswith(prefix) for c in quick) < sum(c.op.startswith(prefix) for c in full), prefix
+    # On the GPU --quick keeps real shapes (the smallest), not the CPU's tiny ones.
+    assert not any("tiny" in c.shape or "micro" in c.shape for c in quick if c.op.split()[-1] != "overhead")
+    assert all(c.slow for c in quick if c.op.startswith("compat") or c.op.endswith("train step"))
 
 
 def test_attention_flops_are_dense_equivalent_forward_times_3_5_with_backward():

@@ -57,9 +57,11 @@ def _make(shapes, t_dtype, device, variant):
 
 @register("ema")
 def ema_cases(device: str, quick: bool) -> list[Case]:
-    if device == "cpu" or quick:
+    if device == "cpu":
         models = {"ViT-micro": vit_shapes(64, 2, patch=4, tokens=65, in_chans=1)}
         dtypes = [torch.float32]
+    elif quick:  # one real model, fp32 teacher
+        models, dtypes = {"ViT-B": MODELS["ViT-B"]}, [torch.float32]
     else:
         models, dtypes = MODELS, [torch.float32, torch.bfloat16]
     variants = ["naive", "_foreach_lerp_"]

@@ -9,6 +9,7 @@ backend="torch" model's forward), ``compile(fused)`` (``torch.compile`` of the f
 forward: the Triton kernels are ``triton_op`` s, so Inductor sees them; what ``sdae-fast pretrain
 --compile`` runs), and ``compile(fused step)`` (``TrainStep``: forward, backward, AdamW and EMA in
 one ``torch.compile(fullgraph=True)`` graph). Eager vs compiled: ``fused`` vs the two compile rows.
+``--quick``: MAE's step, fused and naive only.
 
 FLOPs (so the report shows model FLOP utilisation) are the usual transformer estimate: a matrix
 product with P weights costs 2·P per token forward and 4·P backward, so a trained part costs
@@ -25,6 +26,8 @@ from .harness import Case, compile_fresh, register
 
 SIZE = "base"
 BATCH = {"mae": 64, "sdae": 64, "mixedae": 64, "dino": 32}
+VARIANTS = ("fused", "naive", "compile(reference)", "compile(fused)", "compile(fused step)")
+QUICK_VARIANTS = ("fused", "naive")  # --quick: MAE only, eager (a ViT-B compile takes tens of seconds)
 
 
 def _linear_params(*modules: nn.Module) -> int:
@@ -107,11 +110,13 @@ def end_to_end_cases(device: str, quick: bool) -> list[Case]:
     from ..models import build
 
     out = []
-    for method, batch in BATCH.items():
+    methods, variants = (["mae"], QUICK_VARIANTS) if quick else (list(BATCH), VARIANTS)
+    for method in methods:
+        batch = BATCH[method]
         with torch.device("meta"):
             flops = step_flops(method, build(method, SIZE), batch)
         shape = f"ViT-B/16 B={batch} bf16" + (" 2x224+8x96" if method == "dino" else "")
-        for variant in ("fused", "naive", "compile(reference)", "compile(fused)", "compile(fused step)"):
+        for variant in variants:
             out.append(Case(f"{method} train step", shape, variant, _make(method, variant), flops=flops,
-                            devices=("cuda",), note="flops: 6·P·tokens + attention (module docstring)"))
+                            devices=("cuda",), note="flops: 6·P·tokens + attention (module docstring)", slow=True))
     return out

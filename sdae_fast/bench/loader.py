@@ -89,5 +89,5 @@ def loader_cases(device: str, quick: bool) -> list[Case]:
         shape = f"{n} JPEG 128x112 crop {crop} B=32 workers={workers}"
         for variant in ("sdae_fast", "naive"):
             out.append(Case(f"loader {method} epoch", shape, variant, _make(variant, method, n, crop, 32, workers),
-                            note=f"one call = {n} images; images/s = {n} / time"))
+                            note=f"one call = {n} images; images/s = {n} / time", slow=True))
     return out
