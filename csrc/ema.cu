@@ -41,6 +41,10 @@ __global__ void __launch_bounds__(kThreads) ema_kernel(const int64_t* __restrict
   const int len = remaining < kEmaBlockElems ? static_cast<int>(remaining) : kEmaBlockElems;
   T* __restrict__ t = reinterpret_cast<T*>(t_ptrs[pair]) + start;
   const S* __restrict__ s = reinterpret_cast<const S*>(s_ptrs[pair]) + start;
+  // Addresses read from int64 tables compile to generic LD.E/ST.E; they are device (global)
+  // memory by construction (tensor data_ptr()s), and saying so gives LDG/STG.E.128.
+  __builtin_assume(__isGlobal(t));
+  __builtin_assume(__isGlobal(s));
   if (m_device != nullptr) {
     m = *m_device;
     om = 1.0f - m;
