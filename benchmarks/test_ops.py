@@ -1,8 +1,8 @@
 """pytest-benchmark over every case of ``sdae_fast.bench`` (the same cases as ``sdae-fast bench``).
 
 Run with ``pytest benchmarks --benchmark-only``. On the GPU each timed call ends with a
-synchronisation, so the figure is the device time of the call; use ``sdae-fast bench`` for event
-timings, bandwidth/FLOP fractions and peak memory.
+synchronisation, so the figure is the device time of the call, with no L2 flush between calls; use
+``sdae-fast bench`` for event timings with L2 flushed, bandwidth/FLOP fractions and peak memory.
 """
 import pytest
 import torch
