@@ -33,11 +33,13 @@ __global__ void __launch_bounds__(kThreads) ema_kernel(const int64_t* __restrict
                                                        const int64_t* __restrict__ s_ptrs,
                                                        const int64_t* __restrict__ numels,
                                                        const int32_t* __restrict__ block_tensor,
-                                                       const int64_t* __restrict__ block_start, float m,
-                                                       float om, const float* __restrict__ m_device) {
+                                                       const int64_t* __restrict__ block_start, int32_t num_pairs,
+                                                       float m, float om, const float* __restrict__ m_device) {
   const int32_t pair = block_tensor[blockIdx.x];
   const int64_t start = block_start[blockIdx.x];
+  if (pair < 0 || pair >= num_pairs) __trap();  // a malformed table: fail loudly, never touch a stray address
   const int64_t remaining = numels[pair] - start;
+  if (start < 0 || remaining <= 0) __trap();
   const int len = remaining < kEmaBlockElems ? static_cast<int>(remaining) : kEmaBlockElems;
   T* __restrict__ t = reinterpret_cast<T*>(t_ptrs[pair]) + start;
   const S* __restrict__ s = reinterpret_cast<const S*>(s_ptrs[pair]) + start;
@@ -74,22 +76,22 @@ __global__ void __launch_bounds__(kThreads) ema_kernel(const int64_t* __restrict
 
 template <typename T, typename S>
 cudaError_t launch(const int64_t* t_ptrs, const int64_t* s_ptrs, const int64_t* numels, const int32_t* block_tensor,
-                   const int64_t* block_start, int64_t num_blocks, float m, float om, const float* m_device,
-                   cudaStream_t stream) {
+                   const int64_t* block_start, int64_t num_blocks, int32_t num_pairs, float m, float om,
+                   const float* m_device, cudaStream_t stream) {
   // One block per table entry; the grid's x dimension holds up to 2^31 - 1 blocks (8 TiB of fp32).
   ema_kernel<T, S><<<static_cast<unsigned>(num_blocks), kThreads, 0, stream>>>(t_ptrs, s_ptrs, numels, block_tensor,
-                                                                             block_start, m, om, m_device);
+                                                                             block_start, num_pairs, m, om, m_device);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_for_student(int s_dtype, const int64_t* t_ptrs, const int64_t* s_ptrs, const int64_t* numels,
-                               const int32_t* block_tensor, const int64_t* block_start, int64_t num_blocks, float m,
-                               float om, const float* m_device, cudaStream_t stream) {
+                               const int32_t* block_tensor, const int64_t* block_start, int64_t num_blocks,
+                               int32_t num_pairs, float m, float om, const float* m_device, cudaStream_t stream) {
   switch (s_dtype) {
-    case kFloat32: return launch<T, float>(t_ptrs, s_ptrs, numels, block_tensor, block_start, num_blocks, m, om, m_device, stream);
-    case kFloat16: return launch<T, __half>(t_ptrs, s_ptrs, numels, block_tensor, block_start, num_blocks, m, om, m_device, stream);
-    case kBFloat16: return launch<T, __nv_bfloat16>(t_ptrs, s_ptrs, numels, block_tensor, block_start, num_blocks, m, om, m_device, stream);
+    case kFloat32: return launch<T, float>(t_ptrs, s_ptrs, numels, block_tensor, block_start, num_blocks, num_pairs, m, om, m_device, stream);
+    case kFloat16: return launch<T, __half>(t_ptrs, s_ptrs, numels, block_tensor, block_start, num_blocks, num_pairs, m, om, m_device, stream);
+    case kBFloat16: return launch<T, __nv_bfloat16>(t_ptrs, s_ptrs, numels, block_tensor, block_start, num_blocks, num_pairs, m, om, m_device, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -98,14 +100,14 @@ cudaError_t launch_for_student(int s_dtype, const int64_t* t_ptrs, const int64_t
 
 cudaError_t ema_update_launch(const int64_t* t_ptrs, const int64_t* s_ptrs, const int64_t* numels,
                               const int32_t* block_tensor, const int64_t* block_start, int64_t num_blocks,
-                              int t_dtype, int s_dtype, float m, float one_minus_m, const float* m_device,
-                              cudaStream_t stream) {
+                              int32_t num_pairs, int t_dtype, int s_dtype, float m, float one_minus_m,
+                              const float* m_device, cudaStream_t stream) {
   if (num_blocks <= 0) return cudaSuccess;
   if (num_blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   switch (t_dtype) {
-    case kFloat32: return launch_for_student<float>(s_dtype, t_ptrs, s_ptrs, numels, block_tensor, block_start, num_blocks, m, one_minus_m, m_device, stream);
-    case kFloat16: return launch_for_student<__half>(s_dtype, t_ptrs, s_ptrs, numels, block_tensor, block_start, num_blocks, m, one_minus_m, m_device, stream);
-    case kBFloat16: return launch_for_student<__nv_bfloat16>(s_dtype, t_ptrs, s_ptrs, numels, block_tensor, block_start, num_blocks, m, one_minus_m, m_device, stream);
+    case kFloat32: return launch_for_student<float>(s_dtype, t_ptrs, s_ptrs, numels, block_tensor, block_start, num_blocks, num_pairs, m, one_minus_m, m_device, stream);
+    case kFloat16: return launch_for_student<__half>(s_dtype, t_ptrs, s_ptrs, numels, block_tensor, block_start, num_blocks, num_pairs, m, one_minus_m, m_device, stream);
+    case kBFloat16: return launch_for_student<__nv_bfloat16>(s_dtype, t_ptrs, s_ptrs, numels, block_tensor, block_start, num_blocks, num_pairs, m, one_minus_m, m_device, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -20,6 +20,19 @@ void ema_update(const at::Tensor& t_ptrs, const at::Tensor& s_ptrs, const at::Te
     TORCH_CHECK(t->device() == t_ptrs.device(), "EMA tables must be on one device, got ", t->device(), " and ",
                 t_ptrs.device());
   }
+  // Shapes only (the values live on the device: reading them would sync); the kernel traps on a
+  // block whose pair index or start lies outside the tables.
+  TORCH_CHECK(t_ptrs.dim() == 1 && s_ptrs.sizes() == t_ptrs.sizes() && numels.sizes() == t_ptrs.sizes(),
+              "t_ptrs, s_ptrs and numels must be 1-d tables of equal length, got ", t_ptrs.sizes(), ", ",
+              s_ptrs.sizes(), " and ", numels.sizes());
+  TORCH_CHECK(block_tensor.dim() == 1 && block_start.sizes() == block_tensor.sizes(),
+              "block_tensor and block_start must be 1-d tables of equal length, got ", block_tensor.sizes(), " and ",
+              block_start.sizes());
+  TORCH_CHECK(block_tensor.numel() == 0 || t_ptrs.numel() > 0, "EMA blocks without pairs");
+  TORCH_CHECK(t_ptrs.numel() <= INT32_MAX, "at most 2^31 - 1 pairs (block_tensor is int32), got ", t_ptrs.numel());
+  for (const int64_t code : {t_dtype, s_dtype}) {
+    TORCH_CHECK(code >= sdae_fast::kFloat32 && code <= sdae_fast::kBFloat16, "unknown EMA dtype code ", code);
+  }
   const float* m_ptr = nullptr;
   if (m_device.has_value()) {
     TORCH_CHECK(m_device->is_cuda() && m_device->scalar_type() == at::kFloat && m_device->numel() == 1,
@@ -32,7 +45,8 @@ void ema_update(const at::Tensor& t_ptrs, const at::Tensor& s_ptrs, const at::Te
   const c10::cuda::CUDAGuard guard(t_ptrs.device());
   const cudaError_t err = sdae_fast::ema_update_launch(
       t_ptrs.data_ptr<int64_t>(), s_ptrs.data_ptr<int64_t>(), numels.data_ptr<int64_t>(),
-      block_tensor.data_ptr<int32_t>(), block_start.data_ptr<int64_t>(), block_tensor.numel(), static_cast<int>(t_dtype),
+      block_tensor.data_ptr<int32_t>(), block_start.data_ptr<int64_t>(), block_tensor.numel(),
+      static_cast<int32_t>(t_ptrs.numel()), static_cast<int>(t_dtype),
       static_cast<int>(s_dtype), static_cast<float>(m), static_cast<float>(one_minus_m), m_ptr,
       at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "sdae_fast EMA kernel failed: ", cudaGetErrorString(err));

@@ -48,6 +48,35 @@ def test_binding_checks_block_table_layout_and_momentum_device():
     assert "m_device->device() == t_ptrs.device()" in source
 
 
+def test_binding_checks_table_lengths_and_the_kernel_pair_indices():
+    """Host checks on the tables' shapes (their values are on the device: no sync to read them);
+    the kernel traps on a pair index or start outside the tables instead of touching a stray address."""
+    binding = (cuda_build.csrc_dir() / "ema_binding.cpp").read_text()
+    assert "block_start.sizes() == block_tensor.sizes()" in binding
+    assert "s_ptrs.sizes() == t_ptrs.sizes() && numels.sizes() == t_ptrs.sizes()" in binding
+    assert "static_cast<int32_t>(t_ptrs.numel())" in binding  # the pair count reaches the kernel
+    kernel = (cuda_build.csrc_dir() / "ema.cu").read_text()
+    assert "if (pair < 0 || pair >= num_pairs) __trap();" in kernel
+
+
+@pytest.mark.gpu
+def test_binding_refuses_tables_of_unequal_length():
+    import torch
+
+    from sdae_fast import multi_tensor
+
+    if cuda_build.unavailable_reason():
+        pytest.skip(cuda_build.unavailable_reason())
+    module = cuda_build.extension()
+    (g,) = multi_tensor.pair_groups([torch.zeros(10000, device="cuda")], [torch.ones(10000, device="cuda")])
+    with pytest.raises(RuntimeError, match="equal length"):
+        module.ema_update(g.t_ptrs, g.s_ptrs, g.numels, g.block_tensor, g.block_start[:-1], 0, 0, 0.9, 0.1, None)
+    with pytest.raises(RuntimeError, match="equal length"):
+        module.ema_update(g.t_ptrs, g.s_ptrs.repeat(2), g.numels, g.block_tensor, g.block_start, 0, 0, 0.9, 0.1, None)
+    with pytest.raises(RuntimeError, match="dtype code"):
+        module.ema_update(g.t_ptrs, g.s_ptrs, g.numels, g.block_tensor, g.block_start, 3, 0, 0.9, 0.1, None)
+
+
 @pytest.mark.gpu
 def test_binding_refuses_a_strided_block_table_and_a_momentum_elsewhere():
     import torch
