@@ -54,7 +54,10 @@ def cmd_bench(args) -> int:
     if out is None and device == "cuda":
         out = "benchmarks/results"
     only = args.ops.split(",") if args.ops else None
-    report.run(device, quick=args.quick or device == "cpu", only=only, out_dir=out, reps=args.reps)
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise SystemExit(f"sdae-fast bench: --time-budget must be > 0 seconds, got {args.time_budget}")
+    report.run(device, quick=args.quick or device == "cpu", only=only, out_dir=out, reps=args.reps,
+               time_budget=args.time_budget)
     return 0
 
 
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    + ", ".join(harness.group_names()))
     p.add_argument("--quick", action="store_true", help="small shapes (always on for the CPU)")
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no case after this many seconds; the rest are listed as not run "
+                        "(default: $SDAE_FAST_BENCH_BUDGET, else none)")
     p.add_argument("--out", default=None, help="directory for the report (default on CUDA: benchmarks/results)")
     p.set_defaults(func=cmd_bench)
     # Later subcommands (pretrain, eval) register themselves from their own modules.

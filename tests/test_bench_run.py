@@ -163,3 +163,21 @@ report.run("cpu", True, ["fakekill"], {str(tmp_path)!r}, reps=1)
     assert data["run"]["status"] == "interrupted by SIGTERM" and data["environment"]["commit"] == "feedbeef"
     assert [r["variant"] for r in data["results"]] == ["naive"]
     assert [s["variant"] for s in data["run"]["skipped"]] == ["fused"]
+
+
+def test_cli_time_budget_reaches_the_run(tmp_path, group, monkeypatch):
+    from sdae_fast.cli import build_parser
+
+    def slow_make():
+        time.sleep(0.6)
+        return lambda: None
+
+    group([("naive", slow_make, False), ("fused", _noop, False)])
+    args = build_parser().parse_args(["bench", "--device", "cpu", "--ops", "fakerun", "--reps", "1",
+                                      "--out", str(tmp_path), "--time-budget", "0.5"])
+    assert args.func(args) == 0
+    data, _ = _report(tmp_path)
+    assert [s["variant"] for s in data["run"]["skipped"]] == ["fused"] and data["run"]["time_budget_s"] == 0.5
+    bad = build_parser().parse_args(["bench", "--device", "cpu", "--time-budget", "0"])
+    with pytest.raises(SystemExit, match="--time-budget must be > 0"):
+        bad.func(bad)
