@@ -74,16 +74,67 @@ def _load():
             return None, "no CUDA device is available"
         if not sources():
             return None, "csrc/ holds no sources"
+        if missing := _toolchain_reason():
+            return None, missing
         build_dir = jit_build_dir()
         build_dir.mkdir(parents=True, exist_ok=True)
         # One build per node: every rank takes the lock; the first builds, the others find the
         # build done and only load it. flock is released when a process dies (no stale lock).
         with _node_lock(build_dir / "build.lock"):
-            module = load(name=NAME, sources=sources(), extra_cflags=CXX_FLAGS,
-                          extra_cuda_cflags=NVCC_FLAGS + ARCH_FLAGS, build_directory=str(build_dir), verbose=False)
+            try:
+                module = load(name=NAME, sources=sources(), extra_cflags=CXX_FLAGS,
+                              extra_cuda_cflags=NVCC_FLAGS + ARCH_FLAGS, build_directory=str(build_dir),
+                              verbose=False)
+            except Exception as exc:
+                return None, _build_failed(exc, build_dir / "build_error.log")
         return module, None
     except Exception as exc:  # a failed build must not break the other backends
-        return None, f"the CUDA extension could not be built or loaded: {type(exc).__name__}: {exc}"
+        return None, f"the CUDA extension could not be built or loaded: {type(exc).__name__}: {_clip(str(exc))}"
+
+
+def _toolchain_reason() -> str | None:
+    """A just-in-time build needs nvcc (CUDA_HOME, found by torch) and ninja: say so in a line
+    rather than in a failed build's log."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home is None:
+        return "no CUDA toolkit (nvcc) to build the CUDA extension just in time: set CUDA_HOME or put nvcc on PATH"
+    if not (Path(home) / "bin" / "nvcc").exists():
+        return f"no nvcc in CUDA_HOME={home} to build the CUDA extension just in time"
+    if not cpp_extension.is_ninja_available():
+        return "the CUDA extension is built just in time with ninja, which is not installed (pip install ninja)"
+    return None
+
+
+_BUILD_LOG: list[str] = []  # the last failed build's full message (ninja's log)
+
+
+def build_log(tail: int = 8000) -> str:
+    """The end of the last failed just-in-time build's log ('' when none failed)."""
+    return _BUILD_LOG[-1][-tail:] if _BUILD_LOG else ""
+
+
+def _clip(text: str, width: int = 200) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= width else line[:width - 3] + "..."
+
+
+def _build_failed(exc: Exception, log_path: Path) -> str:
+    """A short reason (the first compiler error) for a failed build; the whole log is kept in
+    :func:`build_log` and in ``log_path``."""
+    text = str(exc)
+    _BUILD_LOG.append(text)
+    del _BUILD_LOG[:-1]
+    try:
+        log_path.write_text(text)
+        where = f"; log: {log_path}"
+    except OSError:
+        where = ""
+    lines = text.splitlines()
+    errors = [line for line in lines if "error" in line.lower() and "error building extension" not in line.lower()]
+    first = _clip(errors[0] if errors else text, 160)
+    return f"the CUDA extension failed to build ({type(exc).__name__}: {first}){where}"
 
 
 def jit_build_dir() -> Path:

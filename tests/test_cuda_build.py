@@ -32,6 +32,7 @@ def test_jit_build_runs_under_the_node_lock(tmp_path, monkeypatch):
         return "module"
 
     monkeypatch.setattr(cpp, "load", fake_load)
+    monkeypatch.setattr(cuda_build, "_toolchain_reason", lambda: None)  # nvcc and ninja present
     cuda_build._load.cache_clear()
     try:
         assert cuda_build._load() == ("module", None)
@@ -196,3 +197,58 @@ def test_cuda_availability_is_decided_on_the_host_under_compile(monkeypatch):
         assert torch.compile(fn, backend="eager", fullgraph=True)(torch.zeros(1)).item() == len(eager)
     finally:
         cuda_build._load.cache_clear()
+
+
+@pytest.fixture
+def jit_machine(tmp_path, monkeypatch):
+    """A CUDA machine without a prebuilt extension; torch's load() is replaced per test."""
+    import torch
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("SDAE_FAST_CUDA_BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp, "CUDA_HOME", str(tmp_path / "cuda"))
+    (tmp_path / "cuda" / "bin").mkdir(parents=True)
+    (tmp_path / "cuda" / "bin" / "nvcc").write_text("")
+    monkeypatch.setattr(cpp, "is_ninja_available", lambda: True)
+    calls = []
+    monkeypatch.setattr(cpp, "load", lambda **kwargs: calls.append(kwargs) or "module")
+    cuda_build._load.cache_clear()
+    yield cpp, calls
+    cuda_build._load.cache_clear()
+
+
+def test_a_missing_nvcc_or_ninja_is_a_short_reason_before_any_build(jit_machine, monkeypatch, tmp_path):
+    cpp, calls = jit_machine
+    monkeypatch.setattr(cpp, "is_ninja_available", lambda: False)
+    assert cuda_build.unavailable_reason() == ("the CUDA extension is built just in time with ninja, which is not "
+                                               "installed (pip install ninja)")
+    cuda_build._load.cache_clear()
+    (tmp_path / "cuda" / "bin" / "nvcc").unlink()
+    assert cuda_build.unavailable_reason() == (f"no nvcc in CUDA_HOME={tmp_path / 'cuda'} to build the CUDA extension "
+                                               f"just in time")
+    cuda_build._load.cache_clear()
+    monkeypatch.setattr(cpp, "CUDA_HOME", None)
+    assert cuda_build.unavailable_reason() == ("no CUDA toolkit (nvcc) to build the CUDA extension just in time: set "
+                                               "CUDA_HOME or put nvcc on PATH")
+    assert not calls
+
+
+def test_a_failed_build_gives_a_short_reason_and_keeps_the_log_tail(jit_machine, monkeypatch, tmp_path):
+    cpp, _ = jit_machine
+    log = ("Error building extension 'sdae_fast_cuda': [1/3] /usr/local/cuda/bin/nvcc " + "-I/include " * 150 + "\n"
+           + "FAILED: ema.cuda.o\n" * 40
+           + "/src/csrc/ema.cu(42): error: identifier \"kThreadz\" is undefined\n" + "1 error detected\n"
+           + "ninja: build stopped")
+
+    def failing_load(**kwargs):
+        raise RuntimeError(log)
+
+    monkeypatch.setattr(cpp, "load", failing_load)
+    assert len(log) > 2000
+    reason = cuda_build.unavailable_reason()
+    assert len(reason) < 400, reason
+    assert 'ema.cu(42): error: identifier "kThreadz" is undefined' in reason
+    assert str(tmp_path / "build_error.log") in reason
+    assert (tmp_path / "build_error.log").read_text() == log
+    assert cuda_build.build_log().endswith("ninja: build stopped")
