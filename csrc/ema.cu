@@ -47,9 +47,9 @@ __global__ void __launch_bounds__(kThreads) ema_kernel(const int64_t* __restrict
   // memory by construction (tensor data_ptr()s), and saying so gives LDG/STG.E.128.
   __builtin_assume(__isGlobal(t));
   __builtin_assume(__isGlobal(s));
-  if (m_device != nullptr) {
-    m = *m_device;
-    om = 1.0f - m;
+  if (m_device != nullptr) {  // the pair [m, 1 - m] of multi_tensor.momentum_args
+    m = m_device[0];
+    om = m_device[1];
   }
   constexpr int kVec = (16 / sizeof(T)) < (16 / sizeof(S)) ? (16 / sizeof(T)) : (16 / sizeof(S));
   using VT = Vec<T, kVec>;

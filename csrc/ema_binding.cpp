@@ -35,8 +35,9 @@ void ema_update(const at::Tensor& t_ptrs, const at::Tensor& s_ptrs, const at::Te
   }
   const float* m_ptr = nullptr;
   if (m_device.has_value()) {
-    TORCH_CHECK(m_device->is_cuda() && m_device->scalar_type() == at::kFloat && m_device->numel() == 1,
-                "momentum must be an fp32 CUDA scalar");
+    TORCH_CHECK(m_device->is_cuda() && m_device->scalar_type() == at::kFloat && m_device->numel() == 2 &&
+                    m_device->is_contiguous(),
+                "momentum must be the contiguous fp32 CUDA pair [m, 1 - m]");
     // The kernel reads it on the tables' device: a tensor on another GPU would be an illegal address.
     TORCH_CHECK(m_device->device() == t_ptrs.device(), "momentum tensor is on ", m_device->device(),
                 ", the EMA tables on ", t_ptrs.device());

@@ -24,8 +24,8 @@ def _ema_kernel(t_ptrs, s_ptrs, numels, block_tensor, block_start, m_ptr, m, one
     t_ptr = tl.load(t_ptrs + pair).to(tl.pointer_type(T_DTYPE))
     s_ptr = tl.load(s_ptrs + pair).to(tl.pointer_type(S_DTYPE))
     if M_ON_DEVICE:
-        mm = tl.load(m_ptr)
-        om = 1.0 - mm
+        mm = tl.load(m_ptr)  # the pair [m, 1 - m] of multi_tensor.momentum_args
+        om = tl.load(m_ptr + 1)
     else:
         mm = m
         om = one_minus_m

@@ -70,9 +70,13 @@ def _build(teacher, student, block) -> list[PairGroup]:
 
 
 def momentum_args(momentum, device):
-    """(m, 1 - m, m_tensor): fp32 scalars rounded as the reference rounds them, or an fp32 0-dim
-    device tensor (no host sync) whose ``1 - m`` the kernel forms in fp32, as the reference does."""
+    """(m, 1 - m, m_tensor): fp32 scalars rounded as the reference rounds them, or, for a 0-dim
+    tensor, the fp32 device pair ``[m, 1 - m]`` the kernel reads (no host sync), ``1 - m`` formed
+    in float64 from the tensor's value and then rounded, as the reference does (and as a Python
+    float's ``1 - m`` is: a float64 tensor updates exactly as its float; for fp32 / 16-bit
+    momenta the float64 difference is exact, so this is their fp32 ``1 - m``)."""
     if isinstance(momentum, torch.Tensor):
-        return 0.0, 0.0, momentum.to(device=device, dtype=torch.float32)
+        m64 = momentum.to(device=device, dtype=torch.float64)
+        return 0.0, 0.0, torch.stack([m64, 1.0 - m64]).to(torch.float32)
     m = float(momentum)
     return m, 1.0 - m, None

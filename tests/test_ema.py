@@ -48,6 +48,23 @@ def test_matches_reference(backend, t_dtype, s_dtype, tensor_momentum):
         assert torch.equal(s, b), "the student must not change"
 
 
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+@pytest.mark.parametrize("t_dtype", DTYPES_HERE)
+@pytest.mark.parametrize("momentum", [0.996, 0.9996, 0.123456789, 0.5])
+def test_a_float64_momentum_tensor_updates_exactly_as_its_float(backend, t_dtype, momentum):
+    """1 - m is formed in float64 and then rounded for a tensor too: fp32(1 - m) is what a Python
+    float gives (and DINO's ``mul_(m).add_((1 - m) * s)``), where 1 - fp32(m) differs by ulps of
+    1 - m (0.996: 8e-9 against 2e-10); torch.compile's TrainStep passes the momentum as a tensor."""
+    teacher, student = pairs(t_dtype, torch.float32)
+    by_float, by_tensor = [t.clone() for t in teacher], [t.clone() for t in teacher]
+    sdae_fast.ema_update_(by_float, student, momentum, backend=backend)
+    m = torch.tensor(momentum, dtype=torch.float64, device=DEVICE)
+    sdae_fast.ema_update_(by_tensor, student, m, backend=backend)
+    for a, b in zip(by_float, by_tensor):
+        assert torch.equal(a, b)
+    sdae_fast.check_errors()
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_mixed_dtype_pairs_in_one_call(backend):
     t1, s1 = pairs(torch.float16, torch.float32, [(5, 7), (100,)])
