@@ -103,6 +103,13 @@ class EmaTeacher:
                 raise RuntimeError("EmaTeacher: the EMA update must be planned before torch.compile traces it; "
                                    "build the EmaTeacher (or call prepare()) outside the compiled function")
             self._update = EmaUpdate(self._teacher_params, self._student_params, backend=self.backend)
+            # The schedule's every entry, float64 on the teacher's device: a traced step indexes it with
+            # the (symbolic) iteration. A float momentum would be a constant of the graph, one graph
+            # per value (DINO: per iteration) until Dynamo's recompile limit; the op takes this tensor
+            # entry with no host sync, and updates exactly as the float would (SPEC §2).
+            device = self._teacher_params[0].device if self._teacher_params else None
+            self._table = torch.tensor([self._momentum_at(i) for i in range(self.total_steps)],
+                                       dtype=torch.float64, device=device)
         return self
 
     def _pair(self, student_module: nn.Module):
@@ -125,9 +132,20 @@ class EmaTeacher:
 
     def momentum(self, iteration: int | None = None) -> float:
         it = self.iteration if iteration is None else iteration
-        step = it // self.steps_per_epoch if self.per == "epoch" else it
+        return self._momentum_at(it // self.steps_per_epoch if self.per == "epoch" else it)
+
+    def _momentum_at(self, step: int) -> float:
         return cosine_schedule(step, self.base_momentum, self.final_momentum, self.total_steps, self.warmup,
                                self.warmup_start)
+
+    def _scheduled(self):
+        """This iteration's momentum: the float, or under torch.compile its entry of the table (a
+        0-dim float64 tensor), so that a new value each step does not recompile."""
+        if not torch.compiler.is_compiling():
+            return self.momentum()
+        it = self.iteration
+        step = it // self.steps_per_epoch if self.per == "epoch" else it
+        return self.prepare()._table[min(max(step, 0), self.total_steps - 1)]  # past the end: the last entry
 
     def due(self, iteration: int | None = None) -> bool:
         """Whether the cadence updates the teacher after ``iteration`` (0-based)."""
@@ -138,15 +156,16 @@ class EmaTeacher:
         return done % self.steps_per_epoch == 0 and (done // self.steps_per_epoch) % self.every == 0
 
     @torch.no_grad()
-    def _apply(self, m: float) -> None:
+    def _apply(self, m) -> None:
         self.prepare()._update(m)
         for t, s in self._buffer_pairs:
             t.copy_(s)
 
-    def step(self) -> float | None:
+    def step(self):
         """End of one iteration: update if the cadence says so (with the momentum of this iteration,
-        i.e. of its epoch when ``per="epoch"``), then advance; returns the momentum used or None."""
-        m = self.momentum() if self.due() else None
+        i.e. of its epoch when ``per="epoch"``), then advance; returns the momentum used (under
+        torch.compile its 0-dim tensor) or None."""
+        m = self._scheduled() if self.due() else None
         if m is not None:
             self._apply(m)
         self.iteration += 1
@@ -154,7 +173,7 @@ class EmaTeacher:
 
     def update(self) -> float:
         """One EMA update now with the scheduled momentum, whatever the cadence; advances the counter."""
-        m = self.momentum()
+        m = self._scheduled()
         self._apply(m)
         self.iteration += 1
         return m

@@ -97,6 +97,35 @@ def test_fullgraph_step_with_the_triton_ema(method, warm_first):
     sdae_fast.check_errors()
 
 
+@pytest.mark.parametrize("method,steps_per_epoch", [("dino", 20), ("sdae", 2)])
+def test_compiled_steps_do_not_recompile_per_momentum(method, steps_per_epoch):
+    """The EMA momentum changes every iteration (DINO) or epoch (SdAE): passed to the op as a float
+    it was a constant of the graph, so each step compiled anew and the 9th raised
+    FailOnRecompileLimitHit under fullgraph. Traced, it is an entry of a device table: at most a
+    few graphs (step 0 specialised, SdAE's update / no-update epochs), and the last update is the
+    reference EMA with that step's float momentum, bit for bit."""
+    from torch._dynamo.utils import counters
+
+    from sdae_fast import reference
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = warm(tiny(method, "torch", steps_per_epoch=steps_per_epoch))
+    model.set_schedule(20, steps_per_epoch)
+    warm(model)
+    step = TrainStep(model, model, make_optimizer(model, method, 1e-3), compile=True, backend="eager")
+    names = [n for n, _ in model.teacher.named_parameters()]
+    for i in range(10):
+        before = [model.get_parameter("teacher." + n).detach().clone() for n in names]
+        due, momentum = model._ema_teacher().due(), model.momentum()
+        step(model_input(model, torch.randn(4, 1, 16, 16)))
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    assert due  # SdAE: the 10th step ends an epoch
+    reference.ema_update_(before, [model.get_parameter(n).detach() for n in names], momentum)
+    for name, want in zip(names, before):
+        assert torch.equal(model.get_parameter("teacher." + name), want), name
+
+
 def test_train_step_matches_optimizer_step():
     """The functional AdamW of TrainStep is optimizer.step(): same parameters and state after a step."""
     model = tiny("mae", "torch")
