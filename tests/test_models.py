@@ -217,6 +217,32 @@ def test_contract_and_torch_determinism(method):
 
 
 @pytest.mark.parametrize("method", ["sdae", "dino"])
+def test_a_deep_copy_updates_its_own_teacher(method):
+    """copy.deepcopy (timm's ModelEmaV3, a user's snapshot) of a model whose EMA is built: the copy's
+    update moves the copy's teacher, as the original's would (the EMA's pairs were copied away from
+    the copy's parameters, so its teacher stayed put), and leaves the original alone."""
+    import pickle
+
+    model = build(method, "micro", backend="torch")
+    model.set_schedule(20, 1)
+    model.momentum()  # the EMA is built: it holds views of model's parameters
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("teacher."):
+                p.add_(1.0)  # the student runs ahead of the teacher
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        twin = copy.deepcopy(model)  # the update the copy must make, on a model of its own
+        twin._ema = None
+        original = copy.deepcopy(model.teacher.state_dict())
+        copied.after_step(), twin.after_step()
+        assert copied.step == twin.step == model.step + 1
+        for k, v in copied.teacher.state_dict().items():
+            assert torch.equal(v, twin.teacher.state_dict()[k]), k
+        assert any(not torch.equal(v, original[k]) for k, v in copied.teacher.state_dict().items())
+        assert all(torch.equal(v, original[k]) for k, v in model.teacher.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["sdae", "dino"])
 def test_teacher_ema_and_exact_resume(method):
     imgs = images()
     model = build(method, "micro", backend="torch")

@@ -80,6 +80,14 @@ class EmaTeacherMixin:
         self._ema = None  # parameter storage may have moved
         return out
 
+    def __getstate__(self):
+        # copy.deepcopy / pickle: the EmaTeacher's pairs are views of *these* parameters, and a copy
+        # of them would be tensors of their own, which the copy's updates would move instead of its
+        # teacher (silently). The copy rebuilds its own from its parameters, at the same step.
+        state = dict(super().__getstate__())
+        state["_ema"] = None
+        return state
+
     teacher_train_mode = False  # DINO with BatchNorm in its head: the official teacher runs in train mode
 
     def train(self, mode: bool = True):
