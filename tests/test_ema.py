@@ -228,6 +228,13 @@ def test_planned_update_matches_the_op(backend):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         update(2.0)
+    import copy
+
+    from sdae_fast.ops.ema import _PLANS
+
+    twin_update = copy.deepcopy(update)
+    del twin_update  # a copy going away leaves the original's plan in place
+    assert update._plan in _PLANS
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -214,4 +214,5 @@ class EmaUpdate:
                                         self._plan)
 
     def __del__(self):
-        _PLANS.pop(getattr(self, "_plan", -1), None)
+        if getattr(self, "_plan", -1) == id(self):  # a copy holds its original's handle: not its own to drop
+            _PLANS.pop(self._plan, None)
