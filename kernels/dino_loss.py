@@ -11,8 +11,8 @@ and writes them as partials. Splitting K fills the GPU when B is small (B=64, K=
 Sweep 2 (``_dino_grad_kernel``), same grid: each program combines the (few) partials of its batch
 element, writes the per-element loss (split 0 only) and the student gradient of its chunk,
 ``dL/ds_v = (n_v · softmax(s_v/Ts) − Σ_{g≠v} q_g) / (pairs · B · Ts)``. Backward only scales it.
-The centre update runs after the loss (which sees the old centre): column sums of the teacher in
-fp32 without an fp32 copy of it, all-reduced across processes as the reference's ``update_center_``.
+The centre update runs after the loss (which sees the old centre): the reference's
+``update_center_`` itself (column sums in fp32 without an fp32 copy, all-reduced across processes).
 """
 from __future__ import annotations
 
@@ -23,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-import torch.distributed as dist
-
 from sdae_fast.alloc import empty
 from sdae_fast.library import kernel_op, launch, register_saved_grad_autograd
+from sdae_fast.reference.dino_loss import update_center_
 
 from .loss_grad import scale_saved_grad
 
@@ -268,20 +267,7 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
     loss = torch.ops.sdae_fast.dino_loss_triton(student_out, teacher_out.detach(), center.detach(),
                                                 float(student_temp), float(teacher_temp), int(num_global),
                                                 write_grad, block_k, splits)[0]
-    if update_center:
-        _update_center_(center, teacher_out.detach(), center_momentum)
+    if update_center:  # the reference's update: one piece of code, rounded as DINO's
+        update_center_(center, teacher_out.detach(), center_momentum)
     return loss
 
-
-@torch.no_grad()
-def _update_center_(center, teacher, momentum):
-    """``center <- m·center + (1 - m)·mean(teacher rows over every process)``, as the reference
-    does, but summing in fp32 without materialising an fp32 copy of the teacher."""
-    acc = torch.promote_types(center.dtype, torch.float32)
-    batch_sum = teacher.sum(dim=0, dtype=acc)
-    count = teacher.shape[0]
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(batch_sum)
-        count *= dist.get_world_size()
-    new = center.reshape(-1).to(acc) * momentum + batch_sum * ((1.0 - momentum) / count)
-    center.copy_(new.reshape(center.shape).to(center.dtype))

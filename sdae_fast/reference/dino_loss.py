@@ -34,9 +34,11 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
 
 @torch.no_grad()
 def update_center_(center, teacher_out, momentum):
-    """``center <- m·center + (1 - m)·mean(teacher rows)``; the mean spans every process."""
+    """``center <- m·center + (1 - m)·mean(teacher rows)``; the mean spans every process. Rounded as
+    DINO's ``update_center``: the batch mean first, then the two products. The rows are summed in
+    fp32 (float64 for float64 inputs) without an fp32 copy of the teacher; the fused loss uses it too."""
     acc = accumulation_dtype(center, teacher_out)
-    batch_sum = teacher_out.to(acc).sum(dim=0)
+    batch_sum = teacher_out.sum(dim=0, dtype=acc)
     count = teacher_out.shape[0]
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(batch_sum)
