@@ -126,6 +126,33 @@ def test_compiled_steps_do_not_recompile_per_momentum(method, steps_per_epoch):
         assert torch.equal(model.get_parameter("teacher." + name), want), name
 
 
+def test_compiled_dino_step_through_a_teacher_temperature_warm_up():
+    """main_dino.py's ViT-S/16 recipe warms the teacher temperature up over 30 epochs: as a float it
+    was a graph constant, one graph per epoch. Traced it is an entry of the per-epoch table: one
+    graph over 10 warm-up epochs and past them, and the same losses as the eager steps."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    kw = dict(img_size=16, patch_size=4, depth=1, backend="torch", warmup_teacher_temp=0.04, teacher_temp=0.07,
+              warmup_teacher_temp_epochs=10)
+    model = build("dino", "micro", **kw)
+    model.set_schedule(24, 2)
+    eager = copy.deepcopy(model)
+    warm(model), warm(eager)
+    compiled = TrainStep(model, model, make_optimizer(model, "dino", 1e-3), compile=True, backend="eager")
+    plain = TrainStep(eager, eager, make_optimizer(eager, "dino", 1e-3))
+    for i in range(24):
+        images = model_input(model, torch.randn(4, 1, 16, 16))
+        torch.manual_seed(i)
+        got = compiled(images)
+        torch.manual_seed(i)
+        want = plain(images)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # capturable AdamW rounds apart
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+
+
 def test_train_step_matches_optimizer_step():
     """The functional AdamW of TrainStep is optimizer.step(): same parameters and state after a step."""
     model = tiny("mae", "torch")

@@ -272,3 +272,38 @@ def test_kernels_compile_for_hopper():
     compile_for_hopper("sdae_fast.kernels.dino_loss", "_dino_grad_kernel", grad,
                        [{"V": 10, "G": 2, "VP": 16, "GP": 2, "SP": 16, "BLOCK_K": 256, "WRITE_GRAD": True}],
                        num_warps=8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", triton_dtypes()[:2], ids=str)
+def test_a_tensor_teacher_temperature_is_its_float(backend, dtype):
+    """A 0-dim tensor teacher_temp (a schedule under torch.compile) gives the float's loss, student
+    gradient and centre: bit for bit through Triton, which forms (t - c)·fp32(1/T) from a float
+    too; to fp32 rounding through the reference, which divides by T instead."""
+    device = triton_device()
+    s, t, c = _inputs(4, 2, 3, 37, dtype, device)
+    results = []
+    for temp in (0.04, torch.tensor(0.04, dtype=torch.float64, device=device)):
+        student, center = s.clone().requires_grad_(), c.clone()
+        loss = sdae_fast.dino_loss(student, t, center, student_temp=0.1, teacher_temp=temp, num_global=2,
+                                   center_momentum=0.9, backend=backend)
+        loss.backward()
+        results.append((loss.detach(), student.grad, center))
+    (loss_f, grad_f, center_f), (loss_t, grad_t, center_t) = results
+    assert torch.equal(center_f, center_t)
+    if backend == "triton":
+        assert torch.equal(loss_f, loss_t) and torch.equal(grad_f, grad_t)
+    else:
+        torch.testing.assert_close(loss_t, loss_f, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad_t, grad_f, rtol=1e-4, atol=1e-7)
+    sdae_fast.check_errors()
+
+
+@pytest.mark.parametrize("value", [0.0, float("nan"), 1e-6])
+def test_a_tensor_teacher_temperature_out_of_range_is_reported(value):
+    s, t, c = _inputs(2, 2, 3, 5, torch.float32, "cpu")
+    sdae_fast.dino_loss(s, t, c, teacher_temp=torch.tensor(value))  # deferred: no sync at the call
+    with pytest.raises(ValueError, match="dino_loss.*teacher_temp tensor must be >= 0.0001"):
+        sdae_fast.check_errors()
+    with pytest.raises(TypeError, match="teacher_temp must be a float or a 0-dim floating tensor"):
+        sdae_fast.dino_loss(s, t, c, teacher_temp=torch.tensor([0.04]))

@@ -68,6 +68,17 @@ class DINO(EmaTeacherMixin, nn.Module):
             return self.teacher_temp
         return linspace_at(epoch, self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs)
 
+    def _teacher_temp_for_loss(self):
+        """current_teacher_temp(); during a warm-up under torch.compile, its entry of the per-epoch
+        table as a 0-dim tensor: a float is a constant of the graph, one graph per warm-up epoch
+        (main_dino.py's ViT-S/16 recipe warms up over 30), past Dynamo's recompile limit."""
+        warmup = self.warmup_teacher_temp_epochs
+        if not torch.compiler.is_compiling() or self.warmup_teacher_temp is None or warmup <= 0:
+            return self.current_teacher_temp()
+        ramp = [linspace_at(e, self.warmup_teacher_temp, self.teacher_temp, warmup) for e in range(warmup)]
+        table = torch.tensor(ramp + [self.teacher_temp], dtype=torch.float64, device=self.center.device)
+        return table[min(self.step // self.steps_per_epoch, warmup)]
+
     @staticmethod
     def _embed(encoder, head, crops) -> torch.Tensor:
         # Crops of one resolution go through the encoder together (DINO's MultiCropWrapper).
@@ -86,6 +97,6 @@ class DINO(EmaTeacherMixin, nn.Module):
         with torch.no_grad():
             teacher_out = self._embed(self.teacher["encoder"], self.teacher["head"], (glob,))  # (2·B, K)
         loss = dino_loss(student_out, teacher_out.detach(), self.center, student_temp=self.student_temp,
-                         teacher_temp=self.current_teacher_temp(), num_global=2,
+                         teacher_temp=self._teacher_temp_for_loss(), num_global=2,
                          center_momentum=self.center_momentum, update_center=self.training, backend=self.backend)
         return {"loss": loss}

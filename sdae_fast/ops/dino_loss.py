@@ -1,15 +1,21 @@
 """DINO's centred cross-entropy (SPEC §4): ``dino_loss``."""
 from __future__ import annotations
 
-from .. import reference
+import torch
+
+from .. import checks, reference
 from ..dispatch import op
-from ..validate import check_float, check_int, check_same_device, check_temperature, check_tensor, names_its_errors
+from ..reference.stats import accumulation_dtype
+from ..validate import (MIN_TEMPERATURE, check_float, check_int, check_same_device, check_temperature, check_tensor,
+                        names_its_errors)
 
 DINO_LOSS = op("dino_loss", auto_order=("triton", "torch"),
                schema="(Tensor student_out, Tensor teacher_out, Tensor(a!) center, *, float student_temp=0.1, "
                       "float teacher_temp=0.04, int num_global=2, float center_momentum=0.9, bool update_center=True)"
                       " -> Tensor")
 DINO_LOSS.register("torch")(reference.dino_loss)
+TEACHER_TEMP_RANGE = checks.register("dino_loss", ValueError, f"the teacher_temp tensor must be >= {MIN_TEMPERATURE}; "
+                                     "it holds a smaller value, or NaN")
 
 MAX_VIEWS, MAX_GLOBAL = 64, 8  # the fused kernel keeps a (global × views × BLOCK_K) tile in registers
 
@@ -46,6 +52,12 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
 
     Backends: ``torch`` (the reference) and ``triton`` (two streaming sweeps over the logits that
     also produce the student gradient; never a softmax of width K; up to 64 views, 8 global).
+
+    ``teacher_temp`` may also be a 0-dim floating tensor on the inputs' device (a schedule under
+    torch.compile: a float is a constant of the graph, one graph per value). The teacher logits
+    are then sharpened before the op, ``(t - c) · fp32(1 / T)``, as the Triton kernel forms them
+    from a float (so that path's result is the float's, bit for bit); its range is checked on the
+    device (``sdae_fast.check_errors``), with no host sync.
     """
     check_tensor("student_out", student_out, ndim=2)
     check_tensor("teacher_out", teacher_out, ndim=2)
@@ -53,7 +65,8 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
     width = teacher_out.shape[1]
     num_global = check_int("num_global", num_global, ge=1)
     student_temp = check_temperature("student_temp", student_temp)
-    teacher_temp = check_temperature("teacher_temp", teacher_temp)
+    if not isinstance(teacher_temp, torch.Tensor):
+        teacher_temp = check_temperature("teacher_temp", teacher_temp)
     center_momentum = check_float("center_momentum", center_momentum, ge=0.0, le=1.0)
     if student_out.shape[1] != width or center.numel() != width or center.shape[-1] != width:
         raise ValueError(f"student_out {tuple(student_out.shape)}, teacher_out {tuple(teacher_out.shape)} and "
@@ -70,9 +83,29 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
     if views < 2 and num_global <= views:
         raise ValueError(f"{views} student view(s) and {num_global} teacher view(s) make no pair g != v")
     check_same_device(student_out=student_out, teacher_out=teacher_out, center=center)
+    if isinstance(teacher_temp, torch.Tensor):
+        sharpened = _sharpened(teacher_out, center, teacher_temp)
+        loss = DINO_LOSS(student_out, sharpened, torch.zeros_like(center), student_temp=student_temp,
+                         teacher_temp=1.0, num_global=num_global, center_momentum=center_momentum,
+                         update_center=False, backend=backend)
+        if update_center:  # the op's own update, on the teacher as given
+            reference.update_center_(center, teacher_out.detach(), center_momentum)
+        return loss
     return DINO_LOSS(student_out, teacher_out, center, student_temp=student_temp, teacher_temp=teacher_temp,
                      num_global=num_global, center_momentum=center_momentum, update_center=update_center,
                      backend=backend)
+
+
+def _sharpened(teacher_out, center, teacher_temp):
+    """``(t - c) · fp32(1 / T)`` in fp32 (float64 for float64 inputs) for a 0-dim tensor T."""
+    if teacher_temp.dim() != 0 or not teacher_temp.is_floating_point():
+        raise TypeError(f"teacher_temp must be a float or a 0-dim floating tensor, got a {teacher_temp.dtype} "
+                        f"tensor of shape {tuple(teacher_temp.shape)}")
+    check_same_device(teacher_out=teacher_out, teacher_temp=teacher_temp)
+    checks.fail_if(TEACHER_TEMP_RANGE, ~(teacher_temp >= MIN_TEMPERATURE), 0)  # deferred: no sync; NaN fails
+    acc = accumulation_dtype(teacher_out, center)
+    inv = (1.0 / teacher_temp.detach().to(torch.float64)).to(acc)
+    return (teacher_out.detach().to(acc) - center.detach().to(acc).reshape(1, -1)) * inv
 
 
 @names_its_errors('update_center_')
