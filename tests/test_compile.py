@@ -209,6 +209,28 @@ def test_pretrain_compile_matches_eager(tmp_path):
     assert run(tmp_path / "c", "eager") == run(tmp_path / "e", None)
 
 
+def test_pretrain_compile_does_not_recompile_per_step(tmp_path):
+    """``--compile`` on DINO with a teacher-temperature warm-up, whose forward reads the model's step:
+    as an int attribute of a module it was a graph constant, so every step compiled anew until
+    Dynamo's limit (8), after which the forward ran eagerly; the losses are the eager run's."""
+    from torch._dynamo.utils import counters
+
+    from sdae_fast.train.cli import make_args
+    from sdae_fast.train.loop import pretrain
+
+    def run(out, compile_backend):
+        args = make_args(method="dino", steps=16, batch_size=8, img_size=16, patch_size=4, out=str(out), ckpt_every=0,
+                         knn=False, export=False, quiet=True, backend="torch", compile=compile_backend, workers=0,
+                         model_kw={"warmup_teacher_temp_epochs": 8, "teacher_temp": 0.07, "depth": 1})
+        return pretrain(args)["losses"]
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run(tmp_path / "c", "eager")
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    torch.testing.assert_close(compiled, run(tmp_path / "e", None), rtol=1e-5, atol=1e-6)
+
+
 LOSSES = {
     "cosine_loss": (lambda x: sdae_fast.cosine_loss(x, x.detach() * 2 + 1, dim=1, backend="torch"), (2, 3, 4), 1),
     "masked_mse_loss": (lambda x: sdae_fast.masked_mse_loss(x, x.detach() + 1, torch.ones(x.shape[:2]), backend="torch"),

@@ -51,6 +51,15 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _compile_config(args):
+    """Under --compile, a module's int counters (the model's step, read by a schedule in forward)
+    are symbolic rather than constants of the graph, which recompiled every step until Dynamo's
+    limit and then ran eagerly (TrainStep traces the same way)."""
+    if not getattr(args, "compile", None):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)
+
+
 def _build(build_fn, args, in_chans: int, seed: int):
     torch.manual_seed(seed)
     return build_fn(args.method, args.size, img_size=args.img_size, patch_size=args.patch_size,
@@ -229,7 +238,7 @@ def _pretrain(args, build_fn, info) -> dict:
                         progress.write(f"warning: skipped unreadable image {path} ({skipped} so far)")
                 images = to_device(data["images"], info.device)
                 lr = schedule.apply(optimizer, step)
-                with _autocast(info.device):
+                with _autocast(info.device), _compile_config(args):
                     out = net(images)
                 loss = out["loss"]
                 grad_norm = schedule.backward_and_step(model, optimizer, loss, step, trainable)
