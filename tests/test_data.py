@@ -271,6 +271,33 @@ def test_mixed_channel_counts_and_formats_all_decode_to_rgb(tmp_path):
     assert batch["images"][0].shape == (10, 3, 32, 32)
 
 
+def test_16_bit_pngs_and_animated_gifs_decode_to_rgb_uint8(tmp_path):
+    """torchvision decodes a 16-bit PNG as uint16 (DINO's solarise at 128 then failed: no uint16 ">=")
+    and an animated GIF as (frames, 3, H, W) (the batch would not stack); both come out as PIL's
+    convert("RGB") gives them: 8-bit, frame 0."""
+    d = tmp_path / "deep" / "x"
+    d.mkdir(parents=True)
+    deep = np.arange(9 * 11 * 3, dtype=np.uint16).reshape(9, 11, 3) * 200
+    from torchvision.io import write_png
+
+    try:
+        write_png(torch.from_numpy(deep).permute(2, 0, 1).contiguous(), str(d / "rgb16.png"))
+    except (RuntimeError, TypeError, ValueError):  # a torchvision without 16-bit encoding: PIL's grey I;16
+        Image.fromarray(deep[..., 0]).save(d / "rgb16.png")
+    frames = [Image.fromarray(np.full((9, 11), v, dtype=np.uint8)).convert("P") for v in (40, 200)]
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:])
+    train, _ = folder_sources(str(tmp_path / "deep"), holdout=0.0)
+    for i in range(2):
+        img = train.load(i)
+        assert img.shape == (3, 9, 11) and img.dtype == torch.uint8, train.describe(i)
+    gif = train.load([train.describe(i) for i in range(2)].index(str(d / "anim.gif")))
+    with Image.open(d / "anim.gif") as im:
+        assert torch.equal(gif, torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
+    dataset = AugmentedDataset(train, train_views("dino", train, 32))
+    batch = collate_views([dataset[(epoch, i)] for epoch in range(6) for i in range(2)])  # solarise p 0.2
+    assert batch["images"][0].shape == (24, 3, 32, 32)
+
+
 def test_crop_larger_than_the_image_upsamples(tmp_path):
     d = tmp_path / "small" / "x"
     d.mkdir(parents=True)

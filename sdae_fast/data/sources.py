@@ -55,7 +55,14 @@ def decode_rgb_bytes(data: bytes | bytearray, name: str) -> torch.Tensor:
             from torchvision.io import ImageReadMode, decode_image
 
             buffer = data if isinstance(data, bytearray) else bytearray(data)
-            return decode_image(torch.frombuffer(buffer, dtype=torch.uint8), mode=ImageReadMode.RGB)
+            img = decode_image(torch.frombuffer(buffer, dtype=torch.uint8), mode=ImageReadMode.RGB)
+            if img.ndim == 4:  # an animated GIF: (frames, 3, H, W); PIL's convert("RGB") keeps frame 0
+                img = img[0]
+            if img.dtype != torch.uint8:  # a 16-bit PNG: uint16, which solarise's threshold 128 misreads
+                from torchvision.transforms.v2.functional import to_dtype
+
+                img = to_dtype(img, torch.uint8, scale=True)
+            return img
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
