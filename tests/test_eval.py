@@ -221,3 +221,32 @@ def test_cpu_threads_rule():
         assert apply_cpu_threads(2, "micro", torch.device("cpu")) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_evaluation_streams_features_not_images(tmp_path, monkeypatch):
+    """The end of pretraining and ``sdae-fast eval`` stream each split once and keep the features
+    (N x D), never the images (a 224 px image is 600 KB: ImageNet's would not fit): the numbers are
+    those of the in-memory path, and the raw pixels are area-averaged to at most 1024 values."""
+    from sdae_fast.data import load_splits, open_sources, splits as data_splits
+    from sdae_fast.eval.features import PIXEL_VALUES
+    from sdae_fast.eval.report import evaluate_sources
+    from sdae_fast.models import build
+    from test_data import write_folder
+
+    write_folder(tmp_path / "imgs", n=30, size=(40, 36), classes=3)
+    train_src, held_src = open_sources(str(tmp_path / "imgs"), 32, 0.3)
+    encoder = build("mae", "micro", in_chans=3).encoder
+    encoders = {"pretrained": encoder, "raw pixels": None}
+    in_memory = evaluate(encoders, load_splits(str(tmp_path / "imgs"), 32, 0.3, workers=0), k=5)
+    monkeypatch.setattr(data_splits, "materialize", lambda *a, **k: pytest.fail("the images were materialised"))
+    streamed = evaluate_sources(encoders, train_src, held_src, 32, k=5, workers=1)
+    assert streamed == in_memory
+    assert pixel_features(torch.zeros(2, 3, 224, 224)).shape == (2, 3 * 18 * 18)
+    assert pixel_features(torch.zeros(2, 1, 32, 32)).shape == (2, PIXEL_VALUES)  # the digits as they are
+    from sdae_fast.cli import main
+    from sdae_fast.train.cli import make_args, run_pretrain
+
+    res = run_pretrain(make_args(method="mae", recipe="demo", data=str(tmp_path / "imgs"), holdout=0.3, img_size=32, steps=2,
+                                 batch_size=8, out=str(tmp_path / "run"), ckpt_every=0, quiet=True, workers=0))
+    assert 0.0 <= res["knn_trained"] <= 1.0 and (tmp_path / "run" / "encoder.pt").exists()
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--no-linear", "--threads", "1"]) == 0

@@ -34,10 +34,10 @@ def add_subcommand(sub) -> None:
 def cmd_eval(args) -> int:
     import torch
 
-    from ..data import load_splits
+    from ..data import open_sources
     from ..threads import apply_cpu_threads
     from .load import load_encoder
-    from .report import evaluate, flat, format_table
+    from .report import evaluate_sources, flat, format_table
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = load_encoder(args.checkpoint)
@@ -45,20 +45,21 @@ def cmd_eval(args) -> int:
     data = args.data if args.data is not None else loaded.run_args.get("data")
     holdout = args.holdout if args.holdout is not None else loaded.run_args.get("holdout", 0.2)
     bad_images = args.bad_images or loaded.run_args.get("bad_images", "error")
-    splits = load_splits(data, loaded.img_size, holdout, bad_images=bad_images)
-    if len(splits.heldout_images) == 0:
+    train_src, held_src = open_sources(data, loaded.img_size, holdout)
+    if len(held_src) == 0:
         raise ValueError(f"no held-out images to evaluate on (--holdout {holdout}): give --holdout > 0")
-    if splits.in_chans != loaded.in_chans:
-        raise ValueError(f"the encoder takes {loaded.in_chans}-channel images but {splits.name} has "
-                         f"{splits.in_chans} channels")
+    if train_src.in_chans != loaded.in_chans:
+        raise ValueError(f"the encoder takes {loaded.in_chans}-channel images but {train_src.name} has "
+                         f"{train_src.in_chans} channels")
     with torch.random.fork_rng(devices=[]):
         fresh = loaded.make_random()
     encoders = {"pretrained": loaded.encoder.to(device), "random init": fresh.to(device), "raw pixels": None}
-    results = evaluate(encoders, splits, k=args.knn_k, temperature=args.knn_temperature, pool=args.pool,
-                       linear=args.linear, device=device)
+    # Streamed through DataLoader workers: the features are held, never the images.
+    results = evaluate_sources(encoders, train_src, held_src, loaded.img_size, k=args.knn_k,
+                               temperature=args.knn_temperature, pool=args.pool, linear=args.linear, device=device,
+                               bad_images=bad_images)
     print(f"{loaded.kind} {args.checkpoint}")
-    print(format_table(results, args.knn_k, args.knn_temperature, args.pool, len(splits.heldout_images),
-                       splits.name))
+    print(format_table(results, args.knn_k, args.knn_temperature, args.pool, len(held_src), train_src.name))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(flat(results), f, indent=2)

@@ -9,6 +9,8 @@ mean of the un-normed tokens, a different vector). An encoder without
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 POOLS = ("cls", "mean")
@@ -42,9 +44,61 @@ def encoder_features(encoder, images: torch.Tensor, pool: str = "cls", batch_siz
     return torch.cat(feats)
 
 
+PIXEL_VALUES = 1024  # the raw-pixel baseline's size: the grey 32 px digits as they are; RGB 18 x 18
+
+
 def pixel_features(images: torch.Tensor) -> torch.Tensor:
-    """The baseline with no encoder: every image flattened to one vector (N, C·H·W), fp32."""
+    """The baseline with no encoder: every image flattened to one vector, fp32. Images of more than
+    :data:`PIXEL_VALUES` values are area-averaged first, to the largest square side that fits
+    (224 px RGB: 18 x 18 x 3 = 972 values): held for every image of a split, a 224 px vector would
+    take 600 KB an image (ImageNet: 600 GB), and k-NN on tiny images is the classic baseline."""
+    _, c, h, w = images.shape
+    side = math.isqrt(PIXEL_VALUES // max(c, 1))
+    if c * h * w > PIXEL_VALUES and side >= 1:
+        images = torch.nn.functional.adaptive_avg_pool2d(images.float(), (min(h, side), min(w, side)))
     return images.reshape(len(images), -1).float().cpu()
+
+
+@torch.no_grad()
+def source_features(encoders: dict, source, img_size: int, *, pool: str = "cls", device=None, workers=None,
+                    bad_images: str = "error", batch_size: int = 256) -> tuple[dict, torch.Tensor]:
+    """``({row: (N, D) fp32 CPU features}, labels (N,))`` of every image of ``source``, un-augmented,
+    in one streamed pass (``sdae_fast.data.eval_loader``): only the features are held, never the
+    images, so memory grows with N·D, not with the folder's pixels. ``encoders``: ``row -> encoder``,
+    ``None`` for the raw pixels. Undecodable images skipped under ``bad_images="skip"`` are warned
+    about, counted and named."""
+    import warnings
+
+    from ..data import eval_loader
+
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    modes = {row: enc.training for row, enc in encoders.items() if enc is not None}
+    feats, labels, skipped = {row: [] for row in encoders}, [], []
+    workers = 0 if source.profile == "digits" else workers  # indexed in memory: no workers needed
+    try:
+        for enc in encoders.values():
+            if enc is not None:
+                enc.eval()
+        for batch in eval_loader(source, img_size, batch_size, workers, bad_images):
+            images = batch["images"]
+            for row, enc in encoders.items():
+                if enc is None:
+                    feats[row].append(pixel_features(images))
+                else:
+                    dev = device or next(enc.parameters()).device
+                    feats[row].append(_pooled(enc, images.to(dev), pool).float().cpu())
+            labels.append(batch["labels"])
+            skipped += batch["skipped"]
+    finally:
+        for row, mode in modes.items():
+            encoders[row].train(mode)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {source.name} for the evaluation: "
+                      f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", RuntimeWarning, stacklevel=2)
+    if not labels:
+        return {row: torch.empty(0, 0) for row in encoders}, torch.empty(0, dtype=torch.long)
+    return {row: torch.cat(f) for row, f in feats.items()}, torch.cat(labels)
 
 
 def check_finite(feats: torch.Tensor, split: str, evaluation: str) -> None:

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .features import encoder_features, pixel_features
+from .features import encoder_features, pixel_features, source_features
 from .knn import knn_accuracy
 from .linear_probe import linear_probe_accuracy
 
@@ -24,18 +24,37 @@ def evaluate(encoders: dict, splits, k: int = 20, temperature: float = 0.07, poo
              linear: bool = True, device=None) -> dict:
     """``{row: {"knn": acc, "linear": acc or None}}`` for every ``row -> encoder`` of ``encoders``;
     an encoder of ``None`` means the raw pixels. ``splits`` is an ``ImageSplits``-like object
-    (train/held-out images and labels, ``classes``)."""
+    (train/held-out images and labels, ``classes``) held in memory; :func:`evaluate_sources`
+    streams a dataset of any size instead."""
+    def features(images):
+        return {row: pixel_features(images) if enc is None else encoder_features(enc, images, pool=pool, device=device)
+                for row, enc in encoders.items()}
+
+    return evaluate_features(features(splits.train_images), splits.train_labels, features(splits.heldout_images),
+                             splits.heldout_labels, len(splits.classes), k=k, temperature=temperature, linear=linear)
+
+
+def evaluate_sources(encoders: dict, train_src, held_src, img_size: int, k: int = 20, temperature: float = 0.07,
+                     pool: str = "cls", linear: bool = True, device=None, workers=None,
+                     bad_images: str = "error") -> dict:
+    """:func:`evaluate` on two data sources (``sdae_fast.data.open_sources``), streamed through
+    DataLoader workers in one pass per split: memory holds the features (N × D per row), never the
+    images (the raw pixels' row: see :func:`~sdae_fast.eval.features.pixel_features`)."""
+    kw = dict(pool=pool, device=device, workers=workers, bad_images=bad_images)
+    train, train_labels = source_features(encoders, train_src, img_size, **kw)
+    test, test_labels = source_features(encoders, held_src, img_size, **kw)
+    return evaluate_features(train, train_labels, test, test_labels, len(train_src.classes), k=k,
+                             temperature=temperature, linear=linear)
+
+
+def evaluate_features(train: dict, train_labels, test: dict, test_labels, num_classes: int, k: int = 20,
+                      temperature: float = 0.07, linear: bool = True) -> dict:
+    """The table's numbers from ``{row: features}`` of the train and held-out splits."""
     results = {}
-    for row, encoder in encoders.items():
-        if encoder is None:
-            train, test = pixel_features(splits.train_images), pixel_features(splits.heldout_images)
-        else:
-            train = encoder_features(encoder, splits.train_images, pool=pool, device=device)
-            test = encoder_features(encoder, splits.heldout_images, pool=pool, device=device)
-        knn = knn_accuracy(train, splits.train_labels, test, splits.heldout_labels, k=k,
-                           temperature=temperature, num_classes=len(splits.classes))
-        probe = (linear_probe_accuracy(train, splits.train_labels, test, splits.heldout_labels)
-                 if linear else None)
+    for row in train:
+        knn = knn_accuracy(train[row], train_labels, test[row], test_labels, k=k, temperature=temperature,
+                           num_classes=num_classes)
+        probe = linear_probe_accuracy(train[row], train_labels, test[row], test_labels) if linear else None
         results[row] = {"knn": knn, "linear": probe}
     return results
 
@@ -67,17 +86,21 @@ def format_table(results: dict, k: int, temperature: float, pool: str, heldout: 
     return "\n".join(lines)
 
 
-def pretrain_report(encoder, make_random_encoder, args, splits, losses, device, say, first_step: int = 1) -> dict:
+def pretrain_report(encoder, make_random_encoder, args, sources, losses, device, say, first_step: int = 1,
+                    workers=None) -> dict:
     """End of pretraining: evaluate ``encoder``, a fresh one from ``make_random_encoder()`` (built
-    from the run's seed without touching the global RNG) and the raw pixels; print the table and
-    write ``<out>/eval.json`` and ``<out>/pretrain.png``. Returns the flat results (see :func:`flat`)."""
+    from the run's seed without touching the global RNG) and the raw pixels on the (train,
+    held-out) ``sources``, streamed; print the table and write ``<out>/eval.json`` and
+    ``<out>/pretrain.png``. Returns the flat results (see :func:`flat`)."""
     with torch.random.fork_rng(devices=[]):
         fresh = make_random_encoder().to(device)
     k, temperature = args.knn_k, getattr(args, "knn_temperature", 0.07)
     pool = getattr(args, "eval_pool", "cls")
-    results = evaluate({"pretrained": encoder, "random init": fresh, "raw pixels": None}, splits, k=k,
-                       temperature=temperature, pool=pool, device=device)
-    say(format_table(results, k, temperature, pool, len(splits.heldout_images), splits.name))
+    train_src, held_src = sources
+    results = evaluate_sources({"pretrained": encoder, "random init": fresh, "raw pixels": None}, train_src, held_src,
+                               args.img_size, k=k, temperature=temperature, pool=pool, device=device, workers=workers,
+                               bad_images=args.bad_images)
+    say(format_table(results, k, temperature, pool, len(held_src), held_src.name))
     out = flat(results)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -89,6 +112,6 @@ def pretrain_report(encoder, make_random_encoder, args, splits, losses, device, 
         from ..plots import pretrain_figure
 
         path = pretrain_figure(losses, results, os.path.join(args.out, "pretrain.png"),
-                               title=f"{args.method} ({args.size}) on {splits.name}", first_step=first_step)
+                               title=f"{args.method} ({args.size}) on {train_src.name}", first_step=first_step)
         say(f"plot: {path}")
     return out

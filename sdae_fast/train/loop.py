@@ -21,7 +21,7 @@ import torch
 
 import sdae_fast
 
-from ..data import (AugmentedDataset, ShardedBatchSampler, default_workers, load_splits, make_loader,
+from ..data import (AugmentedDataset, ShardedBatchSampler, default_workers, make_loader,
                     open_sources, to_device, train_views)
 from ..threads import apply_cpu_threads
 from ..validate import check_float, check_int
@@ -277,15 +277,12 @@ def _pretrain(args, build_fn, info) -> dict:
         if args.knn:  # k-NN + linear probe vs random init and raw pixels; table and PNG (sdae_fast.eval)
             from ..eval.report import pretrain_report
 
-            splits = load_splits(args.data, args.img_size, args.holdout, workers, args.bad_images,
-                                 sources=(train_src, held_src))
-
             def fresh():  # the same architecture at the run's random init
-                return evaluated_encoder(_build(build_fn, args, splits.in_chans, args.seed))
+                return evaluated_encoder(_build(build_fn, args, train_src.in_chans, args.seed))
 
-            try:
-                result.update(pretrain_report(encoder, fresh, args, splits, losses, info.device, say,
-                                              first_step=step - len(losses) + 1))  # a resumed run: its own steps
+            try:  # streamed: the features are held, never the images (a folder of any size)
+                result.update(pretrain_report(encoder, fresh, args, (train_src, held_src), losses, info.device, say,
+                                              first_step=step - len(losses) + 1, workers=workers))  # resumed: own steps
             except Exception:
                 if args.export:  # an evaluation that fails must not cost the trained encoder
                     _export(encoder, args, train_src, result, step, say)
