@@ -80,6 +80,13 @@ def register(op: str, error: type, message: str) -> Check:
     return CHECKS[key]
 
 
+def prepare(device) -> None:
+    """Allocate ``device``'s table of checks now. Call it before torch.compile traces a step (TrainStep
+    and ``pretrain --compile`` do): made inside a trace, the table is new to the first graph's
+    guards, so that graph never runs again (one more compile)."""
+    _table(torch.device(device))
+
+
 def _table(device: torch.device) -> torch.Tensor:
     key = str(device)
     if key not in _TABLES:

@@ -85,14 +85,22 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> N
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
 
 
+def index_range_check(op: str, name: str):
+    """The value check of :func:`check_index_range` for ``op``'s argument ``name``. Ops register theirs
+    at import: registered inside a torch.compile trace, it would change the table of checks the
+    first graph guards on, and that graph would never run again (one more compile)."""
+    from . import checks
+
+    return checks.register(op, IndexError, name + " values must lie in [0, {v2}), found range [{v0}, {v1}]")
+
+
 def check_index_range(name: str, index: torch.Tensor, upper: int, *, op: str = "sdae_fast") -> None:
     """Every value of ``index`` lies in [0, upper), else an IndexError naming ``op``, ``name`` and the
     range found. No host sync by default: the check is deferred to ``sdae_fast.check_errors()``
     (see :mod:`sdae_fast.checks`); ``SDAE_FAST_CHECKS=eager`` raises here instead."""
     from . import checks
 
-    check = checks.register(op, IndexError, name + " values must lie in [0, {v2}), found range [{v0}, {v1}]")
-    checks.index_in_range(check, index, upper)
+    checks.index_in_range(index_range_check(op, name), index, upper)
 
 
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:

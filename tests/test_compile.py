@@ -153,6 +153,22 @@ def test_compiled_dino_step_through_a_teacher_temperature_warm_up():
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
 
 
+def test_the_first_graph_is_reused():
+    """The index-range checks are registered at import and the table of checks is made by TrainStep,
+    outside the trace: made in the first trace, both were new to that graph's guards, so it never
+    ran again and the second step compiled the whole step once more."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    sdae_fast.checks._TABLES.clear()  # as in a fresh process: no op has run yet
+    model = tiny("mae", "torch")
+    step = TrainStep(model, model, make_optimizer(model, "mae", 1e-3), compile=True, backend="eager")
+    for _ in range(3):
+        step(torch.randn(4, 1, 16, 16))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_train_step_matches_optimizer_step():
     """The functional AdamW of TrainStep is optimizer.step(): same parameters and state after a step."""
     model = tiny("mae", "torch")

@@ -5,8 +5,8 @@ import torch
 
 from .. import reference
 from ..dispatch import op
-from ..validate import (FLOAT_DTYPES, INDEX_DTYPES, check_float, check_index_range, check_int, check_same_device, check_shape,
-                        check_tensor, names_its_errors)
+from ..validate import (FLOAT_DTYPES, INDEX_DTYPES, check_float, check_index_range, check_int, check_same_device,
+                        check_shape, check_tensor, index_range_check, names_its_errors)
 
 GATHER = op("gather_tokens", auto_order=("triton", "torch"),
              schema="(Tensor x, Tensor index, *, Tensor? pos_embed=None, Tensor? prefix=None, int groups=1, "
@@ -14,6 +14,7 @@ GATHER = op("gather_tokens", auto_order=("triton", "torch"),
 UNSHUFFLE = op("unshuffle_tokens", auto_order=("triton", "torch"),
                schema="(Tensor x_vis, Tensor ids_restore, Tensor mask_token, *, Tensor? pos_embed=None, "
                       "int num_prefix=0, bool deterministic=False) -> Tensor")
+index_range_check("gather_tokens", "index"), index_range_check("unshuffle_tokens", "ids_restore")  # at import
 
 
 # Deferred checks let a bad index reach the backend (it is reported by sdae_fast.check_errors()):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch.optim.adamw import adamw
 
+from .. import checks
+
 
 def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
     """Create the lazily made AdamW state up front (a traced step cannot create it)."""
@@ -65,6 +67,7 @@ class TrainStep:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         init_adamw_state(optimizer)
         device = self.params[0].device
+        checks.prepare(device)  # outside the trace, not inside its first one (sdae_fast.checks.prepare)
         self._lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in optimizer.param_groups]
         # EMA teachers built lazily (EmaTeacherMixin._ema_teacher, reset by .to() or set_schedule):
         # built before each step, on the host, so that a traced after_step finds its plan made.

@@ -203,6 +203,7 @@ def _pretrain(args, build_fn, info) -> dict:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters, in place
         net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=args.find_unused)
     if getattr(args, "compile", None):
+        sdae_fast.checks.prepare(info.device)  # before the first trace (sdae_fast.checks.prepare)
         net = torch.compile(net, backend=args.compile)  # forward and, through AOTAutograd, backward
     trainable = [p for p in model.parameters() if p.requires_grad]
     metrics = MetricsWriter(args.metrics if info.is_main else None, resume_step=int(state["step"]) if state else None)
