@@ -13,7 +13,6 @@ the reference and says so once per op and reason. Nothing here probes a device a
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -34,9 +33,13 @@ class BackendUnavailable(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # Reasons common to every op of a backend. Each returns a list of human-readable reasons.
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+_TRITON_FOUND: list = []  # find_spec's answer, looked up once (a list, not lru_cache, which Dynamo warns it skips)
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    if not _TRITON_FOUND:
+        _TRITON_FOUND.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON_FOUND[0]
 
 
 def triton_interpreting() -> bool:
