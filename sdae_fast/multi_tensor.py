@@ -37,6 +37,11 @@ def pair_groups(teacher: list[torch.Tensor], student: list[torch.Tensor], block:
                         for t, s in zip(teacher, student)))
     groups = _CACHE.get(key)
     if groups is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # Building copies the tables host -> device: not allowed inside a capture, and the graph
+            # would replay on tables made for these addresses only.
+            raise RuntimeError("ema_update_: no block tables for these tensors yet, and a CUDA graph is being "
+                               "captured: run the update once before the capture, on the tensors the graph updates")
         groups = _build(teacher, student, block)
         _CACHE[key] = groups
         if len(_CACHE) > _CACHE_SIZE:

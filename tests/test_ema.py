@@ -268,3 +268,17 @@ def test_planned_update_under_compile(backend, compile_backend):
         step(m)
         for a, b in zip(teacher, expected):
             assert torch.equal(a, b)
+
+
+def test_new_tables_inside_a_cuda_graph_capture_are_refused(monkeypatch):
+    """Making the block tables copies them to the device, which a CUDA graph capture forbids: a clear
+    error instead of the capture's own, and cached tables (the update run once before) still serve."""
+    from sdae_fast.multi_tensor import pair_groups
+
+    teacher, student = pairs(torch.float32, torch.float32, [(5,), (7,)])
+    cached = pair_groups(teacher, student)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert pair_groups(teacher, student) is cached
+    with pytest.raises(RuntimeError, match="CUDA graph is being captured: run the update once before"):
+        pair_groups(*pairs(torch.float32, torch.float32, [(3,)]))
