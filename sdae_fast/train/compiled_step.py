@@ -57,6 +57,10 @@ class TrainStep:
     clip, AdamW, ``model.after_step()``; ``compile=True`` wraps it in ``torch.compile(fullgraph=True)``.
 
     ``net`` is what runs the forward (the model, or its DDP wrapper); ``model`` owns ``after_step``.
+
+    Compiled, the schedules are device values (the lr tensors, the EMA momentum table, DINO's
+    temperature table): one graph for the run. Captured eagerly in a CUDA graph, a replay repeats
+    the captured call's host values: its lr, and DINO's / SdAE's EMA momentum and cadence.
     """
 
     def __init__(self, net, model, optimizer, *, clip_grad=None, autocast=None, compile=False, backend="inductor"):
