@@ -364,3 +364,16 @@ def test_linked_folders_inside_a_class_are_followed_once(tmp_path):
     paths = [train.describe(i) for i in range(len(train))]
     assert len(paths) == 8 + 3 and sum("/more/" in p for p in paths) == 3
     assert sorted(train.labels.tolist()) == [0] * 4 + [1] * 7
+
+
+def test_without_torchvision_decoding_pil_decodes(tmp_path, monkeypatch):
+    """torchvision.io's decoding is deprecated since 0.29: where a torchvision has none, PIL decodes
+    the same files (PNG: the same pixels) instead of every image counting as bad."""
+    from sdae_fast.data import sources
+
+    d = tmp_path / "f" / "x"
+    d.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (9, 11, 3), dtype=np.uint8)).save(d / "a.png")
+    want = sources.decode_rgb(str(d / "a.png"))
+    monkeypatch.setattr(sources, "_torchvision_decoder", lambda: None)
+    assert torch.equal(sources.decode_rgb(str(d / "a.png")), want)

@@ -45,15 +45,24 @@ class BadImageError(ValueError):
         self.path = path if reason is not None else None
 
 
+def _torchvision_decoder():
+    """torchvision.io's (ImageReadMode, decode_image), or None where this torchvision has none (its
+    decoding is deprecated since 0.29): PIL decodes then, rather than every image failing as bad."""
+    try:
+        from torchvision.io import ImageReadMode, decode_image
+    except ImportError:
+        return None
+    return ImageReadMode, decode_image
+
+
 def decode_rgb_bytes(data: bytes | bytearray, name: str) -> torch.Tensor:
     """One encoded image as a (3, H, W) uint8 tensor; ``name`` (a path or a tar member) picks the
     decoder by its extension and is what :class:`BadImageError` names on any failure. A
     ``bytearray`` is decoded in place; ``bytes`` are copied once (torch.frombuffer wants a writable
     buffer)."""
     try:
-        if name.lower().endswith(TORCHVISION_DECODES):
-            from torchvision.io import ImageReadMode, decode_image
-
+        if name.lower().endswith(TORCHVISION_DECODES) and (tv := _torchvision_decoder()) is not None:
+            ImageReadMode, decode_image = tv
             buffer = data if isinstance(data, bytearray) else bytearray(data)
             img = decode_image(torch.frombuffer(buffer, dtype=torch.uint8), mode=ImageReadMode.RGB)
             if img.ndim == 4:  # an animated GIF: (frames, 3, H, W); PIL's convert("RGB") keeps frame 0
