@@ -110,6 +110,8 @@ class EmaTeacher:
             device = self._teacher_params[0].device if self._teacher_params else None
             self._table = torch.tensor([self._momentum_at(i) for i in range(self.total_steps)],
                                        dtype=torch.float64, device=device)
+            # The iteration on the device, for CUDA-graph replays (see step); kept by eager steps.
+            self._count = torch.tensor(self.iteration, dtype=torch.int64, device=device)
         return self
 
     def _pair(self, student_module: nn.Module):
@@ -156,26 +158,73 @@ class EmaTeacher:
         return done % self.steps_per_epoch == 0 and (done // self.steps_per_epoch) % self.every == 0
 
     @torch.no_grad()
-    def _apply(self, m) -> None:
+    def _apply(self, m, due=None) -> None:
         self.prepare()._update(m)
         for t, s in self._buffer_pairs:
-            t.copy_(s)
+            t.copy_(s if due is None else torch.where(due, s, t))
 
     def step(self):
         """End of one iteration: update if the cadence says so (with the momentum of this iteration,
         i.e. of its epoch when ``per="epoch"``), then advance; returns the momentum used (under
-        torch.compile its 0-dim tensor) or None."""
+        torch.compile its 0-dim tensor) or None.
+
+        Inside a CUDA-graph capture the iteration is the device counter, so each replay takes its
+        own momentum and cadence instead of the captured call's: :meth:`_step_on_device`."""
+        if cuda_graph_capturing():
+            return self._step_on_device(cadence=True)
         m = self._scheduled() if self.due() else None
         if m is not None:
             self._apply(m)
-        self.iteration += 1
+        self._advance()
         return m
 
     def update(self) -> float:
         """One EMA update now with the scheduled momentum, whatever the cadence; advances the counter."""
+        if cuda_graph_capturing():
+            return self._step_on_device(cadence=False)
         m = self._scheduled()
         self._apply(m)
+        self._advance()
+        return m
+
+    def _advance(self) -> None:
         self.iteration += 1
+
+    @property
+    def iteration(self) -> int:
+        return self._iteration
+
+    @iteration.setter
+    def iteration(self, value) -> None:
+        # The device counter follows the host's (a host value into device memory: no sync), except
+        # in a torch.compile trace (the iteration is a symbol there) and in a CUDA-graph capture
+        # (where the counter advances in the graph, see _step_on_device).
+        if torch.compiler.is_compiling():
+            self._iteration = value
+            return
+        changed = getattr(self, "_iteration", None) != value
+        self._iteration = value
+        count = getattr(self, "_count", None)
+        if changed and count is not None and not cuda_graph_capturing():
+            count.fill_(value)
+
+    @torch.no_grad()
+    def _step_on_device(self, cadence: bool):
+        """The step with everything the schedule decides computed on the device from ``_count``: the
+        momentum (the table's entry) and, on an epoch cadence, whether to update (else momentum 1,
+        t = 1·t + 0·s = t, and buffers kept); the counter advances in the graph. The host's
+        ``iteration`` advances at the capture only: a caller replaying the graph keeps its own."""
+        it = self.prepare()._count
+        index = it // self.steps_per_epoch if self.per == "epoch" else it
+        m = self._table[index.clamp(0, self.total_steps - 1)]
+        due = None
+        if cadence and self.cadence == "epoch":
+            done = it + 1
+            due = (done % self.steps_per_epoch == 0) & ((done // self.steps_per_epoch) % self.every == 0)
+            m = torch.where(due, m, torch.ones_like(m))
+        self._apply(m, due)
+        it += 1
+        self._iteration += 1  # the host's count, at the capture only (no fill: the graph advances its own)
         return m
 
     def state_dict(self) -> dict:
@@ -184,3 +233,9 @@ class EmaTeacher:
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
         self.teacher.load_state_dict(state["teacher"])
+
+
+def cuda_graph_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (never inside a torch.compile trace)."""
+    return (not torch.compiler.is_compiling() and torch.cuda.is_available()
+            and torch.cuda.is_current_stream_capturing())

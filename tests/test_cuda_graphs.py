@@ -55,3 +55,50 @@ def test_captured_step_replays_and_matches_eager():
         for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
             torch.testing.assert_close(p, q, msg=name)
     sdae_fast.check_errors()
+
+
+@pytest.mark.parametrize("method", ["dino", "sdae"])
+def test_replays_follow_the_schedules(method):
+    """DINO (momentum per iteration, cosine wd) and SdAE (per-epoch EMA cadence): a captured step
+    replayed N times, with write_schedules() before each replay, matches N eager steps: each replay
+    takes its own lr / wd (host-written), EMA momentum and cadence (the device step counter)."""
+    from sdae_fast.data import model_input
+
+    model = tiny(method, "triton", "cuda", steps_per_epoch=3)
+    eager_model = copy.deepcopy(model)
+    opt, eager_opt = make_optimizer(model, method, 1e-3), make_optimizer(eager_model, method, 1e-3)
+    step, eager_step = TrainStep(model, model, opt), TrainStep(eager_model, eager_model, eager_opt)
+    images = model_input(model, torch.randn(8, 1, 16, 16, device="cuda"))
+
+    def schedule(o, i):
+        for g in o.param_groups:
+            g["lr"] = 1e-3 * (1 + i) / 8
+            g["weight_decay"] = 0.04 + 0.01 * i if g["weight_decay"] else 0.0
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: autotuning, AdamW state, check tables, plans, counters
+        for i in range(3):
+            for m, o, s in ((model, opt, step), (eager_model, eager_opt, eager_step)):
+                schedule(o, i)
+                torch.cuda.manual_seed(i)
+                s(images)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    schedule(opt, 3)
+    step.write_schedules()
+    with torch.cuda.graph(graph):
+        captured_loss = step(images)
+    for i in range(3, 9):  # crosses SdAE's epoch ends (every 3rd step updates its teacher)
+        schedule(opt, i), schedule(eager_opt, i)
+        step.write_schedules()
+        torch.cuda.manual_seed(i)
+        graph.replay()
+        torch.cuda.manual_seed(i)
+        eager_loss = eager_step(images)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured_loss, eager_loss, rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(model.state_dict().items(), eager_model.state_dict().values()):
+            if isinstance(p, torch.Tensor):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"step {i}: {name}")
+    sdae_fast.check_errors()

@@ -182,3 +182,67 @@ def test_ddp_wrapped_student_pairs_the_module():
     ema = EmaTeacher(wrapper, exclude=("decoder*", "mask_token"), total_steps=2)
     assert ema._student_params[0].data_ptr() == wrapper.module.encoder[0].weight.data_ptr()
     assert math.isclose(ema.update(), 0.996)
+
+
+@pytest.mark.parametrize("method", ["sdae", "dino"])
+def test_the_device_counter_path_of_a_cuda_graph_replay(method, monkeypatch):
+    """Inside a CUDA-graph capture the EMA's schedule comes from the device counter: each replay
+    then takes its own momentum and (SdAE's per-epoch) cadence, not the captured call's. Run step
+    by step here (the capture flag forced on the CPU, every call acting as one replay), the teacher
+    follows the eager schedule bit for bit: momentum 1 on the steps that do not update is t itself."""
+    import copy
+
+    from sdae_fast import ema_teacher
+    from sdae_fast.models import build
+
+    torch.manual_seed(0)
+    eager = build(method, "micro", backend="torch")
+    eager.set_schedule(12, 3)
+    eager.momentum()
+    replayed = copy.deepcopy(eager)
+    replayed.momentum()
+    for i in range(8):
+        with torch.no_grad():
+            for model in (eager, replayed):
+                for name, p in model.named_parameters():
+                    if not name.startswith("teacher."):
+                        p.add_(0.01 * (i + 1))  # the same student move in both
+        eager.after_step()
+        monkeypatch.setattr(ema_teacher, "cuda_graph_capturing", lambda: True)
+        replayed.after_step()
+        monkeypatch.setattr(ema_teacher, "cuda_graph_capturing", lambda: False)
+        for (name, a), b in zip(eager.teacher.state_dict().items(), replayed.teacher.state_dict().values()):
+            assert torch.equal(a, b), (i, name)
+    assert int(replayed._ema._count) == 8 == eager._ema.iteration
+
+
+def test_dino_temperature_warm_up_from_the_device_counter(monkeypatch):
+    """Inside a capture DINO's warm-up temperature is read off the device step (the EMA's counter):
+    the same loss as the eager step's float temperature, epoch after epoch (flag forced on the CPU)."""
+    import copy
+
+    from sdae_fast import ema_teacher
+    from sdae_fast.data import model_input
+    from sdae_fast.models import build
+
+    torch.manual_seed(0)
+    eager = build("dino", "micro", img_size=16, patch_size=4, depth=1, backend="torch", warmup_teacher_temp=0.04,
+                  teacher_temp=0.07, warmup_teacher_temp_epochs=3)
+    eager.set_schedule(10, 2)
+    replayed = copy.deepcopy(eager)
+    images = model_input(eager, torch.randn(4, 1, 16, 16))
+    for model in (eager, replayed):
+        torch.manual_seed(0)
+        model(images)  # an eager step first, as before a capture
+        model.after_step()
+    for i in range(8):
+        images = model_input(eager, torch.randn(4, 1, 16, 16))
+        torch.manual_seed(i)
+        want = eager(images)["loss"]
+        monkeypatch.setattr(ema_teacher, "cuda_graph_capturing", lambda: True)
+        torch.manual_seed(i)
+        got = replayed(images)["loss"]
+        replayed.after_step()
+        monkeypatch.setattr(ema_teacher, "cuda_graph_capturing", lambda: False)
+        eager.after_step()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

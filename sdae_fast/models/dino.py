@@ -19,6 +19,7 @@ import copy
 import torch
 from torch import nn
 
+from .. import ema_teacher
 from ..ops.dino_loss import dino_loss
 from ..schedules import linspace_at
 from .dino_head import DINOHead
@@ -73,11 +74,24 @@ class DINO(EmaTeacherMixin, nn.Module):
         table as a 0-dim tensor: a float is a constant of the graph, one graph per warm-up epoch
         (main_dino.py's ViT-S/16 recipe warms up over 30), past Dynamo's recompile limit."""
         warmup = self.warmup_teacher_temp_epochs
-        if not torch.compiler.is_compiling() or self.warmup_teacher_temp is None or warmup <= 0:
-            return self.current_teacher_temp()
+        if self.warmup_teacher_temp is None or warmup <= 0:
+            return self.teacher_temp
+        if torch.compiler.is_compiling():
+            return self._temperatures()[min(self.step // self.steps_per_epoch, warmup)]
+        if ema_teacher.cuda_graph_capturing():  # each replay its own epoch: the EMA's device counter is the step
+            epoch = self._ema_teacher().prepare()._count // self.steps_per_epoch
+            return self._temperature_table[epoch.clamp(max=warmup)]
+        self._temperature_table = self._temperatures()  # made here, for a capture after eager steps
+        return self.current_teacher_temp()
+
+    def _temperatures(self) -> torch.Tensor:
+        """The warm-up's per-epoch teacher temperatures, then the final one (float64, on the device)."""
+        warmup = self.warmup_teacher_temp_epochs
+        cached = getattr(self, "_temperature_table", None)
+        if cached is not None and cached.device == self.center.device and not torch.compiler.is_compiling():
+            return cached
         ramp = [linspace_at(e, self.warmup_teacher_temp, self.teacher_temp, warmup) for e in range(warmup)]
-        table = torch.tensor(ramp + [self.teacher_temp], dtype=torch.float64, device=self.center.device)
-        return table[min(self.step // self.steps_per_epoch, warmup)]
+        return torch.tensor(ramp + [self.teacher_temp], dtype=torch.float64, device=self.center.device)
 
     @staticmethod
     def _embed(encoder, head, crops) -> torch.Tensor:

@@ -31,9 +31,9 @@ def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
                 state["step"] = state["step"].to(p.device)
 
 
-def _adamw_(optimizer: torch.optim.AdamW, params: list, grads: list, lrs: list) -> None:
+def _adamw_(optimizer: torch.optim.AdamW, params: list, grads: list, lrs: list, wds: list) -> None:
     start = 0
-    for group, lr in zip(optimizer.param_groups, lrs):
+    for group, lr, wd in zip(optimizer.param_groups, lrs, wds):
         ps = group["params"]
         gs = grads[start:start + len(ps)]
         start += len(ps)
@@ -46,10 +46,12 @@ def _adamw_(optimizer: torch.optim.AdamW, params: list, grads: list, lrs: list) 
         # capturable: the step count and lr stay on the device (no sync, no recompile); PyTorch's
         # eager AdamW accepts that on CUDA only, so an eager CPU step keeps host scalars.
         capturable = torch.compiler.is_compiling() or ps[0].is_cuda
+        if capturable:  # AdamW's decoupled decay, first, as adamw applies it, with the wd a device value too
+            torch._foreach_mul_(ps, 1 - lr * wd)  # wd 0: times exactly 1
         adamw(ps, gs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
               [s["step"] for s in states], foreach=True, capturable=capturable, amsgrad=False, beta1=beta1,
-              beta2=beta2, lr=lr if capturable else float(group["lr"]), weight_decay=group["weight_decay"],
-              eps=group["eps"], maximize=False)
+              beta2=beta2, lr=lr if capturable else float(group["lr"]),
+              weight_decay=0.0 if capturable else group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 class TrainStep:
@@ -58,9 +60,13 @@ class TrainStep:
 
     ``net`` is what runs the forward (the model, or its DDP wrapper); ``model`` owns ``after_step``.
 
-    Compiled, the schedules are device values (the lr tensors, the EMA momentum table, DINO's
-    temperature table): one graph for the run. Captured eagerly in a CUDA graph, a replay repeats
-    the captured call's host values: its lr, and DINO's / SdAE's EMA momentum and cadence.
+    Compiled, the schedules are device values (the lr and weight-decay tensors, the EMA momentum
+    table, DINO's temperature table): one graph for the run. Captured in a CUDA graph
+    (``torch.cuda.graph``, after eager warm-up steps), each replay reads its schedule on the device:
+    call :meth:`write_schedules` before it for the lr and weight decay; the EMA's momentum and cadence
+    and DINO's temperature follow the EMA's device step counter, which each replay advances. The
+    host counters (``model.step``) advance at the capture only: advance them by the replays made
+    before a checkpoint.
     """
 
     def __init__(self, net, model, optimizer, *, clip_grad=None, autocast=None, compile=False, backend="inductor"):
@@ -73,13 +79,15 @@ class TrainStep:
         device = self.params[0].device
         checks.prepare(device)  # outside the trace, not inside its first one (sdae_fast.checks.prepare)
         self._lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in optimizer.param_groups]
+        self._wds = [torch.tensor(float(g["weight_decay"]), dtype=torch.float32, device=device)
+                     for g in optimizer.param_groups]
         # EMA teachers built lazily (EmaTeacherMixin._ema_teacher, reset by .to() or set_schedule):
         # built before each step, on the host, so that a traced after_step finds its plan made.
         modules = model.modules() if isinstance(model, torch.nn.Module) else ()
         self._ema_teachers = [m._ema_teacher for m in modules if callable(getattr(m, "_ema_teacher", None))]
         self._fn = torch.compile(self._step, fullgraph=True, backend=backend) if compile else self._step
 
-    def _step(self, images, lrs):
+    def _step(self, images, lrs, wds):
         if self.autocast is not None:
             with self.autocast():
                 loss = self.net(images)["loss"]
@@ -92,14 +100,24 @@ class TrainStep:
                 norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present]))
                 factor = (self.clip_grad / (norm + 1e-6)).clamp(max=1.0)
                 grads = [None if g is None else g * factor for g in grads]
-            _adamw_(self.optimizer, self.params, list(grads), lrs)
+            _adamw_(self.optimizer, self.params, list(grads), lrs, wds)
             self.model.after_step()
         return loss.detach().float()
 
+    def write_schedules(self) -> None:
+        """The optimizer's lr and weight decay (``param_groups``) into the step's device values: each
+        call does it, except inside a CUDA-graph capture (a fill there would replay its captured
+        value); before each replay of a captured step, call this instead."""
+        for group, lr, wd in zip(self.optimizer.param_groups, self._lrs, self._wds):
+            lr.fill_(float(group["lr"]))  # host scalars into device memory: no sync, no recompile
+            wd.fill_(float(group["weight_decay"]))
+
     def __call__(self, images):
+        from ..ema_teacher import cuda_graph_capturing
+
         for ema_teacher in self._ema_teachers:
             ema_teacher().prepare()  # pairing and plan on the host: neither can be traced
-        for t, group in zip(self._lrs, self.optimizer.param_groups):
-            t.fill_(float(group["lr"]))  # host scalar into device memory: no sync, no recompile
+        if not cuda_graph_capturing():
+            self.write_schedules()
         with torch._dynamo.config.patch(trace_autograd_ops=True, allow_unspec_int_on_nn_module=True):
-            return self._fn(images, self._lrs)
+            return self._fn(images, self._lrs, self._wds)
