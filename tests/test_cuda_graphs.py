@@ -4,7 +4,8 @@ The step is :class:`sdae_fast.train.compiled_step.TrainStep` run eagerly: captur
 counts and lr on the device), deferred value checks (no sync) and Triton kernels autotuned during
 the warm-up, before the capture. Random draws inside the step (MAE's masks) come from the graph-safe
 CUDA generator: a replay after ``torch.cuda.manual_seed(s)`` draws what an eager step does after
-the same seed. MAE, whose ``after_step`` keeps no host-side schedule, so nothing is baked at capture.
+the same seed. MAE first (no schedule in its ``after_step``); then DINO and SdAE, whose EMA
+momentum, cadence and lr / weight decay each replay must take from the device.
 """
 import copy
 
