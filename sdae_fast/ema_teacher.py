@@ -140,15 +140,6 @@ class EmaTeacher:
         return cosine_schedule(step, self.base_momentum, self.final_momentum, self.total_steps, self.warmup,
                                self.warmup_start)
 
-    def _scheduled(self):
-        """This iteration's momentum: the float, or under torch.compile its entry of the table (a
-        0-dim float64 tensor), so that a new value each step does not recompile."""
-        if not torch.compiler.is_compiling():
-            return self.momentum()
-        it = self.iteration
-        step = it // self.steps_per_epoch if self.per == "epoch" else it
-        return self.prepare()._table[min(max(step, 0), self.total_steps - 1)]  # past the end: the last entry
-
     def due(self, iteration: int | None = None) -> bool:
         """Whether the cadence updates the teacher after ``iteration`` (0-based)."""
         it = self.iteration if iteration is None else iteration
@@ -170,9 +161,9 @@ class EmaTeacher:
 
         Inside a CUDA-graph capture the iteration is the device counter, so each replay takes its
         own momentum and cadence instead of the captured call's: :meth:`_step_on_device`."""
-        if cuda_graph_capturing():
+        if cuda_graph_capturing() or torch.compiler.is_compiling():
             return self._step_on_device(cadence=True)
-        m = self._scheduled() if self.due() else None
+        m = self.momentum() if self.due() else None
         if m is not None:
             self._apply(m)
         self._advance()
@@ -180,9 +171,9 @@ class EmaTeacher:
 
     def update(self) -> float:
         """One EMA update now with the scheduled momentum, whatever the cadence; advances the counter."""
-        if cuda_graph_capturing():
+        if cuda_graph_capturing() or torch.compiler.is_compiling():
             return self._step_on_device(cadence=False)
-        m = self._scheduled()
+        m = self.momentum()
         self._apply(m)
         self._advance()
         return m
@@ -212,11 +203,14 @@ class EmaTeacher:
     def _step_on_device(self, cadence: bool):
         """The step with everything the schedule decides computed on the device from ``_count``: the
         momentum (the table's entry) and, on an epoch cadence, whether to update (else momentum 1,
-        t = 1·t + 0·s = t, and buffers kept); the counter advances in the graph. The host's
-        ``iteration`` advances at the capture only: a caller replaying the graph keeps its own."""
+        t = 1·t + 0·s = t, and buffers kept); the counter advances in the graph. So a torch.compile
+        graph holds no schedule value (a float momentum was a constant of it, one graph per value)
+        nor the step as an input (each new value a new CUDA graph under ``mode="reduce-overhead"``),
+        and a CUDA-graph replay takes its own schedule. In a capture the host's ``iteration``
+        advances at the capture only: a caller replaying the graph keeps its own."""
         it = self.prepare()._count
         index = it // self.steps_per_epoch if self.per == "epoch" else it
-        m = self._table[index.clamp(0, self.total_steps - 1)]
+        m = entry(self._table, index.clamp(0, self.total_steps - 1))
         due = None
         if cadence and self.cadence == "epoch":
             done = it + 1
@@ -233,6 +227,12 @@ class EmaTeacher:
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
         self.teacher.load_state_dict(state["teacher"])
+
+
+def entry(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a 0-dim device index, as a gather: indexing with the tensor itself reads
+    its value on the host (a sync, and data-dependent under torch.compile)."""
+    return table.index_select(0, index.reshape(1)).reshape(())
 
 
 def cuda_graph_capturing() -> bool:

@@ -76,11 +76,11 @@ class DINO(EmaTeacherMixin, nn.Module):
         warmup = self.warmup_teacher_temp_epochs
         if self.warmup_teacher_temp is None or warmup <= 0:
             return self.teacher_temp
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # the step a symbol (the EMA may not be built yet: a forward alone)
             return self._temperatures()[min(self.step // self.steps_per_epoch, warmup)]
         if ema_teacher.cuda_graph_capturing():  # each replay its own epoch: the EMA's device counter is the step
             epoch = self._ema_teacher().prepare()._count // self.steps_per_epoch
-            return self._temperature_table[epoch.clamp(max=warmup)]
+            return ema_teacher.entry(self._temperature_table, epoch.clamp(max=warmup))
         self._temperature_table = self._temperatures()  # made here, for a capture after eager steps
         return self.current_teacher_temp()
 
