@@ -159,8 +159,8 @@ class EmaTeacher:
         i.e. of its epoch when ``per="epoch"``), then advance; returns the momentum used (under
         torch.compile its 0-dim tensor) or None.
 
-        Inside a CUDA-graph capture the iteration is the device counter, so each replay takes its
-        own momentum and cadence instead of the captured call's: :meth:`_step_on_device`."""
+        Inside a CUDA-graph capture and a torch.compile trace the iteration is the device counter,
+        so each replay (each compiled call) takes its own momentum and cadence: :meth:`_step_on_device`."""
         if cuda_graph_capturing() or torch.compiler.is_compiling():
             return self._step_on_device(cadence=True)
         m = self.momentum() if self.due() else None
@@ -204,10 +204,10 @@ class EmaTeacher:
         """The step with everything the schedule decides computed on the device from ``_count``: the
         momentum (the table's entry) and, on an epoch cadence, whether to update (else momentum 1,
         t = 1·t + 0·s = t, and buffers kept); the counter advances in the graph. So a torch.compile
-        graph holds no schedule value (a float momentum was a constant of it, one graph per value)
-        nor the step as an input (each new value a new CUDA graph under ``mode="reduce-overhead"``),
-        and a CUDA-graph replay takes its own schedule. In a capture the host's ``iteration``
-        advances at the capture only: a caller replaying the graph keeps its own."""
+        graph holds no schedule value (a float momentum was a constant of it, one graph per value;
+        SdAE's update and no-update epochs were two graphs), and a CUDA-graph replay takes its own
+        schedule. In a capture the host's ``iteration`` advances at the capture only: a caller
+        replaying the graph keeps its own."""
         it = self.prepare()._count
         index = it // self.steps_per_epoch if self.per == "epoch" else it
         m = entry(self._table, index.clamp(0, self.total_steps - 1))
