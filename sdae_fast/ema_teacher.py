@@ -112,6 +112,9 @@ class EmaTeacher:
                                        dtype=torch.float64, device=device)
             # The iteration on the device, for CUDA-graph replays (see step); kept by eager steps.
             self._count = torch.tensor(self.iteration, dtype=torch.int64, device=device)
+            # Eager steps on a GPU read the momentum off the table too (the same value): the kernels
+            # a later CUDA-graph capture records are then those the eager warm-up steps compiled.
+            self._momentum_on_device = self._table.is_cuda
         return self
 
     def _pair(self, student_module: nn.Module):
@@ -163,7 +166,7 @@ class EmaTeacher:
         so each replay (each compiled call) takes its own momentum and cadence: :meth:`_step_on_device`."""
         if cuda_graph_capturing() or torch.compiler.is_compiling():
             return self._step_on_device(cadence=True)
-        m = self.momentum() if self.due() else None
+        m = self._eager_momentum() if self.due() else None
         if m is not None:
             self._apply(m)
         self._advance()
@@ -173,13 +176,24 @@ class EmaTeacher:
         """One EMA update now with the scheduled momentum, whatever the cadence; advances the counter."""
         if cuda_graph_capturing() or torch.compiler.is_compiling():
             return self._step_on_device(cadence=False)
-        m = self.momentum()
+        m = self._eager_momentum()
         self._apply(m)
         self._advance()
         return m
 
     def _advance(self) -> None:
         self.iteration += 1
+
+    def _eager_momentum(self):
+        """This iteration's momentum: the float, or on a GPU its entry of the device table (0-dim
+        float64: the same update bit for bit, SPEC §2; no sync)."""
+        if self.prepare()._momentum_on_device:
+            return self._table_entry(self._count)
+        return self.momentum()
+
+    def _table_entry(self, it: torch.Tensor) -> torch.Tensor:
+        index = it // self.steps_per_epoch if self.per == "epoch" else it
+        return entry(self._table, index.clamp(0, self.total_steps - 1))
 
     @property
     def iteration(self) -> int:
@@ -209,8 +223,7 @@ class EmaTeacher:
         schedule. In a capture the host's ``iteration`` advances at the capture only: a caller
         replaying the graph keeps its own."""
         it = self.prepare()._count
-        index = it // self.steps_per_epoch if self.per == "epoch" else it
-        m = entry(self._table, index.clamp(0, self.total_steps - 1))
+        m = self._table_entry(it)
         due = None
         if cadence and self.cadence == "epoch":
             done = it + 1

@@ -246,3 +246,29 @@ def test_dino_temperature_warm_up_from_the_device_counter(monkeypatch):
         monkeypatch.setattr(ema_teacher, "cuda_graph_capturing", lambda: False)
         eager.after_step()
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["sdae", "dino"])
+def test_eager_steps_on_a_gpu_read_the_momentum_off_the_device_table(method):
+    """On a GPU an eager step takes the momentum from the device table (so a later capture records
+    kernels its warm-up compiled): the teacher is the float momentum's, bit for bit (forced here)."""
+    import copy
+
+    from sdae_fast.models import build
+
+    torch.manual_seed(0)
+    by_float = build(method, "micro", backend="torch")
+    by_float.set_schedule(12, 3)
+    by_float.momentum()
+    by_table = copy.deepcopy(by_float)
+    by_table.momentum()
+    by_table._ema._momentum_on_device = True
+    for i in range(7):
+        with torch.no_grad():
+            for model in (by_float, by_table):
+                for name, p in model.named_parameters():
+                    if not name.startswith("teacher."):
+                        p.add_(0.01 * (i + 1))
+        by_float.after_step(), by_table.after_step()
+        for (name, a), b in zip(by_float.teacher.state_dict().items(), by_table.teacher.state_dict().values()):
+            assert torch.equal(a, b), (i, name)
