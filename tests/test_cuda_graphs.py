@@ -58,14 +58,23 @@ def test_captured_step_replays_and_matches_eager():
     sdae_fast.check_errors()
 
 
-@pytest.mark.parametrize("method", ["dino", "sdae"])
-def test_replays_follow_the_schedules(method):
-    """DINO (momentum per iteration, cosine wd) and SdAE (per-epoch EMA cadence): a captured step
-    replayed N times, with write_schedules() before each replay, matches N eager steps: each replay
-    takes its own lr / wd (host-written), EMA momentum and cadence (the device step counter)."""
+@pytest.mark.parametrize("method,warmup", [("dino", 0), ("dino", 2), ("sdae", 0)])
+def test_replays_follow_the_schedules(method, warmup):
+    """DINO (momentum per iteration, cosine wd; with a teacher-temperature warm-up) and SdAE (per-epoch
+    EMA cadence): a captured step replayed N times, with write_schedules() before each replay,
+    matches N eager steps: each replay takes its own lr / wd (host-written), EMA momentum, cadence
+    and temperature (the device step counter)."""
     from sdae_fast.data import model_input
+    from sdae_fast.models import build
 
-    model = tiny(method, "triton", "cuda", steps_per_epoch=3)
+    if warmup:
+        torch.manual_seed(0)
+        model = build("dino", "micro", img_size=16, patch_size=4, depth=1, backend="triton", warmup_teacher_temp=0.04,
+                      teacher_temp=0.07, warmup_teacher_temp_epochs=warmup).to("cuda")
+        model.set_schedule(10, 3)
+        model.train()
+    else:
+        model = tiny(method, "triton", "cuda", steps_per_epoch=3)
     eager_model = copy.deepcopy(model)
     opt, eager_opt = make_optimizer(model, method, 1e-3), make_optimizer(eager_model, method, 1e-3)
     step, eager_step = TrainStep(model, model, opt), TrainStep(eager_model, eager_model, eager_opt)

@@ -70,18 +70,22 @@ class DINO(EmaTeacherMixin, nn.Module):
         return linspace_at(epoch, self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs)
 
     def _teacher_temp_for_loss(self):
-        """current_teacher_temp(); during a warm-up under torch.compile, its entry of the per-epoch
-        table as a 0-dim tensor: a float is a constant of the graph, one graph per warm-up epoch
-        (main_dino.py's ViT-S/16 recipe warms up over 30), past Dynamo's recompile limit."""
+        """current_teacher_temp(); during a warm-up, under torch.compile or on a GPU, its entry of the
+        per-epoch table as a 0-dim tensor: a float is a constant of a graph, one graph per warm-up
+        epoch (main_dino.py's ViT-S/16 recipe warms up over 30), past Dynamo's recompile limit, and a
+        CUDA-graph replay would repeat the captured epoch's. On a GPU the epoch is read off the
+        EMA's device step counter, in eager steps too, so that a capture records the kernels those
+        steps compiled (through Triton the loss is the float's, bit for bit)."""
         warmup = self.warmup_teacher_temp_epochs
         if self.warmup_teacher_temp is None or warmup <= 0:
             return self.teacher_temp
         if torch.compiler.is_compiling():  # the step a symbol (the EMA may not be built yet: a forward alone)
             return self._temperatures()[min(self.step // self.steps_per_epoch, warmup)]
-        if ema_teacher.cuda_graph_capturing():  # each replay its own epoch: the EMA's device counter is the step
+        if not ema_teacher.cuda_graph_capturing():
+            self._temperature_table = self._temperatures()  # made here, outside any capture
+        if self.center.is_cuda or ema_teacher.cuda_graph_capturing():
             epoch = self._ema_teacher().prepare()._count // self.steps_per_epoch
             return ema_teacher.entry(self._temperature_table, epoch.clamp(max=warmup))
-        self._temperature_table = self._temperatures()  # made here, for a capture after eager steps
         return self.current_teacher_temp()
 
     def _temperatures(self) -> torch.Tensor:
