@@ -184,35 +184,50 @@ def test_ddp_wrapped_student_pairs_the_module():
     assert math.isclose(ema.update(), 0.996)
 
 
+def _twin_models(method):
+    """Two equal micro models of ``method`` with their EMA built (12 steps, 3 per epoch)."""
+    import copy
+
+    from sdae_fast.models import build
+
+    torch.manual_seed(0)
+    first = build(method, "micro", backend="torch")
+    first.set_schedule(12, 3)
+    first.momentum()
+    second = copy.deepcopy(first)
+    second.momentum()
+    return first, second
+
+
+def _move_students(models, i):
+    with torch.no_grad():
+        for model in models:
+            for name, p in model.named_parameters():
+                if not name.startswith("teacher."):
+                    p.add_(0.01 * (i + 1))  # the same student move in both
+
+
+def _same_teachers(a, b, i):
+    for (name, x), y in zip(a.teacher.state_dict().items(), b.teacher.state_dict().values()):
+        assert torch.equal(x, y), (i, name)
+
+
 @pytest.mark.parametrize("method", ["sdae", "dino"])
 def test_the_device_counter_path_of_a_cuda_graph_replay(method, monkeypatch):
     """Inside a CUDA-graph capture the EMA's schedule comes from the device counter: each replay
     then takes its own momentum and (SdAE's per-epoch) cadence, not the captured call's. Run step
     by step here (the capture flag forced on the CPU, every call acting as one replay), the teacher
     follows the eager schedule bit for bit: momentum 1 on the steps that do not update is t itself."""
-    import copy
-
     from sdae_fast import ema_teacher
-    from sdae_fast.models import build
 
-    torch.manual_seed(0)
-    eager = build(method, "micro", backend="torch")
-    eager.set_schedule(12, 3)
-    eager.momentum()
-    replayed = copy.deepcopy(eager)
-    replayed.momentum()
+    eager, replayed = _twin_models(method)
     for i in range(8):
-        with torch.no_grad():
-            for model in (eager, replayed):
-                for name, p in model.named_parameters():
-                    if not name.startswith("teacher."):
-                        p.add_(0.01 * (i + 1))  # the same student move in both
+        _move_students((eager, replayed), i)
         eager.after_step()
         monkeypatch.setattr(ema_teacher, "cuda_graph_capturing", lambda: True)
         replayed.after_step()
         monkeypatch.setattr(ema_teacher, "cuda_graph_capturing", lambda: False)
-        for (name, a), b in zip(eager.teacher.state_dict().items(), replayed.teacher.state_dict().values()):
-            assert torch.equal(a, b), (i, name)
+        _same_teachers(eager, replayed, i)
     assert int(replayed._ema._count) == 8 == eager._ema.iteration
 
 
@@ -252,23 +267,9 @@ def test_dino_temperature_warm_up_from_the_device_counter(monkeypatch):
 def test_eager_steps_on_a_gpu_read_the_momentum_off_the_device_table(method):
     """On a GPU an eager step takes the momentum from the device table (so a later capture records
     kernels its warm-up compiled): the teacher is the float momentum's, bit for bit (forced here)."""
-    import copy
-
-    from sdae_fast.models import build
-
-    torch.manual_seed(0)
-    by_float = build(method, "micro", backend="torch")
-    by_float.set_schedule(12, 3)
-    by_float.momentum()
-    by_table = copy.deepcopy(by_float)
-    by_table.momentum()
+    by_float, by_table = _twin_models(method)
     by_table._ema._momentum_on_device = True
     for i in range(7):
-        with torch.no_grad():
-            for model in (by_float, by_table):
-                for name, p in model.named_parameters():
-                    if not name.startswith("teacher."):
-                        p.add_(0.01 * (i + 1))
+        _move_students((by_float, by_table), i)
         by_float.after_step(), by_table.after_step()
-        for (name, a), b in zip(by_float.teacher.state_dict().items(), by_table.teacher.state_dict().values()):
-            assert torch.equal(a, b), (i, name)
+        _same_teachers(by_float, by_table, i)
