@@ -42,6 +42,12 @@ def triton_installed() -> bool:
     return _TRITON_FOUND[0]
 
 
+def cuda_graph_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (never inside a torch.compile trace)."""
+    return (not torch.compiler.is_compiling() and torch.cuda.is_available()
+            and torch.cuda.is_current_stream_capturing())
+
+
 def triton_interpreting() -> bool:
     # Read at call time: tests switch it on before the kernels are first imported.
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -8,6 +8,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .dispatch import cuda_graph_capturing
 from .ops.ema import EmaUpdate
 from .schedules import cosine_schedule
 
@@ -169,7 +170,7 @@ class EmaTeacher:
         m = self._eager_momentum() if self.due() else None
         if m is not None:
             self._apply(m)
-        self._advance()
+        self.iteration += 1
         return m
 
     def update(self) -> float:
@@ -178,11 +179,8 @@ class EmaTeacher:
             return self._step_on_device(cadence=False)
         m = self._eager_momentum()
         self._apply(m)
-        self._advance()
-        return m
-
-    def _advance(self) -> None:
         self.iteration += 1
+        return m
 
     def _eager_momentum(self):
         """This iteration's momentum: the float, or on a GPU its entry of the device table (0-dim
@@ -246,9 +244,3 @@ def entry(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``table[index]`` for a 0-dim device index, as a gather: indexing with the tensor itself reads
     its value on the host (a sync, and data-dependent under torch.compile)."""
     return table.index_select(0, index.reshape(1)).reshape(())
-
-
-def cuda_graph_capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (never inside a torch.compile trace)."""
-    return (not torch.compiler.is_compiling() and torch.cuda.is_available()
-            and torch.cuda.is_current_stream_capturing())

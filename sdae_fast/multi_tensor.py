@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .dispatch import cuda_graph_capturing
+
 BLOCK_ELEMS = 4096  # elements per program/thread block: 16 KiB of fp32, enough bytes in flight
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CACHE: "OrderedDict[tuple, list[PairGroup]]" = OrderedDict()
@@ -37,7 +39,7 @@ def pair_groups(teacher: list[torch.Tensor], student: list[torch.Tensor], block:
                         for t, s in zip(teacher, student)))
     groups = _CACHE.get(key)
     if groups is None:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if cuda_graph_capturing():
             # Building copies the tables host -> device: not allowed inside a capture, and the graph
             # would replay on tables made for these addresses only.
             raise RuntimeError("ema_update_: no block tables for these tensors yet, and a CUDA graph is being "

@@ -16,6 +16,7 @@ import torch
 from torch.optim.adamw import adamw
 
 from .. import checks
+from ..dispatch import cuda_graph_capturing
 
 
 def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
@@ -113,8 +114,6 @@ class TrainStep:
             wd.fill_(float(group["weight_decay"]))
 
     def __call__(self, images):
-        from ..ema_teacher import cuda_graph_capturing
-
         for ema_teacher in self._ema_teachers:
             ema_teacher().prepare()  # pairing and plan on the host: neither can be traced
         if not cuda_graph_capturing():
