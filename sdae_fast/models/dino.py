@@ -62,10 +62,10 @@ class DINO(EmaTeacherMixin, nn.Module):
         return self.teacher["encoder"]
 
     def current_teacher_temp(self) -> float:
-        if self.warmup_teacher_temp is None or self.warmup_teacher_temp_epochs <= 0:
-            return self.teacher_temp
-        epoch = self.step // self.steps_per_epoch
-        if epoch >= self.warmup_teacher_temp_epochs:
+        return self._teacher_temp_at(self.step // self.steps_per_epoch)
+
+    def _teacher_temp_at(self, epoch: int) -> float:
+        if self.warmup_teacher_temp is None or epoch >= self.warmup_teacher_temp_epochs:
             return self.teacher_temp
         return linspace_at(epoch, self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs)
 
@@ -81,21 +81,22 @@ class DINO(EmaTeacherMixin, nn.Module):
             return self.teacher_temp
         if torch.compiler.is_compiling():  # the step a symbol (the EMA may not be built yet: a forward alone)
             return self._temperatures()[min(self.step // self.steps_per_epoch, warmup)]
-        if not ema_teacher.cuda_graph_capturing():
-            self._temperature_table = self._temperatures()  # made here, outside any capture
         if self.center.is_cuda or ema_teacher.cuda_graph_capturing():
             epoch = self._ema_teacher().prepare()._count // self.steps_per_epoch
-            return ema_teacher.entry(self._temperature_table, epoch.clamp(max=warmup))
+            return ema_teacher.entry(self._temperatures(), epoch.clamp(max=warmup))
         return self.current_teacher_temp()
 
     def _temperatures(self) -> torch.Tensor:
-        """The warm-up's per-epoch teacher temperatures, then the final one (float64, on the device)."""
-        warmup = self.warmup_teacher_temp_epochs
-        cached = getattr(self, "_temperature_table", None)
-        if cached is not None and cached.device == self.center.device and not torch.compiler.is_compiling():
-            return cached
-        ramp = [linspace_at(e, self.warmup_teacher_temp, self.teacher_temp, warmup) for e in range(warmup)]
-        return torch.tensor(ramp + [self.teacher_temp], dtype=torch.float64, device=self.center.device)
+        """``_teacher_temp_at`` of every warm-up epoch and of the first past it (float64, on the
+        device), kept once made outside a trace (a capture then finds it, made by the eager steps)."""
+        table = getattr(self, "_temperature_table", None)
+        if table is None or table.device != self.center.device:
+            epochs = range(self.warmup_teacher_temp_epochs + 1)
+            table = torch.tensor([self._teacher_temp_at(e) for e in epochs], dtype=torch.float64,
+                                 device=self.center.device)
+            if not torch.compiler.is_compiling():  # in a trace: a constant of the graph, not kept
+                self._temperature_table = table
+        return table
 
     @staticmethod
     def _embed(encoder, head, crops) -> torch.Tensor:
