@@ -49,16 +49,24 @@ def eval_loader(source, img_size: int, batch_size: int = 256, workers: int | Non
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_for(dataset))
 
 
-def materialize(source, img_size: int, workers: int | None = None,
-                bad_images: str = "error") -> tuple[torch.Tensor, torch.Tensor]:
-    """All of ``source`` as (images, labels) tensors; the digits are indexed directly (no workers)."""
-    if source.profile == "digits":
-        workers = 0
-    batches = list(eval_loader(source, img_size, workers=workers, bad_images=bad_images))
-    skipped = [path for b in batches for path in b["skipped"]]
-    if skipped:  # --bad-images skip: counted and named, as in training
+def eval_batches(source, img_size: int, batch_size: int = 256, workers: int | None = None,
+                 bad_images: str = "error"):
+    """The batches of :func:`eval_loader`, the digits read in this process (indexed in memory: no
+    workers); once all are out, the images skipped under ``bad_images="skip"`` are warned about,
+    counted and named, as in training."""
+    skipped = []
+    for batch in eval_loader(source, img_size, batch_size, 0 if source.profile == "digits" else workers, bad_images):
+        skipped += batch["skipped"]
+        yield batch
+    if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {source.name} for the evaluation: "
                       f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", RuntimeWarning, stacklevel=2)
+
+
+def materialize(source, img_size: int, workers: int | None = None,
+                bad_images: str = "error") -> tuple[torch.Tensor, torch.Tensor]:
+    """All of ``source`` as (images, labels) tensors (:func:`eval_batches`)."""
+    batches = list(eval_batches(source, img_size, workers=workers, bad_images=bad_images))
     if not batches:
         shape = (0, source.in_chans, img_size, img_size)
         return torch.empty(shape), torch.empty(0, dtype=torch.long)

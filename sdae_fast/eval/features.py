@@ -9,6 +9,7 @@ mean of the un-normed tokens, a different vector). An encoder without
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -34,14 +35,23 @@ def encoder_features(encoder, images: torch.Tensor, pool: str = "cls", batch_siz
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     device = device or next(encoder.parameters()).device
-    was_training = encoder.training
-    encoder.eval()
-    try:
+    with _in_eval_mode([encoder]):
         feats = [_pooled(encoder, images[i:i + batch_size].to(device), pool).float().cpu()
                  for i in range(0, len(images), batch_size)]
-    finally:
-        encoder.train(was_training)
     return torch.cat(feats)
+
+
+@contextlib.contextmanager
+def _in_eval_mode(encoders):
+    """Dropout and drop-path off while reading features; each encoder's own mode back after."""
+    modes = [(enc, enc.training) for enc in encoders if enc is not None]
+    try:
+        for enc, _ in modes:
+            enc.eval()
+        yield
+    finally:
+        for enc, mode in modes:
+            enc.train(mode)
 
 
 PIXEL_VALUES = 1024  # the raw-pixel baseline's size: the grey 32 px digits as they are; RGB 18 x 18
@@ -66,21 +76,14 @@ def source_features(encoders: dict, source, img_size: int, *, pool: str = "cls",
     in one streamed pass (``sdae_fast.data.eval_loader``): only the features are held, never the
     images, so memory grows with N·D, not with the folder's pixels. ``encoders``: ``row -> encoder``,
     ``None`` for the raw pixels. Undecodable images skipped under ``bad_images="skip"`` are warned
-    about, counted and named."""
-    import warnings
-
-    from ..data import eval_loader
+    about, counted and named (``sdae_fast.data.splits.eval_batches``)."""
+    from ..data.splits import eval_batches
 
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-    modes = {row: enc.training for row, enc in encoders.items() if enc is not None}
-    feats, labels, skipped = {row: [] for row in encoders}, [], []
-    workers = 0 if source.profile == "digits" else workers  # indexed in memory: no workers needed
-    try:
-        for enc in encoders.values():
-            if enc is not None:
-                enc.eval()
-        for batch in eval_loader(source, img_size, batch_size, workers, bad_images):
+    feats, labels = {row: [] for row in encoders}, []
+    with _in_eval_mode(encoders.values()):
+        for batch in eval_batches(source, img_size, batch_size, workers, bad_images):
             images = batch["images"]
             for row, enc in encoders.items():
                 if enc is None:
@@ -89,13 +92,6 @@ def source_features(encoders: dict, source, img_size: int, *, pool: str = "cls",
                     dev = device or next(enc.parameters()).device
                     feats[row].append(_pooled(enc, images.to(dev), pool).float().cpu())
             labels.append(batch["labels"])
-            skipped += batch["skipped"]
-    finally:
-        for row, mode in modes.items():
-            encoders[row].train(mode)
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {source.name} for the evaluation: "
-                      f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", RuntimeWarning, stacklevel=2)
     if not labels:
         return {row: torch.empty(0, 0) for row in encoders}, torch.empty(0, dtype=torch.long)
     return {row: torch.cat(f) for row, f in feats.items()}, torch.cat(labels)
