@@ -107,12 +107,12 @@ def _toolchain_reason() -> str | None:
     return None
 
 
-_BUILD_LOG: list[str] = []  # the last failed build's full message (ninja's log)
+_BUILD_LOG = ""  # the last failed build's full message (ninja's log)
 
 
 def build_log(tail: int = 8000) -> str:
     """The end of the last failed just-in-time build's log ('' when none failed)."""
-    return _BUILD_LOG[-1][-tail:] if _BUILD_LOG else ""
+    return _BUILD_LOG[-tail:]
 
 
 def _clip(text: str, width: int = 200) -> str:
@@ -123,9 +123,8 @@ def _clip(text: str, width: int = 200) -> str:
 def _build_failed(exc: Exception, log_path: Path) -> str:
     """A short reason (the first compiler error) for a failed build; the whole log is kept in
     :func:`build_log` and in ``log_path``."""
-    text = str(exc)
-    _BUILD_LOG.append(text)
-    del _BUILD_LOG[:-1]
+    global _BUILD_LOG
+    text = _BUILD_LOG = str(exc)
     try:
         log_path.write_text(text)
         where = f"; log: {log_path}"

@@ -10,6 +10,7 @@ a figure it did not measure.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 import statistics
@@ -142,14 +143,12 @@ def synchronize(device: str) -> None:
 
 
 L2_FLUSH_BYTES = 256 << 20  # over 4x the largest L2 of the GPUs this runs on (H200: 60 MB)
-_L2_FLUSH: list = []
 
 
+@functools.cache
 def _l2_flush_buffer() -> torch.Tensor:
     """The CUDA buffer zeroed between timed calls, allocated once per process."""
-    if not _L2_FLUSH:
-        _L2_FLUSH.append(torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda"))
-    return _L2_FLUSH[0]
+    return torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
 
 
 def time_calls(fn: Callable[[], object], device: str, *, warmup: int = 5, reps: int = 30,
