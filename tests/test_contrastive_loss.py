@@ -60,9 +60,9 @@ def _check_triton(m, n, d, labels, dtype, *, normalize, temperature=0.1, scale=1
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert torch.isfinite(z_ours.grad).all()
     # Each similarity sums d products; each anchor's loss and each dz element sum over n keys of
-    # them. With normalize, z is rounded to its dtype after the fp32 normalisation (one more ulp,
-    # inside the dtype term of the tolerance).
-    assert_close(loss, want, dtype=torch.float32 if dtype == torch.float32 else dtype, reduction=n * d, name="loss")
+    # them. The loss is an fp32 scalar of the very z the reference reads (the kernel scales by fp32
+    # inverse norms and never rounds a normalised z), so its bound is fp32's whatever z's dtype.
+    assert_close(loss, want, dtype=torch.float32, reduction=n * d, name="loss")
     assert_close(z_ours.grad, z_ref.grad, dtype=dtype, reduction=n * d, name="dz")
     return loss, z_ours.grad
 
@@ -124,13 +124,16 @@ def test_tiny_norm_and_zero_tokens_stay_on_their_own_rows(dtype):
     loss.backward()
     want.backward()
     assert torch.isfinite(loss)
-    assert_close(loss, want, dtype=torch.float32 if dtype == torch.float32 else dtype, reduction=n * d, name="loss")
+    assert_close(loss, want, dtype=torch.float32, reduction=n * d, name="loss")
     top = torch.finfo(dtype).max
     expected = torch.where(z_ref.grad.abs() > top, z_ref.grad.sign() * math.inf, z_ref.grad)
     others = torch.ones(m, n, dtype=torch.bool)
     others[0, 3] = others[1, 5] = False
     assert torch.isfinite(z_ours.grad[others]).all()
-    assert_close(z_ours.grad, expected, dtype=dtype, reduction=n * d, name="dz")
+    # Apart: the tiny token's gradient (~1e11) would otherwise set assert_close's max|e| floor for
+    # every row, and an ordinary row zeroed or tripled would still pass.
+    assert_close(z_ours.grad[others], expected[others], dtype=dtype, reduction=n * d, name="dz, ordinary rows")
+    assert_close(z_ours.grad[~others], expected[~others], dtype=dtype, reduction=n * d, name="dz, tiny and zero rows")
 
 
 def test_triton_grad_output_scaling_and_temperature():
