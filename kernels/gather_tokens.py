@@ -253,7 +253,7 @@ def segment_sums(grad: torch.Tensor, index: torch.Tensor, dx, *, need_param: boo
     grid = (triton.cdiv(slots, block_u), triton.cdiv(dim, block_d), triton.cdiv(batch, chunk))
     dparam = None
     if need_param:
-        dparam = (torch.empty(grid[2], slots, dim, dtype=torch.float32, device=grad.device) if deterministic
+        dparam = (empty(grid[2], slots, dim, dtype=torch.float32, device=grad.device) if deterministic
                   else torch.zeros(slots, dim, dtype=torch.float32, device=grad.device))
     launch(_segment_sum_kernel)[grid](
         grad, index, count, reader, grad if dx is None else dx, grad if dparam is None else dparam,

@@ -148,8 +148,8 @@ def _param_grads(grad_out, ids_restore, num_prefix, keep, need_mask, need_pos, d
     chunk = batch_chunk(batch, triton.cdiv(seq, block_t) * triton.cdiv(dim, block_d))
     grid = (triton.cdiv(seq, block_t), triton.cdiv(dim, block_d), triton.cdiv(batch, chunk))
     if deterministic:  # one partial per program (mask) / per batch chunk (pos), summed below in a fixed order
-        dmask = torch.empty(grid[2] * grid[0], dim, **f32) if need_mask else grad_out
-        dpos = torch.empty(grid[2], seq, dim, **f32) if need_pos else grad_out
+        dmask = empty(grid[2] * grid[0], dim, **f32) if need_mask else grad_out
+        dpos = empty(grid[2], seq, dim, **f32) if need_pos else grad_out
     else:
         dmask = torch.zeros(dim, **f32) if need_mask else grad_out
         dpos = torch.zeros(seq, dim, **f32) if need_pos else grad_out

@@ -9,7 +9,7 @@ import torch
 
 import sdae_fast
 from sdae_fast.ops.masking import gather_tokens, random_masking, unshuffle_tokens
-from sdae_fast.testing import triton_device
+from sdae_fast.testing import assert_close, triton_device
 
 DEVICE = triton_device()
 pytestmark = pytest.mark.interpreter
@@ -46,13 +46,40 @@ def _unshuffle_grads(deterministic, device=DEVICE, B=3, L=8, D=12, P=1):
     return got, want
 
 
+# The most terms behind one gradient element (x, then the parameters), for the tolerance:
+# gather: a slot of x feeds at most groups·M rows, pos_embed/prefix sum over B·groups·M rows;
+# unshuffle: x_vis rows are read once, mask_token sums over B·L positions, pos_embed over B.
+TERMS = {_gather_grads: (2 * 4, 3 * 2 * 4, 3 * 2 * 4), _unshuffle_grads: (1, 3 * 8, 3)}
+
+
+def _assert_grads_close(grads_of, got, want):
+    for name, a, b, terms in zip(("x", "param 1", "param 2"), got, want, TERMS[grads_of]):
+        assert_close(a, b, dtype=torch.float32, reduction=terms, name=name)
+
+
 @pytest.mark.parametrize("grads_of", [_gather_grads, _unshuffle_grads])
 def test_deterministic_equals_reference(grads_of):
     got, want = grads_of(True)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # fp32 sums of a few terms vs float64 rounded once
+    _assert_grads_close(grads_of, got, want)
     again, _ = grads_of(True)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("grads_of", [_gather_grads, _unshuffle_grads])
+def test_batch_chunks_as_on_the_gpu(monkeypatch, grads_of, deterministic):
+    """The GPU splits the batch into chunks (the interpreter sums it in one): one image a chunk, so
+    the deterministic path stores and sums three (NaN-poisoned) partials, the other adds three
+    atomics; both against the float64 reference."""
+    import sdae_fast.kernels.gather_tokens as gather_kernel
+    import sdae_fast.kernels.unshuffle_tokens as unshuffle_kernel
+
+    chunks = []
+    for module in (gather_kernel, unshuffle_kernel):
+        monkeypatch.setattr(module, "batch_chunk", lambda batch, programs: chunks.append(batch) or 1)
+    got, want = grads_of(deterministic)
+    assert chunks and set(chunks) == {3}  # the backward's launches, chunked per image
+    _assert_grads_close(grads_of, got, want)
 
 
 def test_use_deterministic_algorithms_is_honoured(monkeypatch):
