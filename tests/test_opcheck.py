@@ -103,9 +103,19 @@ KERNEL_CASES = ("gather", "gather_deterministic", "unshuffle", "unshuffle_determ
                 "contrastive", "topk_attention", "index_check")
 
 
+def _half(a):
+    """A floating tensor as an fp16 leaf (keeping requires_grad); others as is."""
+    if isinstance(a, torch.Tensor) and a.is_floating_point():
+        return a.detach().half().requires_grad_(a.requires_grad)
+    return a
+
+
 @interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("name", KERNEL_CASES)
-def test_triton_kernel_op(name):
+def test_triton_kernel_op(name, dtype):
+    """fp16 too: a fake kernel must give a 16-bit input's outputs their real dtypes (an fp32 loss,
+    fp32 statistics beside 16-bit gradients)."""
     import sdae_fast.kernels.contrastive_loss  # noqa: F401  (kernel ops register on import)
     import sdae_fast.kernels.cosine_loss  # noqa: F401
     import sdae_fast.kernels.dino_loss  # noqa: F401
@@ -116,7 +126,16 @@ def test_triton_kernel_op(name):
     import sdae_fast.kernels.value_checks  # noqa: F401
 
     op, args = kernel_cases()[name]
-    opcheck(op, args)
+    opcheck(op, args if dtype == torch.float32 else tuple(_half(a) for a in args))
+
+
+@interpreter
+@pytest.mark.parametrize("name", list(public_cases()))
+def test_public_op_triton(name):
+    """The public ops dispatched to Triton: their autograd goes through the kernel ops' own."""
+    op, args, kwargs = public_cases()[name]
+    opcheck(op, tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args),
+            dict(kwargs, backend="triton"))
 
 
 @interpreter
