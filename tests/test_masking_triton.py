@@ -113,6 +113,13 @@ def test_gather_mixed_param_dtype_and_partial_grads():
     check_gather(2, 8, 24, 3, 1, 1, torch.float32, torch.int64, with_pos=False, need=(False, False, False))
 
 
+@pytest.mark.parametrize("dtype", triton_dtypes())
+def test_gather_without_pos_embed(dtype):
+    # The kernels' NEED_PARAM / pos-less paths: dx and dprefix with no pos_embed, repeats included.
+    check_gather(2, 9, 33, 4, 3, 1, dtype, torch.int64, with_pos=False, repeat=True)
+    check_gather(3, 7, 16, 5, 1, 0, dtype, torch.int32, with_pos=False)
+
+
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("layout", ["index", "all"])
 def test_gather_strided_grads(layout, index_dtype):
@@ -137,7 +144,7 @@ def test_gather_strided_inputs():
 
 # ---------------------------------------------------------------- unshuffle_tokens
 def check_unshuffle(B, L, K, D, P, dtype, index_dtype, *, permutation=True, param_dtype=None,
-                    need=(True, True, True), layout=None):
+                    need=(True, True, True), layout=None, with_pos=True):
     """``layout``: None (contiguous), "index" (a transposed ids_restore) or "all" (x_vis, ids_restore,
     mask_token and pos_embed all with a non-unit inner stride)."""
     param_dtype = param_dtype or dtype
@@ -149,12 +156,13 @@ def check_unshuffle(B, L, K, D, P, dtype, index_dtype, *, permutation=True, para
     ids_restore = ids_restore.to(index_dtype)
     x = leaf(torch.randn(B, P + K, D, device=DEVICE).to(dtype), need[0])
     mask_token = leaf(torch.randn(D, device=DEVICE).to(param_dtype), need[1])
-    pos = leaf(torch.randn(P + L, D, device=DEVICE).to(param_dtype), need[2])
+    pos = leaf(torch.randn(P + L, D, device=DEVICE).to(param_dtype), need[2]) if with_pos else None
     if layout is not None:
         ids_restore = transposed(ids_restore)
         assert B < 2 or L < 2 or ids_restore.stride(-1) != 1
     if layout == "all":
-        x, mask_token, pos = [strided_leaf(transposed(t), r) for t, r in zip((x, mask_token, pos), need)]
+        x, mask_token, pos = [None if t is None else strided_leaf(transposed(t), r)
+                              for t, r in zip((x, mask_token, pos), need)]
 
     out = unshuffle_tokens(x, ids_restore, mask_token, pos_embed=pos, num_prefix=P, backend="triton")
     expected = reference.unshuffle_tokens(x, ids_restore, mask_token, pos_embed=pos, num_prefix=P)
@@ -163,11 +171,11 @@ def check_unshuffle(B, L, K, D, P, dtype, index_dtype, *, permutation=True, para
 
     g = torch.randn_like(out)
     got = grads(out, [x, mask_token, pos], g)
-    hi = [leaf(t.double(), t.requires_grad) for t in (x, mask_token, pos)]
+    hi = [None if t is None else leaf(t.double(), t.requires_grad) for t in (x, mask_token, pos)]
     want = grads(reference.unshuffle_tokens(hi[0], ids_restore, hi[1], pos_embed=hi[2], num_prefix=P), hi, g.double())
     reads = int(torch.bincount(ids_restore.long().flatten(), minlength=L).max())  # most reads of one token
     terms = {"dx_vis": reads, "dmask_token": B * L, "dpos": B}
-    named = [(n, t) for n, t in zip(terms, (x, mask_token, pos)) if t.requires_grad]
+    named = [(n, t) for n, t in zip(terms, (x, mask_token, pos)) if t is not None and t.requires_grad]
     for (name, t), a, e in zip(named, got, want):
         assert a.dtype == t.dtype, f"{name} must come back in its input's dtype"
         assert_close(a, e, dtype=t.dtype, reduction=terms[name], name=name)
@@ -197,6 +205,13 @@ def test_unshuffle_no_visible_tokens_mixed_dtype_and_partial_grads():
     check_unshuffle(2, 8, 2, 24, 1, torch.float32, torch.int64, need=(True, False, False))
     check_unshuffle(2, 8, 2, 24, 2, torch.float32, torch.int32, need=(False, True, False))
     check_unshuffle(2, 8, 2, 24, 0, torch.float32, torch.int64, need=(False, False, True))
+
+
+@pytest.mark.parametrize("dtype", triton_dtypes())
+def test_unshuffle_without_pos_embed(dtype):
+    # dx_vis and dmask_token with no pos_embed, with and without a prefix, duplicates included.
+    check_unshuffle(2, 16, 4, 33, 1, dtype, torch.int64, with_pos=False)
+    check_unshuffle(3, 10, 4, 20, 0, dtype, torch.int32, with_pos=False, permutation=False)
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])

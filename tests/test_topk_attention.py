@@ -100,6 +100,16 @@ def test_exact_selection_small(n, topk, d, dtype):
 
 
 @pytest.mark.parametrize("dtype", triton_dtypes()[:2], ids=str)
+@pytest.mark.parametrize("d", [20, 33, 80])
+def test_head_dims_that_pad(d, dtype):
+    """Head dims below their power-of-two tile (ViT-H's 80 pads to 128; 20 and 33 leave partial
+    16-wide chunks in the fp32 dots): the masked head-dim columns, forward and every gradient."""
+    q, k = exact_qk(2, 1, 23, d, dtype)
+    v = torch.randn(2, 1, 23, d).to(dtype).to(DEVICE)
+    run_and_compare(q, k, v, 6, scale=EXACT_SCALE)
+
+
+@pytest.mark.parametrize("dtype", triton_dtypes()[:2], ids=str)
 @pytest.mark.parametrize("n", [197, 257])
 def test_exact_selection_long_rows(n, dtype):
     """N = 257 pads to 512: the selection holds the row as two register tiles of 256 keys."""
