@@ -21,6 +21,7 @@ check and :func:`check_errors` are therefore never silent: the next read of the 
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,8 @@ def checks_mode() -> str:
 class Check:
     """One value check of one op: its slot in the table, the exception type and the message.
 
-    ``message`` is formatted with ``v0, v1, v2``, the three int64 values the check recorded.
+    ``message`` is formatted with ``v0, v1, v2``, the three int64 values the check recorded, and
+    ``f0``: ``v0`` read back as a float64 (a float argument recorded with :func:`float_bits`).
     """
 
     slot: int
@@ -60,7 +62,14 @@ class Check:
     message: str
 
     def exception(self, v0: int, v1: int, v2: int) -> Exception:
-        return self.error(f"{self.op}: " + self.message.format(v0=v0, v1=v1, v2=v2))
+        f0 = struct.unpack("<d", struct.pack("<q", v0))[0]
+        return self.error(f"{self.op}: " + self.message.format(v0=v0, v1=v1, v2=v2, f0=f0))
+
+
+def float_bits(value: torch.Tensor) -> torch.Tensor:
+    """A 0-dim floating tensor as the int64 bit pattern of its float64 value, so that the int64
+    table of checks can record it (a message names it as ``{f0}``). Device ops only: no sync."""
+    return value.detach().to(torch.float64).reshape(()).view(torch.int64)
 
 
 CHECKS: dict[tuple, Check] = {}

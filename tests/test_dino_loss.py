@@ -1,6 +1,7 @@
 """dino_loss (SPEC §4): the reference against DINO's official loss, the fused Triton kernel against the
 reference (loss, student gradient, centre update), and input validation."""
 import math
+import re
 
 import pytest
 import torch
@@ -303,7 +304,8 @@ def test_a_tensor_teacher_temperature_is_its_float(backend, dtype):
 def test_a_tensor_teacher_temperature_out_of_range_is_reported(value):
     s, t, c = _inputs(2, 2, 3, 5, torch.float32, "cpu")
     sdae_fast.dino_loss(s, t, c, teacher_temp=torch.tensor(value))  # deferred: no sync at the call
-    with pytest.raises(ValueError, match="dino_loss.*teacher_temp tensor must be >= 0.0001"):
+    named = re.escape(repr(float(torch.tensor(value))))  # the value as the fp32 tensor holds it
+    with pytest.raises(ValueError, match=rf"dino_loss: the teacher_temp tensor must be >= 0.0001, got {named}$"):
         sdae_fast.check_errors()
     with pytest.raises(TypeError, match="teacher_temp must be a float or a 0-dim floating tensor"):
         sdae_fast.dino_loss(s, t, c, teacher_temp=torch.tensor([0.04]))

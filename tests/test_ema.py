@@ -1,4 +1,6 @@
 """ema_update_: every backend that runs here against the reference, to within 1 ulp of the teacher dtype."""
+import re
+
 import pytest
 import torch
 
@@ -161,8 +163,13 @@ def test_float64_pairs_are_refused_by_fused_and_served_by_reference(backend, sha
 def test_a_momentum_tensor_out_of_range_is_reported(value):
     t, s = [torch.zeros(3, device=DEVICE)], [torch.ones(3, device=DEVICE)]
     sdae_fast.ema_update_(t, s, torch.tensor(value, device=DEVICE))  # no sync: reported, not raised
-    with pytest.raises(ValueError, match=r"ema_update_: the momentum tensor must lie in \[0, 1\]"):
+    named = re.escape(repr(float(torch.tensor(value))))  # the value as the fp32 tensor holds it
+    with pytest.raises(ValueError, match=rf"ema_update_: the momentum tensor must lie in \[0, 1\], got {named}$"):
         sdae_fast.check_errors()
+    sdae_fast.checks.set_checks("eager")
+    with pytest.raises(ValueError, match=rf"momentum tensor must lie in \[0, 1\], got {named}$"):
+        sdae_fast.ema_update_(t, s, torch.tensor(value, device=DEVICE))
+    sdae_fast.checks.set_checks(None)
     sdae_fast.ops.ema.EmaUpdate(t, s)(torch.tensor(value, device=DEVICE))
     with pytest.raises(ValueError, match="momentum tensor"):
         sdae_fast.check_errors()

@@ -14,8 +14,8 @@ DINO_LOSS = op("dino_loss", auto_order=("triton", "torch"),
                       "float teacher_temp=0.04, int num_global=2, float center_momentum=0.9, bool update_center=True)"
                       " -> Tensor")
 DINO_LOSS.register("torch")(reference.dino_loss)
-TEACHER_TEMP_RANGE = checks.register("dino_loss", ValueError, f"the teacher_temp tensor must be >= {MIN_TEMPERATURE}; "
-                                     "it holds a smaller value, or NaN")
+TEACHER_TEMP_RANGE = checks.register("dino_loss", ValueError, f"the teacher_temp tensor must be >= {MIN_TEMPERATURE}, "
+                                     "got {f0}")
 
 MAX_VIEWS, MAX_GLOBAL = 64, 8  # the fused kernel keeps a (global × views × BLOCK_K) tile in registers
 
@@ -102,7 +102,7 @@ def _sharpened(teacher_out, center, teacher_temp):
         raise TypeError(f"teacher_temp must be a float or a 0-dim floating tensor, got a {teacher_temp.dtype} "
                         f"tensor of shape {tuple(teacher_temp.shape)}")
     check_same_device(teacher_out=teacher_out, teacher_temp=teacher_temp)
-    checks.fail_if(TEACHER_TEMP_RANGE, ~(teacher_temp >= MIN_TEMPERATURE), 0)  # deferred: no sync; NaN fails
+    checks.fail_if(TEACHER_TEMP_RANGE, ~(teacher_temp >= MIN_TEMPERATURE), checks.float_bits(teacher_temp))  # NaN fails
     acc = accumulation_dtype(teacher_out, center)
     inv = (1.0 / teacher_temp.detach().to(torch.float64)).to(acc)
     return (teacher_out.detach().to(acc) - center.detach().to(acc).reshape(1, -1)) * inv

@@ -10,8 +10,7 @@ from ..dispatch import op
 from ..validate import FLOAT_DTYPES, check_float, names_its_errors
 
 EMA = op("ema_update_", auto_order=("cuda", "triton", "torch"))
-MOMENTUM_RANGE = checks.register("ema_update_", ValueError, "the momentum tensor must lie in [0, 1]; it holds a "
-                                 "value outside it, or NaN")
+MOMENTUM_RANGE = checks.register("ema_update_", ValueError, "the momentum tensor must lie in [0, 1], got {f0}")
 EMA.register("torch")(reference.ema_update_)
 
 
@@ -158,7 +157,7 @@ def validate_momentum(momentum, device) -> None:
             raise TypeError(f"momentum must be a float or a 0-dim floating tensor, got dtype {momentum.dtype}")
         if device is not None and momentum.device != device:
             raise ValueError(f"momentum is on {momentum.device} but the tensors are on {device}")
-        checks.fail_if(MOMENTUM_RANGE, ~((momentum >= 0) & (momentum <= 1)), 0)  # deferred: no sync; NaN fails
+        checks.fail_if(MOMENTUM_RANGE, ~((momentum >= 0) & (momentum <= 1)), checks.float_bits(momentum))  # NaN fails
     else:
         check_float("momentum", momentum, ge=0.0, le=1.0, kind="a float or a 0-dim tensor")
 
