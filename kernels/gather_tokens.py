@@ -106,9 +106,10 @@ def _gather_fwd_kernel(x_ptr, index_ptr, pos_ptr, prefix_ptr, out_ptr,
     t = rows - seq * seq_out  # position inside it
     is_patch = row_ok & (t >= P)
     idx = tl.load(index_ptr + seq * stride_ir + tl.where(is_patch, t - P, 0), mask=is_patch, other=0)
-    idx = idx.to(tl.int64) if WIDE else idx.to(tl.int32)
     # An index outside [0, L) (deferred checks report it later) reads nothing: its row is zeros.
+    # Tested in the index's own dtype, before the narrowing cast would wrap an int64 past 2^31.
     is_patch = is_patch & (idx >= 0) & (idx < L)
+    idx = idx.to(tl.int64) if WIDE else idx.to(tl.int32)
     src = (seq // groups) * stride_xb + idx * stride_xl
     m_patch = is_patch[:, None] & col_ok[None, :]
     val = tl.load(x_ptr + src[:, None] + cols[None, :], mask=m_patch, other=0.0).to(tl.float32)
@@ -135,9 +136,10 @@ def _row_key(row, index_ptr, stride_ir, seq_out, P, groups, U, K, WIDE: tl.const
     t = row - seq * seq_out
     is_body = t >= P
     v = tl.load(index_ptr + seq * stride_ir + tl.where(is_body, t - P, 0), mask=is_body, other=0)
+    feeds_nothing = is_body & ((v >= K) | (v < 0))  # in v's own dtype, before the narrowing cast
     v = v.to(tl.int64) if WIDE else v.to(tl.int32)
     key = (seq // groups) * U + tl.where(is_body, P + v, t)
-    return tl.where(is_body & ((v >= K) | (v < 0)), -1, key)
+    return tl.where(feeds_nothing, -1, key)
 
 
 @triton.jit
@@ -149,7 +151,9 @@ def _count_readers_kernel(index_ptr, count_ptr, reader_ptr, n_rows, stride_ir, s
     if WIDE:
         rows = rows.to(tl.int64)
     ok = rows < n_rows
-    key = _row_key(rows, index_ptr, stride_ir, seq_out, P, groups, U, K, WIDE)
+    # Rows past n_rows (the last block's tail) look up row 0 instead: their index reads would land
+    # past the end of the index tensor (an illegal address on the GPU); their keys are dropped.
+    key = _row_key(tl.where(ok, rows, 0), index_ptr, stride_ir, seq_out, P, groups, U, K, WIDE)
     ok = ok & (key >= 0)
     key = tl.where(ok, key, 0)
     tl.atomic_add(count_ptr + key, 1, mask=ok, sem="relaxed")
@@ -237,7 +241,11 @@ def segment_sums(grad: torch.Tensor, index: torch.Tensor, dx, *, need_param: boo
     the chunks reduces them in a fixed order.
     """
     dim = grad.shape[-1]
-    n_rows = grad.numel() // dim
+    n_rows = grad.numel() // dim if dim else 0
+    if n_rows == 0:  # nothing feeds any slot (no rows, or rows of no features): every sum is zero
+        if dx is not None:
+            dx.zero_()
+        return torch.zeros(slots, dim, dtype=torch.float32, device=grad.device) if need_param else None
     wide = needs_wide_offsets(grad, dx) or n_rows > _INT32_LIMIT
     count = torch.zeros(batch * slots, dtype=torch.int32, device=grad.device)
     reader = torch.empty(batch * slots, dtype=torch.int64 if wide else torch.int32, device=grad.device)

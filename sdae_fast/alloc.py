@@ -9,10 +9,16 @@ import os
 import torch
 
 POISON = os.environ.get("SDAE_FAST_POISON", "0") == "1"
+# Tests may set a function that returns the buffer an output lives in instead (same shape, dtype,
+# device): tests/guard_pages.py places each one against an inaccessible page, so a kernel that
+# writes or reads past an output's end faults in the interpreter instead of passing silently.
+PLACE = None
 
 
 def empty(*shape, dtype, device) -> torch.Tensor:
     out = torch.empty(*shape, dtype=dtype, device=device)
+    if PLACE is not None:
+        out = PLACE(out)
     if POISON:
         out.fill_(float("nan") if out.is_floating_point() else -1)
     return out

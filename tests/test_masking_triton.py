@@ -257,6 +257,35 @@ def test_gather_bad_inputs(checks_mode):
         gather_tokens(x, index, groups=0, backend="triton")
 
 
+def test_int64_indices_past_int32_are_skipped_not_wrapped():
+    """2^32 + 3 is out of range: its row reads zeros (gather) or the mask token (unshuffle) and feeds
+    no gradient, as any bad index does, until check_errors() names it. The kernels narrowed the
+    index to int32 before the range test, so it wrapped to 3 and read row 3."""
+    big = 2**32 + 3
+    x = torch.randn(1, 5, 4, device=DEVICE, requires_grad=True)
+    out = gather_tokens(x, torch.tensor([[big, 1]], device=DEVICE), backend="triton")
+    assert torch.equal(out[0, 0], torch.zeros(4, device=DEVICE)) and torch.equal(out[0, 1], x[0, 1])
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad[0, 3], torch.zeros(4, device=DEVICE)) and torch.equal(x.grad[0, 1], torch.ones(4, device=DEVICE))
+    with pytest.raises(IndexError, match=f"found range \\[1, {big}\\]"):
+        sdae_fast.check_errors()
+    x_vis, token = torch.randn(1, 1 + 3, 4, device=DEVICE), torch.randn(4, device=DEVICE)
+    out = unshuffle_tokens(x_vis, torch.tensor([[big, 0, 1, 2]], device=DEVICE), token, num_prefix=1, backend="triton")
+    assert torch.equal(out[0, 1], token) and torch.equal(out[0, 2], x_vis[0, 1])
+    with pytest.raises(IndexError, match=str(big)):
+        sdae_fast.check_errors()
+
+
+def test_gather_backward_of_an_empty_index():
+    """No tokens gathered and no prefix: no grad rows at all, so every gradient is zero (the
+    backward's launch geometry divided by zero)."""
+    x, pos = (torch.randn(*shape, device=DEVICE, requires_grad=True) for shape in ((2, 5, 8), (5, 8)))
+    out = gather_tokens(x, torch.zeros(2, 0, dtype=torch.int64, device=DEVICE), pos_embed=pos, backend="triton")
+    assert out.shape == (2, 0, 8)
+    dx, dpos = torch.autograd.grad(out.sum(), (x, pos))
+    assert torch.equal(dx, torch.zeros_like(x)) and torch.equal(dpos, torch.zeros_like(pos))
+
+
 def test_unshuffle_bad_inputs(checks_mode):
     x, mt = torch.randn(2, 3, 4, device=DEVICE), torch.randn(4, device=DEVICE)
     ids = random_masking(2, 8, 0.75, device=DEVICE).ids_restore
