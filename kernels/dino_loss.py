@@ -142,8 +142,14 @@ def _dino_grad_kernel(
         k_start = split * CHUNK
         for k0 in range(k_start, k_start + CHUNK, BLOCK_K):
             k, k_ok, s, t, c = _load_tile(s_rows, t_rows, c_ptr, k0 + cols, K, v_ok, g_ok)
-            p = tl.exp(s * inv_ts - lse[:, None])
-            q = tl.exp((t - c[None, :]) * inv_tt - m_t[:, None]) / l_t[:, None]
+            # The scaled logits exactly as sweep 1 rounds them: the select keeps the compiler from
+            # fusing the product and the subtraction into one FMA (rounded once, not twice), which
+            # would differ from sweep 1's statistics and from a tensor teacher_temp (pre-sharpened
+            # in torch, run at T = 1) by an ulp. Columns past K are never stored.
+            x = tl.where(k_ok[None, :], s * inv_ts, float("-inf"))
+            u = tl.where(k_ok[None, :], (t - c[None, :]) * inv_tt, float("-inf"))
+            p = tl.exp(x - lse[:, None])
+            q = tl.exp(u - m_t[:, None]) / l_t[:, None]
             q_sum = tl.sum(tl.where(pair[:, :, None], q[:, None, :], 0.0), axis=0)  # (VP, BK): Σ_{g≠v} q_g
             grad = (n_v[:, None] * p - q_sum) * grad_scale
             tl.store(g_rows[:, None] + k[None, :], grad.to(g_ptr.dtype.element_ty),

@@ -29,6 +29,7 @@ class Variant:
     hgmma: bool = False
     note: str = ""  # why a promise is not made (shown in docs/kernels.md)
     stack_ok: int = 0  # stack bytes accepted with ``registers`` (one loop scalar ptxas parks; see note)
+    no_fma: tuple = ()  # fp32 scalar arguments whose products must be rounded on their own (no FMA)
 
 
 def _signature(fn, types: dict) -> dict:
@@ -157,9 +158,14 @@ def dino_loss(full: bool) -> list[Variant]:
             block_k = k.gpu_block_k(vp * gp)
             shape = dict(V=views, G=2, VP=vp, GP=gp, BLOCK_K=block_k)
             label = f"{dt} V={views} G=2 BLOCK_K={block_k}"
-            out.append(Variant(_job(k.__name__, "_dino_stats_kernel", types, shape, dict(num_warps=8), label)))
+            # The scaled logits s/Ts and (t - c)/Tt, rounded before they meet a subtraction in both
+            # sweeps: the same statistics in each, and a tensor teacher_temp equal to its float.
+            scaled = ("inv_ts", "inv_tt")
+            out.append(Variant(_job(k.__name__, "_dino_stats_kernel", types, shape, dict(num_warps=8), label),
+                               no_fma=scaled))
             grad = dict(shape, SP=16, WRITE_GRAD=True)  # SP: up to 16 K-splits (64 images on 132 SMs)
-            out.append(Variant(_job(k.__name__, "_dino_grad_kernel", types, grad, dict(num_warps=8), label)))
+            out.append(Variant(_job(k.__name__, "_dino_grad_kernel", types, grad, dict(num_warps=8), label),
+                               no_fma=scaled))
     return out
 
 

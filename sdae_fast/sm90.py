@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+FACTS_VERSION = 2  # bump when a fact is added: cached facts of older versions are recompiled
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one sm_90 block may use
 # SASS opcodes worth counting: MMA kind, fp32 arithmetic, spills.
 COUNTED = ("HGMMA", "HMMA", "FFMA", "FMUL", "FADD", "STL", "LDL")
@@ -37,6 +38,7 @@ class Facts:
     stack: int
     shared: int
     sass: dict = field(default_factory=dict)
+    fma_params: list = field(default_factory=list)  # fp32 scalar arguments some fma.rn.f32 reads (PTX)
 
     @property
     def spills(self) -> bool:
@@ -111,6 +113,23 @@ def _read_cubin(cubin: bytes, cuobjdump: str, tmp: Path) -> tuple[int, int, dict
     return regs, stack, {op: ops.count(op) for op in COUNTED if op in ops}
 
 
+def _fma_params(ptx: str, name: str, signature: dict) -> list[str]:
+    """The fp32 scalar arguments whose register an ``fma.rn.f32`` reads: a product with them was
+    contracted into a fused multiply-add (rounded once where separate ops round twice). Kernel
+    parameters are the non-constexpr arguments in order (``<name>_param_<i>`` in the PTX)."""
+    runtime = [arg for arg, kind in signature.items() if kind != "constexpr"]
+    fmas = [line for line in ptx.splitlines() if line.strip().startswith("fma.rn.f32")]
+    used = []
+    for i, arg in enumerate(runtime):
+        if signature[arg] != "fp32":
+            continue
+        for reg in re.findall(rf"ld\.param\.(?:b32|f32)\s+(%\w+),\s*\[{re.escape(name)}_param_{i}\]", ptx):
+            if any(re.search(rf"{re.escape(reg)}\b", line) for line in fmas):
+                used.append(arg)
+                break
+    return used
+
+
 def _compile_one(job: dict, cuobjdump: str, tmp: Path) -> dict:
     import importlib
 
@@ -122,8 +141,8 @@ def _compile_one(job: dict, cuobjdump: str, tmp: Path) -> dict:
     kernel = kernel if hasattr(kernel, "params") else kernel.fn  # an Autotuner wraps the JITFunction
     as_const = lambda v: getattr(triton.language, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
     constants = {k: as_const(v) for k, v in job["constants"].items()}
-    key = hashlib.sha256(json.dumps([triton.__version__, kernel.cache_key, job["signature"], job["constants"],
-                                     job["options"]], sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([FACTS_VERSION, triton.__version__, kernel.cache_key, job["signature"],
+                                     job["constants"], job["options"]], sort_keys=True).encode()).hexdigest()
     cached = _cache_dir() / f"{key}.json"
     if cached.exists():
         return {**json.loads(cached.read_text()), "variant": job["label"]}
@@ -131,7 +150,8 @@ def _compile_one(job: dict, cuobjdump: str, tmp: Path) -> dict:
                               options=job["options"])
     regs, stack, sass = _read_cubin(compiled.asm["cubin"], cuobjdump, tmp)
     facts = dict(kernel=job["name"], variant=job["label"], registers=regs, stack=stack,
-                 shared=int(compiled.metadata.shared), sass=sass)
+                 shared=int(compiled.metadata.shared), sass=sass,
+                 fma_params=_fma_params(compiled.asm["ptx"], job["name"], job["signature"]))
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp_file = cached.with_suffix(f".{os.getpid()}.tmp")
     tmp_file.write_text(json.dumps(facts))

@@ -41,6 +41,12 @@ def test_bit_exact_kernels_have_no_fma_contraction(compiled):
     assert not (bad := _offenders(compiled, lambda v, f: v.exact and f.sass.get("FFMA", 0))), f"FFMA:\n{bad}"
 
 
+def test_scaled_logits_are_not_contracted_into_an_fma(compiled):
+    """DINO's (t - c) · (1/Tt) and s · (1/Ts), rounded before exp's subtraction: fused, the product
+    would round once in one sweep and twice in the other (the interpreter never fuses)."""
+    assert not (bad := _offenders(compiled, lambda v, f: set(v.no_fma) & set(f.fma_params))), f"FMA:\n{bad}"
+
+
 def test_16_bit_attention_runs_on_wgmma_up_to_256_tokens(compiled):
     assert not (bad := _offenders(compiled, lambda v, f: v.hgmma and f.mma != "HGMMA")), f"not HGMMA:\n{bad}"
 
