@@ -7,7 +7,8 @@ with ``e_g = exp(u_g − m_g)``: no softmax of width K is ever materialised.
 
 Sweep 1 (``_dino_stats_kernel``), grid (B, splits): each program streams one K-chunk of one batch
 element, keeping an online max/sum for every student and teacher row and the rescaled G×V dots,
-and writes them as partials. Splitting K fills the GPU when B is small (B=64, K=65536).
+and writes them as partials. Splitting K into up to 32 chunks fills the GPU (B=64, K=65536: 2048
+programs); the split count depends on K only, so a row's result never depends on its batch.
 Sweep 2 (``_dino_grad_kernel``), same grid: each program combines the (few) partials of its batch
 element, writes the per-element loss (split 0 only) and the student gradient of its chunk,
 ``dL/ds_v = (n_v · softmax(s_v/Ts) − Σ_{g≠v} q_g) / (pairs · B · Ts)``. Backward only scales it.
@@ -169,9 +170,12 @@ def gpu_block_k(rows: int) -> int:
     return max(64, min(512, _prev_pow2(8192 // rows)))
 
 
-def _launch_shape(batch: int, width: int, rows: int, device: torch.device, block_k: int | None,
-                  splits: int | None):
-    """(BLOCK_K, chunk, splits): enough programs to fill the device, every chunk non-empty.
+MAX_SPLITS = 32  # K-chunks per row of the student logits (fewer when the row has fewer tiles)
+
+
+def _launch_shape(width: int, rows: int, device: torch.device, block_k: int | None, splits: int | None):
+    """(BLOCK_K, chunk, splits): up to MAX_SPLITS chunks of K per batch element, every chunk
+    non-empty; the batch size does not enter (see below).
 
     ``rows`` = padded global × padded views: the (rows, BLOCK_K) products live in registers, so
     BLOCK_K shrinks as the view count grows (256 for DINO's 2 × 10 views).
@@ -181,11 +185,10 @@ def _launch_shape(batch: int, width: int, rows: int, device: torch.device, block
     block_k = min(block_k, _next_pow2(width))
     tiles = triton.cdiv(width, block_k)
     if splits is None:
-        if device.type == "cuda":
-            target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        else:
-            target = 4  # interpreter: few programs, still exercising the split combine
-        splits = max(1, min(tiles, triton.cdiv(target, batch), 64))
+        # A function of the width alone, never of the batch: each row's partial statistics then
+        # combine in the same order in any batch (batch invariance). 32 chunks of DINO's 65536
+        # columns (8 tiles of 256) give 2048 programs at 64 images and 256 at 8.
+        splits = MAX_SPLITS
     splits = max(1, min(splits, tiles))
     chunk = triton.cdiv(tiles, splits) * block_k
     return block_k, chunk, triton.cdiv(width, chunk)
@@ -201,7 +204,7 @@ def _dino_forward(student, teacher, center, student_temp, teacher_temp, num_glob
     center = center.reshape(-1).contiguous()
     dev = student.device
     vp, gp = max(2, _next_pow2(views)), max(2, _next_pow2(num_global))
-    block_k, chunk, nsplit = _launch_shape(batch, width, vp * gp, dev, block_k, splits)
+    block_k, chunk, nsplit = _launch_shape(width, vp * gp, dev, block_k, splits)
     parts = batch * nsplit
     f32 = torch.float32
     m_s, l_s = empty(parts, vp, dtype=f32, device=dev), empty(parts, vp, dtype=f32, device=dev)

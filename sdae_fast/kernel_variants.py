@@ -163,7 +163,7 @@ def dino_loss(full: bool) -> list[Variant]:
             scaled = ("inv_ts", "inv_tt")
             out.append(Variant(_job(k.__name__, "_dino_stats_kernel", types, shape, dict(num_warps=8), label),
                                no_fma=scaled))
-            grad = dict(shape, SP=16, WRITE_GRAD=True)  # SP: up to 16 K-splits (64 images on 132 SMs)
+            grad = dict(shape, SP=k.MAX_SPLITS, WRITE_GRAD=True)  # SP: the padded count of K-splits
             out.append(Variant(_job(k.__name__, "_dino_grad_kernel", types, grad, dict(num_warps=8), label),
                                no_fma=scaled))
     return out
