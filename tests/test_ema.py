@@ -251,10 +251,30 @@ def test_a_tied_teacher_tensor_is_updated_once_per_pair_by_the_reference(backend
     t = torch.zeros(5, device=DEVICE)
     teacher = [t, torch.zeros(3, device=DEVICE), t]
     student = [torch.ones(5, device=DEVICE), torch.ones(3, device=DEVICE), torch.ones(5, device=DEVICE)]
-    with pytest.raises(sdae_fast.BackendUnavailable, match=r"teacher tensors \[\(0, 2\)\] are one tensor"):
+    with pytest.raises(sdae_fast.BackendUnavailable, match=r"teacher tensors \[\(0, 2\)\] share memory"):
         sdae_fast.ema_update_(teacher, student, 0.5, backend=backend)
     sdae_fast.ema_update_(teacher, student, 0.5)  # automatic: the reference, one pair after another
     assert torch.equal(t, torch.full((5,), 0.75, device=DEVICE))  # 0 -> 0.5 -> 0.75
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_overlapping_views_are_left_to_the_reference(backend):
+    """Views of one buffer that share elements without sharing a first address (the tied-weight test
+    compares addresses only), and a teacher that is another pair's student: both would race in
+    parallel fused blocks, so both are refused and the reference updates them in order."""
+    buf = torch.zeros(12, device=DEVICE)
+    teacher = [buf[0:8], buf[4:12]]
+    student = [torch.ones(8, device=DEVICE), torch.ones(8, device=DEVICE)]
+    with pytest.raises(sdae_fast.BackendUnavailable, match=r"teacher tensors \[\(0, 1\)\] share memory"):
+        sdae_fast.ema_update_(teacher, student, 0.5, backend=backend)
+    sdae_fast.ema_update_(teacher, student, 0.5)  # the reference: pair 0, then pair 1
+    expected = torch.tensor([0.5] * 4 + [0.75] * 4 + [0.5] * 4, device=DEVICE)
+    assert torch.equal(buf, expected)
+    a, b = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    with pytest.raises(sdae_fast.BackendUnavailable, match=r"overlap other pairs' students \[\(0, 1\)\]"):
+        sdae_fast.ema_update_([a, b], [torch.ones(4, device=DEVICE), a], 0.5, backend=backend)
+    sdae_fast.ema_update_([a], [a], 0.5, backend=backend)  # a pair's own student: element by element, fine
+    assert torch.equal(a, torch.zeros(4, device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -24,16 +24,35 @@ def _fused_why_not(teacher, student, momentum) -> list[str]:
     bad = [i for i, (t, s) in enumerate(zip(teacher, student)) if not (t.is_contiguous() and s.is_contiguous())]
     if bad:
         reasons.append(f"pairs {bad[:5]} are not contiguous (the multi-tensor kernels read flat storage)")
-    first, tied = {}, []
-    for i, t in enumerate(teacher):
-        if t.numel():
-            j = first.setdefault(t.data_ptr(), i)
-            if j != i:
-                tied.append((j, i))
+    tied, crossed = _overlaps(teacher, student)
     if tied:  # timm's EMA of a tied weight lerps it once per name: only one pair after another does that
-        reasons.append(f"teacher tensors {tied[:3]} are one tensor (tied weights): the fused kernels update the "
-                       f"pairs in parallel, the reference one after another")
+        reasons.append(f"teacher tensors {tied[:3]} share memory (tied weights, or overlapping views): the fused "
+                       f"kernels update the pairs in parallel, the reference one after another")
+    if crossed:
+        reasons.append(f"teacher tensors overlap other pairs' students {crossed[:3]} (teacher, student): the fused "
+                       f"kernels would read a student while another block writes it")
     return reasons
+
+
+def _overlaps(teacher, student) -> tuple[list, list]:
+    """Pairs (i, j) of teacher tensors whose memory overlaps (the same tensor twice, or views of one
+    buffer that share elements), and (i, j) where teacher i overlaps the student of another pair j.
+    Host-side: data pointers and sizes only (the fused kernels take contiguous tensors)."""
+    def spans(tensors, kind):
+        return [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), kind, i)
+                for i, t in enumerate(tensors) if t.numel()]
+
+    tied, crossed = [], []
+    open_spans = []  # spans still open at the current start, in start order
+    for start, end, kind, i in sorted(spans(teacher, 0) + spans(student, 1)):
+        open_spans = [o for o in open_spans if o[1] > start]
+        for _, _, other_kind, j in open_spans:
+            if kind == other_kind == 0:
+                tied.append((min(i, j), max(i, j)))
+            elif kind != other_kind and i != j:  # a pair's own student may be its teacher (a no-op)
+                crossed.append((i, j) if kind == 0 else (j, i))
+        open_spans.append((start, end, kind, i))
+    return sorted(tied), sorted(crossed)
 
 
 def _triton_launch(groups, momentum):
