@@ -42,9 +42,19 @@ def _overlaps(teacher, student) -> tuple[list, list]:
         return [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), kind, i)
                 for i, t in enumerate(tensors) if t.numel()]
 
+    every = sorted(spans(teacher, 0) + spans(student, 1))
+    # The common case, every span apart, in one pass; any shared span (also a pair's student that
+    # is its own teacher, which is fine) goes on to the listing below.
+    reach = 0
+    for start, end, _, _ in every:
+        if start < reach:
+            break
+        reach = end
+    else:
+        return [], []
     tied, crossed = [], []
     open_spans = []  # spans still open at the current start, in start order
-    for start, end, kind, i in sorted(spans(teacher, 0) + spans(student, 1)):
+    for start, end, kind, i in every:
         open_spans = [o for o in open_spans if o[1] > start]
         for _, _, other_kind, j in open_spans:
             if kind == other_kind == 0:
