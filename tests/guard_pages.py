@@ -73,6 +73,18 @@ def cases(side: str):
         backward(sdae_fast.unshuffle_tokens(leaf(b, 1 + keep, dim), ints(ids), leaf(dim), pos_embed=leaf(1 + length, dim),
                                             num_prefix=1, backend="triton", deterministic=deterministic))
 
+    def topk_strided_qkv():
+        """q, k, v as the strided views of one fused qkv projection (B, N, 3, H, d), as TopKAttention
+        passes them: the last element of v is the buffer's last, the others end mid-buffer."""
+        qkv = leaf(2, 19, 3, 2, 24).permute(2, 0, 3, 1, 4)
+        backward(sdae_fast.topk_attention(qkv[0], qkv[1], qkv[2], 5, backend="triton"))
+
+    def gather_strided():
+        b, length, dim = 2, 9, 10
+        x = leaf(b, length + 3, 2 * dim)[:, 2:length + 2, :dim]  # batch, row and feature strides
+        index = ints(torch.randint(0, length, (2 * b, 4)))[::2]  # strided index rows
+        backward(sdae_fast.gather_tokens(x, index, pos_embed=leaf(length, 2 * dim)[:, :dim], backend="triton"))
+
     def topk(multi_pass):
         from sdae_fast.kernels import topk_attention as kernel
 
@@ -95,6 +107,8 @@ def cases(side: str):
         ("unshuffle, deterministic", lambda: unshuffle(True)),
         ("topk_attention", lambda: topk(False)),
         ("topk_attention, multi-pass selection", lambda: topk(True)),
+        ("topk_attention, strided qkv views", topk_strided_qkv),
+        ("gather, strided inputs", gather_strided),
         ("dino_loss", lambda: backward(sdae_fast.dino_loss(leaf(5 * 3, 203), placed(torch.randn(2 * 3, 203), side),
                                                            placed(torch.randn(203), side), backend="triton"))),
         ("homologous_contrastive_loss", lambda: backward(sdae_fast.homologous_contrastive_loss(
