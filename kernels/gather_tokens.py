@@ -105,11 +105,10 @@ def _gather_fwd_kernel(x_ptr, index_ptr, pos_ptr, prefix_ptr, out_ptr,
     seq = rows // seq_out  # output sequence r
     t = rows - seq * seq_out  # position inside it
     is_patch = row_ok & (t >= P)
-    idx = tl.load(index_ptr + seq * stride_ir + tl.where(is_patch, t - P, 0), mask=is_patch, other=0)
+    idx = narrowed(tl.load(index_ptr + seq * stride_ir + tl.where(is_patch, t - P, 0), mask=is_patch, other=0),
+                   L, WIDE)
     # An index outside [0, L) (deferred checks report it later) reads nothing: its row is zeros.
-    # Tested in the index's own dtype, before the narrowing cast would wrap an int64 past 2^31.
     is_patch = is_patch & (idx >= 0) & (idx < L)
-    idx = idx.to(tl.int64) if WIDE else idx.to(tl.int32)
     src = (seq // groups) * stride_xb + idx * stride_xl
     m_patch = is_patch[:, None] & col_ok[None, :]
     val = tl.load(x_ptr + src[:, None] + cols[None, :], mask=m_patch, other=0.0).to(tl.float32)
@@ -127,6 +126,14 @@ def _gather_fwd_kernel(x_ptr, index_ptr, pos_ptr, prefix_ptr, out_ptr,
 
 
 @triton.jit
+def narrowed(v, upper, WIDE: tl.constexpr):
+    """An index value as int64 (``WIDE``) or int32. Before the int32 cast, values outside [0, upper)
+    are clamped to -1 or ``upper``: the cast of an int64 past 2^31 would wrap, and could land in
+    range (2^32 + 3 -> 3), where the range tests after it must see an out-of-range value."""
+    return v.to(tl.int64) if WIDE else tl.minimum(tl.maximum(v, -1), upper).to(tl.int32)
+
+
+@triton.jit
 def _row_key(row, index_ptr, stride_ir, seq_out, P, groups, U, K, WIDE: tl.constexpr):
     """The destination slot a grad row feeds, or -1. Grad row ``row`` is position t of sequence
     seq = row // seq_out, from image seq // groups; rows t < P feed slot t, the others slot
@@ -135,11 +142,9 @@ def _row_key(row, index_ptr, stride_ir, seq_out, P, groups, U, K, WIDE: tl.const
     seq = row // seq_out
     t = row - seq * seq_out
     is_body = t >= P
-    v = tl.load(index_ptr + seq * stride_ir + tl.where(is_body, t - P, 0), mask=is_body, other=0)
-    feeds_nothing = is_body & ((v >= K) | (v < 0))  # in v's own dtype, before the narrowing cast
-    v = v.to(tl.int64) if WIDE else v.to(tl.int32)
+    v = narrowed(tl.load(index_ptr + seq * stride_ir + tl.where(is_body, t - P, 0), mask=is_body, other=0), K, WIDE)
     key = (seq // groups) * U + tl.where(is_body, P + v, t)
-    return tl.where(feeds_nothing, -1, key)
+    return tl.where(is_body & ((v >= K) | (v < 0)), -1, key)
 
 
 @triton.jit

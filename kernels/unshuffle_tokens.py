@@ -25,7 +25,7 @@ import triton.language as tl
 from sdae_fast.alloc import empty
 from sdae_fast.library import kernel_op, launch
 
-from .gather_tokens import (_cast, batch_chunk, feature_block, index_rows, interpreting, launch_options,
+from .gather_tokens import (_cast, batch_chunk, feature_block, index_rows, interpreting, launch_options, narrowed,
                             needs_wide_offsets, row_block, rows_contiguous, segment_sums)
 
 
@@ -43,11 +43,9 @@ def _unshuffle_fwd_kernel(x_ptr, ids_ptr, mask_ptr, pos_ptr, out_ptr,
     b = rows // T
     t = rows - b * T  # output position: < P prefix, else patch t - P
     is_body = row_ok & (t >= P)
-    k = tl.load(ids_ptr + b * stride_ib + tl.where(is_body, t - P, 0), mask=is_body, other=0)
-    # A k outside [0, L) (deferred checks report it later) takes the mask token like k >= K does;
-    # tested in k's own dtype, before the narrowing cast would wrap an int64 past 2^31.
+    k = narrowed(tl.load(ids_ptr + b * stride_ib + tl.where(is_body, t - P, 0), mask=is_body, other=0), K, WIDE)
+    # A k outside [0, L) (deferred checks report it later) takes the mask token like k >= K does.
     from_x = row_ok & ((t < P) | ((k >= 0) & (k < K)))
-    k = k.to(tl.int64) if WIDE else k.to(tl.int32)
     src_row = tl.where(is_body, P + k, t)  # the x_vis row this output row copies
     m_x = from_x[:, None] & col_ok[None, :]
     val = tl.load(x_ptr + (b * stride_xb + src_row * stride_xl)[:, None] + cols[None, :], mask=m_x,

@@ -184,9 +184,11 @@ def tokens(full: bool) -> list[Variant]:
     # The backward sums loop over images: some Triton versions park one 4-byte loop value on the
     # stack (one STL before the loop, one LDL an image; sm_90 SASS, Triton 3.6 and 3.8).
     parked = dict(stack_ok=8, note="one 4-byte loop scalar may sit on the stack")
-    for dt in (DTYPES if full else ("bf16",)):
+    for dt in (DTYPES if full else ("bf16", "fp16")):
         ptr = "*" + dt
-        for dim in (TOKEN_DIMS if full else (384,)):  # ViT-S: 128-wide D tiles, the most rows a program
+        # ViT-S: 128-wide D tiles, the most rows a program; ViT-B: 256-wide tiles of 16 rows (where
+        # an fp16 unshuffle once spilled a register).
+        for dim in (TOKEN_DIMS if full else (384, 768)):
             block_d = g.feature_block(dim, interpreter=False)
             block_r = g.row_block(block_d, 1 << 20, interpreter=False)
             for wide in (False, True):
