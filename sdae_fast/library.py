@@ -70,10 +70,16 @@ def register_saved_grad_autograd(op, scale) -> None:
     def setup_context(ctx, inputs, output):
         _, grad, factor = output
         ctx.mark_non_differentiable(grad, factor)  # the kernel's constants, not functions to differentiate
+        # The grad and factor outputs never receive a gradient: None, not a full-size zero fill of
+        # the input's size at every backward. (The saved gradient is scaled into a new tensor, not
+        # in place: it is also an output of the kernel op, which a backward must not change.)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad, factor)
         ctx.num_inputs = len(inputs)
 
     def backward(ctx, grad_loss, _grad, _factor):
+        if grad_loss is None:  # the loss itself took no gradient
+            return (None,) * ctx.num_inputs
         if torch.is_grad_enabled():
             # create_graph=True: a second derivative would need d grad / d input, which the kernel
             # never forms; the saved gradient is a constant, so going on would give a silent zero.

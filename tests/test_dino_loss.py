@@ -204,8 +204,10 @@ def test_triton_dino_shape_bf16_gpu():
 
 @pytest.mark.gpu
 def test_triton_dino_memory_gpu():
-    # Beyond the inputs, the fused loss holds the student gradient (1× the student) and a few
-    # per-(element, split) statistics; never a softmax of width K.
+    # Beyond the inputs: the student gradient the forward writes (1× the student), and during the
+    # backward the scaled copy that becomes s.grad (1× more: the saved one is an output of the
+    # kernel op, never scaled in place); a few per-(element, split) statistics; never a softmax
+    # of width K (V × G of them would be 12× the student).
     s, t, c = _inputs(10, 2, 64, 65536, torch.bfloat16, "cuda")
     s.requires_grad_()
     torch.cuda.synchronize()
@@ -214,7 +216,7 @@ def test_triton_dino_memory_gpu():
     sdae_fast.dino_loss(s, t, c, backend="triton").backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert extra <= 1.25 * s.numel() * s.element_size() + (8 << 20), f"{extra / 2**20:.1f} MiB extra"
+    assert extra <= 2.25 * s.numel() * s.element_size() + (8 << 20), f"{extra / 2**20:.1f} MiB extra"
 
 
 @pytest.mark.gpu
