@@ -61,3 +61,15 @@ def test_topk_attention_gradient_treats_kept_set_as_constant():
     expected = torch.autograd.grad(manual, (q, k, v), g)
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_references_keep_fp32_math_under_autocast():
+    """A model's bf16 autocast region must not recast the references' fp32 matmuls: the contrastive
+    similarities and the top-K scores stay fp32, the loss an fp32 scalar equal to the one outside."""
+    z, labels = torch.randn(2, 19, 40).to(torch.bfloat16), torch.randint(0, 3, (2, 19))
+    q, k, v = (torch.randn(1, 2, 19, 24).to(torch.bfloat16) for _ in range(3))
+    outside = reference.homologous_contrastive_loss(z, labels), reference.topk_attention(q, k, v, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = reference.homologous_contrastive_loss(z, labels), reference.topk_attention(q, k, v, 5)
+    assert inside[0].dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(inside, outside))

@@ -1,8 +1,9 @@
 """Top-K (homologous) attention of MixedAE (SPEC §3), with the full score matrix."""
 
-from .stats import accumulation_dtype
+from .stats import accumulation_dtype, without_autocast
 
 
+@without_autocast
 def topk_attention(q, k, v, topk: int, *, scale=None):
     """Each query attends to its ``topk`` highest-scoring keys; ties at the threshold are all kept.
 

@@ -2,9 +2,10 @@
 import torch
 import torch.nn.functional as F
 
-from .stats import accumulation_dtype
+from .stats import accumulation_dtype, without_autocast
 
 
+@without_autocast
 def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True):
     """Supervised-contrastive loss within each mixed image, positives = same source.
 

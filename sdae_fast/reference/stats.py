@@ -1,5 +1,20 @@
-"""Per-vector standardisation shared by the SdAE cosine loss and MAE's norm_pix_loss."""
+"""Per-vector standardisation shared by the SdAE cosine loss and MAE's norm_pix_loss, and the
+accumulation rules every reference shares."""
+import functools
+
 import torch
+
+
+def without_autocast(fn):
+    """Run a reference with autocast off on its inputs' device: a model's bf16 autocast region
+    would otherwise recast the reference's fp32 matmuls (scores, similarities) to bf16 and break
+    its contract of fp32 math (the fused kernels compute those in fp32 from 16-bit inputs too)."""
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        with torch.autocast(device_type=first.device.type, enabled=False):
+            return fn(first, *args, **kwargs)
+
+    return wrapper
 
 
 def accumulation_dtype(*tensors) -> torch.dtype:
