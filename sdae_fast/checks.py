@@ -92,8 +92,12 @@ def register(op: str, error: type, message: str) -> Check:
 def prepare(device) -> None:
     """Allocate ``device``'s table of checks now. Call it before torch.compile traces a step (TrainStep
     and ``pretrain --compile`` do): made inside a trace, the table is new to the first graph's
-    guards, so that graph never runs again (one more compile)."""
-    _table(torch.device(device))
+    guards, so that graph never runs again (one more compile). A bare ``"cuda"`` means the current
+    device, the table its tensors' ops record into (``cuda:0``, not a table of its own)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    _table(device)
 
 
 def _table(device: torch.device) -> torch.Tensor:

@@ -114,3 +114,15 @@ def test_a_first_call_under_inference_mode_leaves_later_calls_working(monkeypatc
     sdae_fast.gather_tokens(x, torch.tensor([[0, 9], [1, 2]]))
     with torch.inference_mode(), pytest.raises(IndexError, match=r"gather_tokens: .*\[0, 9\]"):
         sdae_fast.check_errors()
+
+
+def test_prepare_of_a_bare_cuda_device_is_the_current_devices_table(monkeypatch):
+    """`pretrain` prepares torch.device("cuda"), while ops record under their tensors' cuda:0: one
+    table, not a dead "cuda" one beside it (the real one was then made inside the first trace)."""
+    made = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(checks, "_table", lambda device: made.append(str(device)))
+    checks.prepare("cuda")
+    checks.prepare(torch.device("cuda", 1))
+    checks.prepare("cpu")
+    assert made == ["cuda:0", "cuda:1", "cpu"]
