@@ -35,12 +35,13 @@ def cmd_info(args) -> int:
     print()
     from .bench.samples import sample_inputs
 
-    for name, op in OPS.items():
-        args_, kwargs = sample_inputs(name, device)
-        chosen = op.select(None, *args_, **kwargs).backend
-        print(f"{name}: automatic -> {chosen}")
-        for backend, why in op.describe(*args_, **kwargs).items():
-            print(f"    {backend:<7} {why}")
+    with cuda_build.without_jit_build():  # describe the backends; building the extension is for a first op
+        for name, op in OPS.items():
+            args_, kwargs = sample_inputs(name, device)
+            chosen = op.select(None, *args_, **kwargs).backend
+            print(f"{name}: automatic -> {chosen}")
+            for backend, why in op.describe(*args_, **kwargs).items():
+                print(f"    {backend:<7} {why}")
     return 0
 
 

@@ -187,8 +187,31 @@ def capability_reason(index: int) -> str | None:
     return None
 
 
+_JIT_BUILD = True  # False inside without_jit_build()
+
+
+@contextlib.contextmanager
+def without_jit_build():
+    """Inside: report an extension that is not built yet as unavailable instead of building it
+    (``sdae-fast info`` describes the backends; a first build takes minutes of nvcc)."""
+    global _JIT_BUILD
+    before, _JIT_BUILD = _JIT_BUILD, False
+    try:
+        yield
+    finally:
+        _JIT_BUILD = before
+
+
 def unavailable_reason() -> str | None:
+    if not _JIT_BUILD and _load.cache_info().currsize == 0 and not _built():
+        return ("the CUDA extension is not built yet: the first op on a CUDA device builds it just in time "
+                "(sdae-fast info does not)")
     return _load()[1]
+
+
+def _built() -> bool:
+    """A prebuilt module is installed, or a just-in-time build is on disk (loading it is quick)."""
+    return status().startswith(("prebuilt", "built"))
 
 
 def extension():

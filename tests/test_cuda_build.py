@@ -14,6 +14,32 @@ def test_status_reports_without_building(tmp_path, monkeypatch):
     assert cuda_build.status() == f"built just in time in {tmp_path}"
 
 
+def test_info_describes_the_backends_without_building(tmp_path, monkeypatch):
+    """`sdae-fast info` on a CUDA machine asks every op which backend serves it; for the EMA that
+    went through the CUDA backend's availability check, which built the extension (minutes of nvcc,
+    past the info step's limit on the GPU machine). Inside without_jit_build() a missing build is
+    reported, never started; once built (on disk), it loads as before."""
+    import torch
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("SDAE_FAST_CUDA_BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_build, "_toolchain_reason", lambda: None)
+    builds = []
+    monkeypatch.setattr(cpp, "load", lambda **kwargs: builds.append(kwargs) or "module")
+    cuda_build._load.cache_clear()
+    try:
+        with cuda_build.without_jit_build():
+            assert "not built yet" in cuda_build.unavailable_reason()
+        assert builds == []
+        (tmp_path / f"{cuda_build.NAME}.so").write_bytes(b"")  # a build on disk: loading it is quick
+        with cuda_build.without_jit_build():
+            assert cuda_build.unavailable_reason() is None
+        assert len(builds) == 1
+    finally:
+        cuda_build._load.cache_clear()
+
+
 def test_jit_build_runs_under_the_node_lock(tmp_path, monkeypatch):
     """Every rank calls load() holding an exclusive flock on the shared build directory, so one
     builds and the others wait, then find the build done."""
