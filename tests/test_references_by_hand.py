@@ -73,3 +73,5 @@ def test_references_keep_fp32_math_under_autocast():
         inside = reference.homologous_contrastive_loss(z, labels), reference.topk_attention(q, k, v, 5)
     assert inside[0].dtype == torch.float32
     assert all(torch.equal(a, b) for a, b in zip(inside, outside))
+    meta = reference.topk_attention(*(t.to("meta") for t in (q, k, v)), 5)  # shape inference still works
+    assert meta.shape == q.shape and meta.dtype == q.dtype

@@ -11,6 +11,8 @@ def without_autocast(fn):
     its contract of fp32 math (the fused kernels compute those in fp32 from 16-bit inputs too)."""
     @functools.wraps(fn)
     def wrapper(first, *args, **kwargs):
+        if not torch.amp.is_autocast_available(first.device.type):  # meta (shape inference): no autocast
+            return fn(first, *args, **kwargs)
         with torch.autocast(device_type=first.device.type, enabled=False):
             return fn(first, *args, **kwargs)
 
