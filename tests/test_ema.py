@@ -271,8 +271,10 @@ def test_overlapping_views_are_left_to_the_reference(backend):
     expected = torch.tensor([0.5] * 4 + [0.75] * 4 + [0.5] * 4, device=DEVICE)
     assert torch.equal(buf, expected)
     a, b = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
-    with pytest.raises(sdae_fast.BackendUnavailable, match=r"overlap other pairs' students \[\(0, 1\)\]"):
+    with pytest.raises(sdae_fast.BackendUnavailable, match=r"overlap students \[\(0, 1\)\]"):
         sdae_fast.ema_update_([a, b], [torch.ones(4, device=DEVICE), a], 0.5, backend=backend)
+    with pytest.raises(sdae_fast.BackendUnavailable, match=r"overlap students \[\(0, 0\)\]"):  # its own, shifted
+        sdae_fast.ema_update_([buf[0:8]], [buf[4:12]], 0.5, backend=backend)
     sdae_fast.ema_update_([a], [a], 0.5, backend=backend)  # a pair's own student: element by element, fine
     assert torch.equal(a, torch.zeros(4, device=DEVICE))
 

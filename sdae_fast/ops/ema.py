@@ -29,14 +29,15 @@ def _fused_why_not(teacher, student, momentum) -> list[str]:
         reasons.append(f"teacher tensors {tied[:3]} share memory (tied weights, or overlapping views): the fused "
                        f"kernels update the pairs in parallel, the reference one after another")
     if crossed:
-        reasons.append(f"teacher tensors overlap other pairs' students {crossed[:3]} (teacher, student): the fused "
-                       f"kernels would read a student while another block writes it")
+        reasons.append(f"teacher tensors overlap students {crossed[:3]} (teacher, student) other than being exactly "
+                       f"their own: the fused kernels would read a student while another block writes it")
     return reasons
 
 
 def _overlaps(teacher, student) -> tuple[list, list]:
     """Pairs (i, j) of teacher tensors whose memory overlaps (the same tensor twice, or views of one
-    buffer that share elements), and (i, j) where teacher i overlaps the student of another pair j.
+    buffer that share elements), and (i, j) where teacher i overlaps student j, unless student j
+    is exactly teacher i (j == i, the same span).
     Host-side: data pointers and sizes only (the fused kernels take contiguous tensors)."""
     def spans(tensors, kind):
         return [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), kind, i)
@@ -56,10 +57,12 @@ def _overlaps(teacher, student) -> tuple[list, list]:
     open_spans = []  # spans still open at the current start, in start order
     for start, end, kind, i in every:
         open_spans = [o for o in open_spans if o[1] > start]
-        for _, _, other_kind, j in open_spans:
+        for other_start, other_end, other_kind, j in open_spans:
             if kind == other_kind == 0:
                 tied.append((min(i, j), max(i, j)))
-            elif kind != other_kind and i != j:  # a pair's own student may be its teacher (a no-op)
+            elif kind != other_kind and not (i == j and (start, end) == (other_start, other_end)):
+                # Only a pair's student that is exactly its teacher is fine (each element updated
+                # from itself, a no-op); a partial overlap with its own student races like another's.
                 crossed.append((i, j) if kind == 0 else (j, i))
         open_spans.append((start, end, kind, i))
     return sorted(tied), sorted(crossed)
