@@ -9,7 +9,7 @@ Sweep 1 (``_dino_stats_kernel``), grid (B, splits): each program streams one K-c
 element, keeping an online max/sum for every student and teacher row and the rescaled G×V dots,
 and writes them as partials. Splitting K into up to 32 chunks fills the GPU (B=64, K=65536: 2048
 programs); the split count depends on K only, so a row's result never depends on its batch.
-Sweep 2 (``_dino_grad_kernel``), same grid: each program combines the (few) partials of its batch
+Sweep 2 (``_dino_grad_kernel``), same grid: each program combines the (up to 32) partials of its batch
 element, writes the per-element loss (split 0 only) and the student gradient of its chunk,
 ``dL/ds_v = (n_v · softmax(s_v/Ts) − Σ_{g≠v} q_g) / (pairs · B · Ts)``. Backward only scales it.
 The centre update runs after the loss (which sees the old centre): the reference's
@@ -115,7 +115,7 @@ def _dino_grad_kernel(
     p_ok = parts < NSPLIT
     base = b * NSPLIT + parts
 
-    # Combine the K-chunk partials of batch element b (SP is small: a handful of loads).
+    # Combine the K-chunk partials of batch element b (SP <= 32: a few small loads).
     ms = tl.load(ms_ptr + base[:, None] * VP + rows_v[None, :], mask=p_ok[:, None], other=float("-inf"))
     ls = tl.load(ls_ptr + base[:, None] * VP + rows_v[None, :], mask=p_ok[:, None], other=0.0)
     m_s = tl.max(ms, axis=0)

@@ -158,9 +158,10 @@ def dino_loss(full: bool) -> list[Variant]:
             block_k = k.gpu_block_k(vp * gp)
             shape = dict(V=views, G=2, VP=vp, GP=gp, BLOCK_K=block_k)
             label = f"{dt} V={views} G=2 BLOCK_K={block_k}"
-            # The scaled logits s/Ts and (t - c)/Tt, rounded before they meet a subtraction in both
-            # sweeps: the same statistics in each, and a tensor teacher_temp equal to its float.
-            scaled = ("inv_ts", "inv_tt")
+            # The teacher's scaled logits (t - c)/Tt, rounded before they meet a subtraction in both
+            # sweeps: a tensor teacher_temp (pre-sharpened, run at Tt = 1) then equals its float bit
+            # for bit. (1/Ts is the same in both paths: the loss's lse - qs/Ts may fuse, and does.)
+            scaled = ("inv_tt",)
             out.append(Variant(_job(k.__name__, "_dino_stats_kernel", types, shape, dict(num_warps=8), label),
                                no_fma=scaled))
             grad = dict(shape, SP=k.MAX_SPLITS, WRITE_GRAD=True)  # SP: the padded count of K-splits

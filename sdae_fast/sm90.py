@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FACTS_VERSION = 2  # bump when a fact is added: cached facts of older versions are recompiled
+FACTS_VERSION = 3  # bump when a fact is added: cached facts of older versions are recompiled
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one sm_90 block may use
 # SASS opcodes worth counting: MMA kind, fp32 arithmetic, spills.
 COUNTED = ("HGMMA", "HMMA", "FFMA", "FMUL", "FADD", "STL", "LDL")
@@ -118,15 +118,23 @@ def _fma_params(ptx: str, name: str, signature: dict) -> list[str]:
     contracted into a fused multiply-add (rounded once where separate ops round twice). Kernel
     parameters are the non-constexpr arguments in order (``<name>_param_<i>`` in the PTX)."""
     runtime = [arg for arg, kind in signature.items() if kind != "constexpr"]
-    fmas = [line for line in ptx.splitlines() if line.strip().startswith("fma.rn.f32")]
+    lines = [line.strip() for line in ptx.splitlines()]
+    fmas = [line for line in lines if line.startswith("fma.rn.f32")]
+    # One-source copies of a register (mov, neg: the compiler negates a scalar to fold a
+    # subtraction into an FMA) carry the parameter on: follow them.
+    copies = re.findall(r"^(?:mov|neg)\.(?:b32|f32)\s+(%\w+),\s*(%\w+);", "\n".join(lines), flags=re.M)
     used = []
     for i, arg in enumerate(runtime):
         if signature[arg] != "fp32":
             continue
-        for reg in re.findall(rf"ld\.param\.(?:b32|f32)\s+(%\w+),\s*\[{re.escape(name)}_param_{i}\]", ptx):
-            if any(re.search(rf"{re.escape(reg)}\b", line) for line in fmas):
-                used.append(arg)
+        regs = set(re.findall(rf"ld\.param\.(?:b32|f32)\s+(%\w+),\s*\[{re.escape(name)}_param_{i}\]", ptx))
+        while True:
+            more = {dst for dst, src in copies if src in regs} - regs
+            if not more:
                 break
+            regs |= more
+        if any(re.search(rf"{re.escape(reg)}\b", line) for reg in regs for line in fmas):
+            used.append(arg)
     return used
 
 

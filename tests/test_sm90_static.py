@@ -42,8 +42,9 @@ def test_bit_exact_kernels_have_no_fma_contraction(compiled):
 
 
 def test_scaled_logits_are_not_contracted_into_an_fma(compiled):
-    """DINO's (t - c) · (1/Tt) and s · (1/Ts), rounded before exp's subtraction: fused, the product
-    would round once in one sweep and twice in the other (the interpreter never fuses)."""
+    """DINO's (t - c) · (1/Tt), rounded before exp's subtraction in both sweeps: fused, the product
+    would round once in the float path and twice in the tensor-temperature path, which sharpens
+    in torch and runs at Tt = 1 (the interpreter never fuses)."""
     assert not (bad := _offenders(compiled, lambda v, f: set(v.no_fma) & set(f.fma_params))), f"FMA:\n{bad}"
 
 
