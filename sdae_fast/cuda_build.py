@@ -204,8 +204,12 @@ def without_jit_build():
 
 def unavailable_reason() -> str | None:
     if not _JIT_BUILD and _load.cache_info().currsize == 0 and not _built():
-        return ("the CUDA extension is not built yet: the first op on a CUDA device builds it just in time "
-                "(sdae-fast info does not)")
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return _toolchain_reason() or ("the CUDA extension is not built yet: the first op on a CUDA device "
+                                       "builds it just in time (sdae-fast info does not)")
     return _load()[1]
 
 

@@ -47,7 +47,8 @@ def _unshuffle_grads(deterministic, device=DEVICE, B=3, L=8, D=12, P=1):
 
 
 # The most terms behind one gradient element (x, then the parameters), for the tolerance:
-# gather: a slot of x feeds at most groups·M rows, pos_embed/prefix sum over B·groups·M rows;
+# gather: a slot of x feeds at most groups·M rows, pos_embed sums over B·groups·M rows and the
+# prefix over B·groups (bounded here by the same B·groups·M);
 # unshuffle: x_vis rows are read once, mask_token sums over B·L positions, pos_embed over B.
 TERMS = {_gather_grads: (2 * 4, 3 * 2 * 4, 3 * 2 * 4), _unshuffle_grads: (1, 3 * 8, 3)}
 
