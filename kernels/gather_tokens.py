@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sdae_fast.alloc import empty
+from sdae_fast.alloc import empty, zeros
 from sdae_fast.library import kernel_op, launch
 
 _INT32_LIMIT = 2**31 - 1
@@ -250,10 +250,10 @@ def segment_sums(grad: torch.Tensor, index: torch.Tensor, dx, *, need_param: boo
     if n_rows == 0:  # nothing feeds any slot (no rows, or rows of no features): every sum is zero
         if dx is not None:
             dx.zero_()
-        return torch.zeros(slots, dim, dtype=torch.float32, device=grad.device) if need_param else None
+        return zeros(slots, dim, dtype=torch.float32, device=grad.device) if need_param else None
     wide = needs_wide_offsets(grad, dx) or n_rows > _INT32_LIMIT
-    count = torch.zeros(batch * slots, dtype=torch.int32, device=grad.device)
-    reader = torch.empty(batch * slots, dtype=torch.int64 if wide else torch.int32, device=grad.device)
+    count = zeros(batch * slots, dtype=torch.int32, device=grad.device)
+    reader = empty(batch * slots, dtype=torch.int64 if wide else torch.int32, device=grad.device)
     block = min(1024, triton.next_power_of_2(n_rows))
     launch(_count_readers_kernel)[(triton.cdiv(n_rows, block),)](
         index, count, reader, n_rows, index.stride(0), seq_out, p, groups, slots, keep,
@@ -267,7 +267,7 @@ def segment_sums(grad: torch.Tensor, index: torch.Tensor, dx, *, need_param: boo
     dparam = None
     if need_param:
         dparam = (empty(grid[2], slots, dim, dtype=torch.float32, device=grad.device) if deterministic
-                  else torch.zeros(slots, dim, dtype=torch.float32, device=grad.device))
+                  else zeros(slots, dim, dtype=torch.float32, device=grad.device))
     launch(_segment_sum_kernel)[grid](
         grad, index, count, reader, grad if dx is None else dx, grad if dparam is None else dparam,
         batch, slots, x0, dim, chunk, index.stride(0), seq_out, p, groups, keep,
@@ -328,7 +328,7 @@ def gather_tokens_triton_backward(grad_out: torch.Tensor, index: torch.Tensor, b
     elif need_x:
         dx.zero_()
     if need_param and dparam is None:
-        dparam = torch.zeros(slots, dim, dtype=torch.float32, device=grad_out.device)
+        dparam = zeros(slots, dim, dtype=torch.float32, device=grad_out.device)
     return (grad_out.new_empty(0) if dx is None else dx,
             grad_out.new_empty(0, dtype=torch.float32) if dparam is None else dparam)
 

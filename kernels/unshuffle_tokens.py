@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sdae_fast.alloc import empty
+from sdae_fast.alloc import empty, zeros
 from sdae_fast.library import kernel_op, launch
 
 from .gather_tokens import (_cast, batch_chunk, feature_block, index_rows, interpreting, launch_options, narrowed,
@@ -140,7 +140,7 @@ def _param_grads(grad_out, ids_restore, num_prefix, keep, need_mask, need_pos, d
     batch, seq, dim = grad_out.shape
     f32 = dict(dtype=torch.float32, device=grad_out.device)
     if not (batch and seq and dim):
-        return (torch.zeros(dim, **f32) if need_mask else None), (torch.zeros(seq, dim, **f32) if need_pos else None)
+        return (zeros(dim, **f32) if need_mask else None), (zeros(seq, dim, **f32) if need_pos else None)
     block_d = feature_block(dim)
     # ~4096 elements a program on the GPU (several rows in flight per image); all in the interpreter.
     block_t = triton.next_power_of_2(seq) if interpreting() else row_block(block_d, seq)
@@ -150,8 +150,8 @@ def _param_grads(grad_out, ids_restore, num_prefix, keep, need_mask, need_pos, d
         dmask = empty(grid[2] * grid[0], dim, **f32) if need_mask else grad_out
         dpos = empty(grid[2], seq, dim, **f32) if need_pos else grad_out
     else:
-        dmask = torch.zeros(dim, **f32) if need_mask else grad_out
-        dpos = torch.zeros(seq, dim, **f32) if need_pos else grad_out
+        dmask = zeros(dim, **f32) if need_mask else grad_out
+        dpos = zeros(seq, dim, **f32) if need_pos else grad_out
     launch(_unshuffle_param_grads_kernel)[grid](
         grad_out, ids_restore, dmask, dpos, batch, seq, num_prefix, keep, dim, ids_restore.stride(0),
         chunk, NEED_MASK=need_mask, NEED_POS=need_pos, WIDE=needs_wide_offsets(grad_out),

@@ -15,6 +15,13 @@ POISON = os.environ.get("SDAE_FAST_POISON", "0") == "1"
 PLACE = None
 
 
+def zeros(*shape, dtype, device) -> torch.Tensor:
+    """A zero-filled launcher buffer (an atomic accumulator, a counter): never poisoned, placed
+    like every output when a test sets ``PLACE``."""
+    out = torch.zeros(*shape, dtype=dtype, device=device)
+    return out if PLACE is None else PLACE(out)
+
+
 def empty(*shape, dtype, device) -> torch.Tensor:
     out = torch.empty(*shape, dtype=dtype, device=device)
     if PLACE is not None:
