@@ -91,10 +91,10 @@ def _contrastive_fwd_kernel(
 
 @triton.jit
 def _contrastive_bwd_kernel(
-    z_ptr, r_ptr, r3_ptr, lab_ptr, lse_ptr, cnt_ptr, scale_ptr, dz_ptr,
+    z_ptr, r_ptr, r3_ptr, lab_ptr, lse_ptr, cnt_ptr, scale_ptr, p_ptr, dz_ptr,
     N, D, stride_zm, stride_zn, stride_lm, stride_dm, stride_dn, inv_t,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    NORMALIZE: tl.constexpr, BLOCK_DO: tl.constexpr, SPLIT_W: tl.constexpr,
+    NORMALIZE: tl.constexpr, BLOCK_DO: tl.constexpr, SPLIT_W: tl.constexpr, ROW_SCALE: tl.constexpr,
 ):
     img = tl.program_id(0)
     rows_i = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -152,6 +152,10 @@ def _contrastive_bwd_kernel(
         z_i = tl.load(z_base + rows_i[:, None] * stride_zn + d_out[None, :], mask=i_ok[:, None] & do_ok[None, :],
                       other=0.0).to(tl.float32)
         dz = (acc * r_i[:, None] - (r3_i * dr_acc)[:, None] * z_i) * scale
+    if ROW_SCALE:
+        # fp16 runs on zs = p·z (see _fp16_safe_scaling): dL/dz = p · dL/dzs, applied here in fp32,
+        # before the one rounding: dL/dzs itself can be p times below fp16's normal range.
+        dz = dz * tl.load(p_ptr + img * N + rows_i, mask=i_ok, other=1.0)[:, None]
     tl.store(dz_ptr + img.to(tl.int64) * stride_dm + rows_i[:, None] * stride_dn + d_out[None, :],
              dz.to(dz_ptr.dtype.element_ty), mask=i_ok[:, None] & do_ok[None, :])
 
@@ -181,7 +185,8 @@ def _fp16_safe_scaling(z, r, r3):
     """The backward's w·r_j overflows fp16 for a tiny token (r = 1/||z|| up to 1.7e7), and that inf
     would reach every anchor of the image. The backward depends on z only through zn = r·z, so it
     runs on zs = p·z, r' = r/p (r3' = r3/p³) with p = r's power of two (>= 1): r' < 2 and p·z scales
-    exactly (|p·z| <= |zn| <= 1). Returns (zs, r', r3', p); dL/dz = p · dL/dzs."""
+    exactly (|p·z| <= |zn| <= 1). Returns (zs, r', r3', p); dL/dz = p · dL/dzs (the kernel applies p
+    in fp32 before it rounds dz: ROW_SCALE)."""
     p = torch.frexp(r)[1].sub(1).clamp_min(0).to(torch.float32).exp2()
     zs = (z.to(torch.float32) * p[..., None]).to(torch.float16)
     return zs, r / p, r3 / (p * p * p), p
@@ -242,12 +247,10 @@ def contrastive_loss_triton_backward(grad_output: torch.Tensor, z: torch.Tensor,
     scale = (grad_output.to(torch.float32) / n_valid).reshape(1)
     dz = empty(m, n, d, dtype=z.dtype, device=z.device)
     grid = (m, triton.cdiv(n, blocks["BLOCK_M"]), triton.cdiv(d, block_do))
-    launch(_contrastive_bwd_kernel)[grid](z, r, r3, labels, lse, cnt, scale, dz, n, d, z.stride(0), z.stride(1),
-                                          labels.stride(0), dz.stride(0), dz.stride(1), 1.0 / temperature,
-                                          **blocks, NORMALIZE=normalize, BLOCK_DO=block_do,
-                                          SPLIT_W=z.dtype != torch.float32, num_warps=warps)
-    if p is not None:
-        dz.mul_(p[..., None])  # dL/dz = p · dL/dzs, in fp32 and exact below fp16's range (inf above, as the reference)
+    launch(_contrastive_bwd_kernel)[grid](z, r, r3, labels, lse, cnt, scale, r if p is None else p, dz, n, d,
+                                          z.stride(0), z.stride(1), labels.stride(0), dz.stride(0), dz.stride(1),
+                                          1.0 / temperature, **blocks, NORMALIZE=normalize, BLOCK_DO=block_do,
+                                          SPLIT_W=z.dtype != torch.float32, ROW_SCALE=p is not None, num_warps=warps)
     return dz
 
 

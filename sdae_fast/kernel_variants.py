@@ -139,8 +139,8 @@ def contrastive_loss(full: bool) -> list[Variant]:
             c = {**blocks, "NORMALIZE": normalize}
             label = f"{dt} normalize={int(normalize)}"
             out.append(Variant(_job(k.__name__, "_contrastive_fwd_kernel", fwd_types, c, dict(num_warps=warps), label)))
-            bwd_types = dict(fwd_types, r3_ptr="*fp32", scale_ptr="*fp32", dz_ptr=ptr)
-            c = {**c, "BLOCK_DO": block_do, "SPLIT_W": dt != "fp32"}
+            bwd_types = dict(fwd_types, r3_ptr="*fp32", scale_ptr="*fp32", p_ptr="*fp32", dz_ptr=ptr)
+            c = {**c, "BLOCK_DO": block_do, "SPLIT_W": dt != "fp32", "ROW_SCALE": dt == "fp16" and normalize}
             out.append(Variant(_job(k.__name__, "_contrastive_bwd_kernel", bwd_types, c, dict(num_warps=warps), label)))
     return out
 

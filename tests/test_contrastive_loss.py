@@ -136,6 +136,20 @@ def test_tiny_norm_and_zero_tokens_stay_on_their_own_rows(dtype):
     assert_close(z_ours.grad[~others], expected[~others], dtype=dtype, reduction=n * d, name="dz, tiny and zero rows")
 
 
+def test_fp16_small_tokens_and_a_small_upstream_gradient():
+    """fp16 z of norm ~0.008 and an upstream 1e-5: dL/dz is a normal fp16 number, but the kernel
+    runs on p·z (p = 2^k from 1/||z||, see _fp16_safe_scaling) and its gradient dL/d(p·z) is p
+    times smaller; stored in fp16 before the multiply by p, it fell to subnormals (6 % off). The
+    factor p now applies in fp32, before the one rounding to fp16."""
+    device = triton_device()
+    labels = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3]] * 2, device=device)
+    z = (torch.randn(2, 8, 64, dtype=torch.float64) * 1e-3).half().to(device)
+    z_ours, z_ref = z.clone().requires_grad_(), z.double().requires_grad_()
+    (sdae_fast.homologous_contrastive_loss(z_ours, labels, backend="triton") * 1e-5).backward()
+    (reference_loss(z_ref, labels.cpu()) * 1e-5).backward()
+    assert_close(z_ours.grad, z_ref.grad, dtype=torch.float16, reduction=8 * 64, name="dz")
+
+
 def test_triton_grad_output_scaling_and_temperature():
     device = triton_device()
     z = torch.randn(2, 19, 32, device=device)
