@@ -311,3 +311,16 @@ def test_new_tables_inside_a_cuda_graph_capture_are_refused(monkeypatch):
     assert pair_groups(teacher, student) is cached
     with pytest.raises(RuntimeError, match="CUDA graph is being captured: run the update once before"):
         pair_groups(*pairs(torch.float32, torch.float32, [(3,)]))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+def test_an_inference_teacher_is_refused_outside_inference_mode(backend):
+    """torch refuses an in-place update of an inference tensor outside inference_mode; a fused
+    kernel writing through its pointer silently did it. Every backend now says why, before any launch."""
+    with torch.inference_mode():
+        teacher = torch.zeros(4, device=DEVICE)
+    with pytest.raises(RuntimeError, match="pair 0: the teacher tensor is an inference tensor"):
+        sdae_fast.ema_update_([teacher], [torch.ones(4, device=DEVICE)], 0.5, backend=backend)
+    with torch.inference_mode():
+        sdae_fast.ema_update_([teacher], [torch.ones(4, device=DEVICE)], 0.5, backend=backend)
+    assert torch.equal(teacher, torch.full((4,), 0.5, device=DEVICE))

@@ -176,6 +176,10 @@ def validate_pairs(teacher, student) -> tuple[list[torch.Tensor], list[torch.Ten
             raise TypeError(f"pair {i}: dtypes must be float32/float16/bfloat16/float64, got {t.dtype} and {s.dtype}")
         if t.device != s.device or t.device != teacher[0].device:
             raise ValueError(f"pair {i}: every tensor must be on one device, got {t.device} and {s.device}")
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            # As torch's in-place ops refuse it; a fused kernel writing through the pointer would not.
+            raise RuntimeError(f"pair {i}: the teacher tensor is an inference tensor, which cannot be updated in "
+                               f"place outside torch.inference_mode(); clone it outside inference mode first")
     return teacher, student
 
 
