@@ -1,17 +1,16 @@
-"""Fused DINO loss (SPEC §4): one read of the student logits for the statistics, one for the gradient.
-
-With ``Σ_k q_g,k = 1`` the cross-entropy of a pair is ``lse_v − Σ_k q_g,k · s_v,k / Ts`` where
-``lse_v = logsumexp(s_v / Ts)`` and ``q_g = softmax((t_g − c) / Tt)``. So per batch element the loss
-needs only V student log-normalisers, G teacher normalisers and G×V dot products ``Σ_k e_g,k s_v,k``
-with ``e_g = exp(u_g − m_g)``: no softmax of width K is ever materialised.
+"""Fused DINO loss (SPEC §4): one read of the student logits for the statistics, one for the loss and
+the gradient; no softmax of width K is ever materialised.
 
 Sweep 1 (``_dino_stats_kernel``), grid (B, splits): each program streams one K-chunk of one batch
-element, keeping an online max/sum for every student and teacher row and the rescaled G×V dots,
-and writes them as partials. Splitting K into up to 32 chunks fills the GPU (B=64, K=65536: 2048
-programs); the split count depends on K only, so a row's result never depends on its batch.
-Sweep 2 (``_dino_grad_kernel``), same grid: each program combines the (up to 32) partials of its batch
-element, writes the per-element loss (split 0 only) and the student gradient of its chunk,
-``dL/ds_v = (n_v · softmax(s_v/Ts) − Σ_{g≠v} q_g) / (pairs · B · Ts)``. Backward only scales it.
+element, keeping an online max/sum for every student and teacher row, and writes them as partials.
+Splitting K into up to 32 chunks fills the GPU (B=64, K=65536: 2048 programs); the split count
+depends on K only, so a row's result never depends on its batch.
+Sweep 2 (``_dino_grad_kernel``), same grid: each program combines the (up to 32) partials of its
+batch element into each row's max m and log-sum log l, then streams its chunk again and forms,
+element by element, ``-log p_v = log l_v - (x_v - m_v)`` (x = s/Ts, as log_softmax does: never
+``lse - x``, whose lse ~ |x| would round away a small loss), the pairs' cross-entropies
+``Σ_{g≠v} q_g · (-log p_v)`` (non-negative terms: no cancellation) into a partial loss, and the
+student gradient ``dL/ds_v = (n_v · p_v − Σ_{g≠v} q_g) / (pairs · B · Ts)``. Backward only scales it.
 The centre update runs after the loss (which sees the old centre): the reference's
 ``update_center_`` itself (column sums in fp32 without an fp32 copy, all-reduced across processes).
 """
@@ -44,7 +43,7 @@ def _load_tile(s_rows, t_rows, c_ptr, k, K, v_ok, g_ok):
 @triton.jit
 def _dino_stats_kernel(
     s_ptr, t_ptr, c_ptr,
-    ms_ptr, ls_ptr, mt_ptr, lt_ptr, dot_ptr,
+    ms_ptr, ls_ptr, mt_ptr, lt_ptr,
     B, K, CHUNK, NSPLIT,
     stride_s, stride_t,
     inv_ts, inv_tt,
@@ -66,25 +65,17 @@ def _dino_stats_kernel(
     l_s = tl.zeros([VP], tl.float32)
     m_t = tl.full([GP], float("-inf"), tl.float32)
     l_t = tl.zeros([GP], tl.float32)
-    dots = tl.zeros([GP, VP], tl.float32)
     k_start = split * CHUNK
     # Every chunk holds at least one column < K (the launcher sizes the splits), so the maxima
     # are finite after the first tile and exp(m_old - m_new) never sees (-inf) - (-inf).
     for k0 in range(k_start, k_start + CHUNK, BLOCK_K):
         k, k_ok, s, t, c = _load_tile(s_rows, t_rows, c_ptr, k0 + cols, K, v_ok, g_ok)
-
-        x = tl.where(k_ok[None, :], s * inv_ts, float("-inf"))
+        x, u = _scaled(s, t, c, k_ok, inv_ts, inv_tt)
         m_s_new = tl.maximum(m_s, tl.max(x, axis=1))
         l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(x - m_s_new[:, None]), axis=1)
         m_s = m_s_new
-
-        u = tl.where(k_ok[None, :], (t - c[None, :]) * inv_tt, float("-inf"))
         m_t_new = tl.maximum(m_t, tl.max(u, axis=1))
-        alpha = tl.exp(m_t - m_t_new)
-        e = tl.exp(u - m_t_new[:, None])
-        l_t = l_t * alpha + tl.sum(e, axis=1)
-        # G×V dots of this tile: (GP, 1, BK) * (1, VP, BK) summed over k; s is 0 past K.
-        dots = dots * alpha[:, None] + tl.sum(e[:, None, :] * s[None, :, :], axis=2)
+        l_t = l_t * tl.exp(m_t - m_t_new) + tl.sum(tl.exp(u - m_t_new[:, None]), axis=1)
         m_t = m_t_new
 
     part = b * NSPLIT + split
@@ -92,13 +83,32 @@ def _dino_stats_kernel(
     tl.store(ls_ptr + part * VP + rows_v, l_s)
     tl.store(mt_ptr + part * GP + rows_g, m_t)
     tl.store(lt_ptr + part * GP + rows_g, l_t)
-    tl.store(dot_ptr + part * GP * VP + rows_g[:, None] * VP + rows_v[None, :], dots)
+
+
+@triton.jit
+def _scaled(s, t, c, k_ok, inv_ts, inv_tt):
+    """The scaled logits x = s/Ts and u = (t - c)/Tt of a tile, -inf past K, each product rounded
+    on its own: the select keeps the compiler from fusing it into the subtraction that follows (an
+    FMA rounds once), so both sweeps see the same x and u, and a tensor teacher_temp (sharpened in
+    torch, run at Tt = 1) the same u as its float."""
+    x = tl.where(k_ok[None, :], s * inv_ts, float("-inf"))
+    u = tl.where(k_ok[None, :], (t - c[None, :]) * inv_tt, float("-inf"))
+    return x, u
+
+
+@triton.jit
+def _combine(m_ptr, l_ptr, base, p_ok, rows, ROWS: tl.constexpr):
+    """One batch element's (max, log-sum) per row from its K-chunk partials (SP x ROWS)."""
+    m = tl.load(m_ptr + base[:, None] * ROWS + rows[None, :], mask=p_ok[:, None], other=float("-inf"))
+    l = tl.load(l_ptr + base[:, None] * ROWS + rows[None, :], mask=p_ok[:, None], other=0.0)
+    m_all = tl.max(m, axis=0)
+    return m_all, tl.log(tl.sum(l * tl.exp(m - m_all[None, :]), axis=0))
 
 
 @triton.jit
 def _dino_grad_kernel(
     s_ptr, t_ptr, c_ptr, g_ptr, loss_ptr,
-    ms_ptr, ls_ptr, mt_ptr, lt_ptr, dot_ptr,
+    ms_ptr, ls_ptr, mt_ptr, lt_ptr,
     B, K, CHUNK, NSPLIT,
     stride_s, stride_t, stride_g,
     inv_ts, inv_tt, grad_scale,
@@ -109,52 +119,38 @@ def _dino_grad_kernel(
     split = tl.program_id(1)
     rows_v = tl.arange(0, VP)
     rows_g = tl.arange(0, GP)
-    parts = tl.arange(0, SP)
     v_ok = rows_v < V
     g_ok = rows_g < G
-    p_ok = parts < NSPLIT
+    parts = tl.arange(0, SP)
     base = b * NSPLIT + parts
-
-    # Combine the K-chunk partials of batch element b (SP <= 32: a few small loads).
-    ms = tl.load(ms_ptr + base[:, None] * VP + rows_v[None, :], mask=p_ok[:, None], other=float("-inf"))
-    ls = tl.load(ls_ptr + base[:, None] * VP + rows_v[None, :], mask=p_ok[:, None], other=0.0)
-    m_s = tl.max(ms, axis=0)
-    lse = m_s + tl.log(tl.sum(ls * tl.exp(ms - m_s[None, :]), axis=0))  # (VP,), of s / Ts
-
-    mt = tl.load(mt_ptr + base[:, None] * GP + rows_g[None, :], mask=p_ok[:, None], other=float("-inf"))
-    lt = tl.load(lt_ptr + base[:, None] * GP + rows_g[None, :], mask=p_ok[:, None], other=0.0)
-    m_t = tl.max(mt, axis=0)
-    w = tl.exp(mt - m_t[None, :])  # (SP, GP) rescale of each partial
-    l_t = tl.sum(lt * w, axis=0)
-    d = tl.load(dot_ptr + base[:, None, None] * (GP * VP) + rows_g[None, :, None] * VP + rows_v[None, None, :],
-                mask=p_ok[:, None, None], other=0.0)
-    qs = tl.sum(d * w[:, :, None], axis=0) / l_t[:, None]  # (GP, VP): Σ_k q_g,k s_v,k
+    p_ok = parts < NSPLIT
+    # The row statistics of batch element b, combined from its K-chunk partials (SP <= 32 loads).
+    # log p_v = (x - m_s) - log l_s, kept apart, never as x - lse: lse ~ |x| would round away the
+    # small log l and cost the loss of a confident student its relative precision.
+    m_s, log_l_s = _combine(ms_ptr, ls_ptr, base, p_ok, rows_v, VP)
+    m_t, log_l_t = _combine(mt_ptr, lt_ptr, base, p_ok, rows_g, GP)
 
     pair = g_ok[:, None] & v_ok[None, :] & (rows_g[:, None] != rows_v[None, :])
-    loss_b = tl.sum(tl.sum(tl.where(pair, lse[None, :] - qs * inv_ts, 0.0), axis=1), axis=0)
-    tl.store(loss_ptr + b, loss_b, mask=split == 0)
-
-    if WRITE_GRAD:
-        n_v = tl.sum(pair.to(tl.float32), axis=0)  # teacher views paired with student view v
-        cols = tl.arange(0, BLOCK_K)
-        s_rows = s_ptr + (rows_v * B + b).to(tl.int64) * stride_s
-        t_rows = t_ptr + (rows_g * B + b).to(tl.int64) * stride_t
-        g_rows = g_ptr + (rows_v * B + b).to(tl.int64) * stride_g
-        k_start = split * CHUNK
-        for k0 in range(k_start, k_start + CHUNK, BLOCK_K):
-            k, k_ok, s, t, c = _load_tile(s_rows, t_rows, c_ptr, k0 + cols, K, v_ok, g_ok)
-            # The scaled logits exactly as sweep 1 rounds them: the select keeps the compiler from
-            # fusing the product and the subtraction into one FMA (rounded once, not twice), which
-            # would differ from sweep 1's statistics and from a tensor teacher_temp (pre-sharpened
-            # in torch, run at T = 1) by an ulp. Columns past K are never stored.
-            x = tl.where(k_ok[None, :], s * inv_ts, float("-inf"))
-            u = tl.where(k_ok[None, :], (t - c[None, :]) * inv_tt, float("-inf"))
-            p = tl.exp(x - lse[:, None])
-            q = tl.exp(u - m_t[:, None]) / l_t[:, None]
-            q_sum = tl.sum(tl.where(pair[:, :, None], q[:, None, :], 0.0), axis=0)  # (VP, BK): Σ_{g≠v} q_g
+    n_v = tl.sum(pair.to(tl.float32), axis=0)  # teacher views paired with student view v
+    cols = tl.arange(0, BLOCK_K)
+    s_rows = s_ptr + (rows_v * B + b).to(tl.int64) * stride_s
+    t_rows = t_ptr + (rows_g * B + b).to(tl.int64) * stride_t
+    g_rows = g_ptr + (rows_v * B + b).to(tl.int64) * stride_g
+    loss_acc = tl.zeros([VP, BLOCK_K], tl.float32)
+    k_start = split * CHUNK
+    for k0 in range(k_start, k_start + CHUNK, BLOCK_K):
+        k, k_ok, s, t, c = _load_tile(s_rows, t_rows, c_ptr, k0 + cols, K, v_ok, g_ok)
+        x, u = _scaled(s, t, c, k_ok, inv_ts, inv_tt)
+        neg_log_p = tl.where(k_ok[None, :], log_l_s[:, None] - (x - m_s[:, None]), 0.0)  # (VP, BK)
+        q = tl.exp((u - m_t[:, None]) - log_l_t[:, None])  # (GP, BK), 0 past K
+        q_sum = tl.sum(tl.where(pair[:, :, None], q[:, None, :], 0.0), axis=0)  # (VP, BK): Σ_{g≠v} q_g
+        loss_acc += q_sum * neg_log_p  # the cross-entropies of the chunk's pairs, element by element
+        if WRITE_GRAD:
+            p = tl.exp(-neg_log_p)
             grad = (n_v[:, None] * p - q_sum) * grad_scale
             tl.store(g_rows[:, None] + k[None, :], grad.to(g_ptr.dtype.element_ty),
                      mask=v_ok[:, None] & k_ok[None, :])
+    tl.store(loss_ptr + b * NSPLIT + split, tl.sum(tl.sum(tl.where(v_ok[:, None], loss_acc, 0.0), axis=1), axis=0))
 
 
 def _next_pow2(n: int) -> int:
@@ -209,9 +205,8 @@ def _dino_forward(student, teacher, center, student_temp, teacher_temp, num_glob
     f32 = torch.float32
     m_s, l_s = empty(parts, vp, dtype=f32, device=dev), empty(parts, vp, dtype=f32, device=dev)
     m_t, l_t = empty(parts, gp, dtype=f32, device=dev), empty(parts, gp, dtype=f32, device=dev)
-    dots = empty(parts, gp, vp, dtype=f32, device=dev)
-    loss_b = empty(batch, dtype=f32, device=dev)
-    grad = empty(*student.shape, dtype=student.dtype, device=dev) if write_grad else loss_b
+    loss_parts = empty(parts, dtype=f32, device=dev)  # each (element, K-chunk)'s cross-entropies
+    grad = empty(*student.shape, dtype=student.dtype, device=dev) if write_grad else loss_parts
     pairs = num_global * views - min(num_global, views)
     grid = (batch, nsplit)
     inv_ts, inv_tt = 1.0 / student_temp, 1.0 / teacher_temp
@@ -226,18 +221,18 @@ def _dino_forward(student, teacher, center, student_temp, teacher_temp, num_glob
         factor = torch.full((1, 1), 2.0 ** -k, dtype=torch.float32, device=dev)  # (1, 1): fp32 math in backward
     warps = 8 if dev.type == "cuda" else 1
     launch(_dino_stats_kernel)[grid](
-        student, teacher, center, m_s, l_s, m_t, l_t, dots,
+        student, teacher, center, m_s, l_s, m_t, l_t,
         batch, width, chunk, nsplit, student.stride(0), teacher.stride(0), inv_ts, inv_tt,
         V=views, G=num_global, VP=vp, GP=gp, BLOCK_K=block_k, num_warps=warps,
     )
     launch(_dino_grad_kernel)[grid](
-        student, teacher, center, grad, loss_b, m_s, l_s, m_t, l_t, dots,
+        student, teacher, center, grad, loss_parts, m_s, l_s, m_t, l_t,
         batch, width, chunk, nsplit, student.stride(0), teacher.stride(0), grad.stride(0) if write_grad else 0,
         inv_ts, inv_tt, grad_scale,
         V=views, G=num_global, VP=vp, GP=gp, SP=max(2, _next_pow2(nsplit)), BLOCK_K=block_k,
         WRITE_GRAD=write_grad, num_warps=warps,
     )
-    loss = loss_b.sum() / (pairs * batch)
+    loss = loss_parts.sum() / (pairs * batch)  # a fixed-order sum of non-negative partials
     return loss, (grad if write_grad else None), factor
 
 

@@ -151,17 +151,17 @@ def dino_loss(full: bool) -> list[Variant]:
     out = []
     for dt in (DTYPES if full else ("bf16",)):
         ptr = "*" + dt
-        partials = {n: "*fp32" for n in ("c_ptr", "ms_ptr", "ls_ptr", "mt_ptr", "lt_ptr", "dot_ptr", "loss_ptr")}
+        partials = {n: "*fp32" for n in ("c_ptr", "ms_ptr", "ls_ptr", "mt_ptr", "lt_ptr", "loss_ptr")}
         types = dict(partials, s_ptr=ptr, t_ptr=ptr, g_ptr=ptr, inv_ts="fp32", inv_tt="fp32", grad_scale="fp32")
         for views in ((2, 10, 12) if full else (10,)):  # global crops only; DINO's 2 + 8 and 2 + 10 crops
             vp, gp = max(2, k._next_pow2(views)), 2
             block_k = k.gpu_block_k(vp * gp)
             shape = dict(V=views, G=2, VP=vp, GP=gp, BLOCK_K=block_k)
             label = f"{dt} V={views} G=2 BLOCK_K={block_k}"
-            # The teacher's scaled logits (t - c)/Tt, rounded before they meet a subtraction in both
-            # sweeps: a tensor teacher_temp (pre-sharpened, run at Tt = 1) then equals its float bit
-            # for bit. (1/Ts is the same in both paths: the loss's lse - qs/Ts may fuse, and does.)
-            scaled = ("inv_tt",)
+            # The scaled logits s/Ts and (t - c)/Tt, rounded before they meet a subtraction in both
+            # sweeps: the same statistics in each, and a tensor teacher_temp (pre-sharpened, run at
+            # Tt = 1) equal to its float bit for bit.
+            scaled = ("inv_ts", "inv_tt")
             out.append(Variant(_job(k.__name__, "_dino_stats_kernel", types, shape, dict(num_warps=8), label),
                                no_fma=scaled))
             grad = dict(shape, SP=k.MAX_SPLITS, WRITE_GRAD=True)  # SP: the padded count of K-splits

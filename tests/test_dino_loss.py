@@ -257,6 +257,31 @@ def test_triton_refuses_too_many_views():
         sdae_fast.dino_loss(s, t, c, backend="triton")
 
 
+@pytest.mark.parametrize("scale", [3.0, 10.0])
+def test_a_confident_student_close_to_its_teacher(scale):
+    """Logits ~scale/Ts = 100 and a student a hair from its teacher (the end of a run, or a collapse):
+    the loss is ~0.04 while lse and Σ q·s/Ts are ~100 each. Formed as their difference, its fp32
+    error was eps·100 = 1e-5 absolute (5e-4 relative); per element, (m - x) + log l as log_softmax
+    is, it is only the scaled logits' own rounding (eps·|x|, turned into a relative error of the
+    softmax by exp: the conditioning term of _reductions), as for the reference in fp32."""
+    g = torch.Generator().manual_seed(0)
+    batch, views, width = 4, 4, 256
+    base = torch.randn(batch, width, generator=g) * scale
+    s = torch.cat([base + 0.01 * torch.randn(batch, width, generator=g) for _ in range(views)])
+    t = torch.cat([base + 0.01 * torch.randn(batch, width, generator=g) for _ in range(2)])
+    device = triton_device()
+    ours = s.to(device).clone().requires_grad_()
+    loss = sdae_fast.dino_loss(ours, t.to(device), torch.zeros(1, width, device=device), update_center=False,
+                               backend="triton")
+    loss.backward()
+    ref = s.double().requires_grad_()
+    want = reference_dino_loss(ref, t.double(), torch.zeros(1, width, dtype=torch.float64), update_center=False)
+    want.backward()
+    loss_terms, grad_terms = _reductions(s, t, torch.zeros(width), 0.1, 0.04, 2 * views - 2, batch)
+    assert_close(loss, want, dtype=torch.float32, reduction=loss_terms, name="loss")
+    assert_close(ours.grad, ref.grad, dtype=torch.float32, reduction=grad_terms, name="d student")
+
+
 def test_kernels_compile_for_hopper():
     """Both sweeps compile for sm_90 (the interpreter misses compiler-only errors)."""
     from sdae_fast.testing import compile_for_hopper
@@ -264,7 +289,7 @@ def test_kernels_compile_for_hopper():
     ptr16, ptr32 = "*bf16", "*fp32"
     sizes = {"B": "i32", "K": "i32", "CHUNK": "i32", "NSPLIT": "i32"}
     shapes = {"V": "constexpr", "G": "constexpr", "VP": "constexpr", "GP": "constexpr"}
-    partials = {"ms_ptr": ptr32, "ls_ptr": ptr32, "mt_ptr": ptr32, "lt_ptr": ptr32, "dot_ptr": ptr32}
+    partials = {"ms_ptr": ptr32, "ls_ptr": ptr32, "mt_ptr": ptr32, "lt_ptr": ptr32}
     stats = {"s_ptr": ptr16, "t_ptr": ptr16, "c_ptr": ptr32, **partials, **sizes, "stride_s": "i32",
              "stride_t": "i32", "inv_ts": "fp32", "inv_tt": "fp32", **shapes, "BLOCK_K": "constexpr"}
     compile_for_hopper("sdae_fast.kernels.dino_loss", "_dino_stats_kernel", stats,

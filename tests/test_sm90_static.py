@@ -42,9 +42,10 @@ def test_bit_exact_kernels_have_no_fma_contraction(compiled):
 
 
 def test_scaled_logits_are_not_contracted_into_an_fma(compiled):
-    """DINO's (t - c) · (1/Tt), rounded before exp's subtraction in both sweeps: fused, the product
-    would round once in the float path and twice in the tensor-temperature path, which sharpens
-    in torch and runs at Tt = 1 (the interpreter never fuses)."""
+    """DINO's s · (1/Ts) and (t - c) · (1/Tt), rounded before the subtraction that follows in both
+    sweeps: fused, a product would round once in one sweep and twice in the other, and once in the
+    float path but twice in the tensor-temperature path, which sharpens in torch and runs at Tt = 1
+    (the interpreter never fuses)."""
     assert not (bad := _offenders(compiled, lambda v, f: set(v.no_fma) & set(f.fma_params))), f"FMA:\n{bad}"
 
 
