@@ -377,3 +377,21 @@ def test_method_options(method, kw):
     if kw.get("ema_op") == "per_ite":  # updated after the first iteration, with epoch 0's momentum
         assert model.momentum() == pytest.approx(0.96)
         assert any(not torch.equal(v, teacher0[k]) for k, v in model.teacher.state_dict().items())
+
+
+@pytest.mark.parametrize("method,kw,message", [
+    ("mae", dict(mask_ratio=0.0), "MAE: mask_ratio 0.0 masks none of the 64 patches"),
+    ("mae", dict(mask_ratio=1.0), "MAE: mask_ratio must be a finite float in \\[0, 1\\)"),
+    ("mae", dict(decoder_depth=-1), "decoder_depth must be an int >= 0, got -1"),
+    ("sdae", dict(num_folds=0), "SdAE: num_folds must be an int >= 1, got 0"),
+    ("mixedae", dict(group_size=0), "MixedAE: group_size must be an int >= 2, got 0"),
+    ("mae", dict(drop_path_rate=1.0), "drop_path_rate must be a finite float in \\[0, 1\\), got 1.0"),
+    ("dino", dict(local_size=2), "DINO: local_size must be an int >= 4, got 2"),
+    ("dino", dict(num_local=-1), "DINO: num_local must be an int >= 0, got -1"),
+])
+def test_configurations_that_cannot_train_are_refused_at_build(method, kw, message):
+    """Each of these built, then gave NaN (MAE with nothing masked: 0 / 0, and NaN parameters after
+    one fused step), nonsense (drop-path masks of -1 past rate 1) or a bare ZeroDivisionError or
+    interpolate error at the first step."""
+    with pytest.raises(ValueError, match=message):
+        build(method, "micro", **kw)

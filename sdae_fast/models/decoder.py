@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..ops.masking import unshuffle_tokens
+from ..validate import check_int
 from .vit import get_2d_sincos_pos_embed, init_linears_and_norms, make_blocks
 
 
@@ -18,6 +19,7 @@ class MaskedDecoder(nn.Module):
     def __init__(self, num_patches: int, in_dim: int, out_dim: int, dim: int = 512, depth: int = 8,
                  num_heads: int = 16, mlp_ratio: float = 4.0, attn_impl: str = "sdpa", backend: str | None = None):
         super().__init__()
+        check_int("decoder_depth", depth, ge=0)
         grid = int(round(num_patches ** 0.5))
         if grid * grid != num_patches:
             raise ValueError(f"the decoder's sincos table needs a square grid, got {num_patches} patches")

@@ -22,6 +22,7 @@ from torch import nn
 from .. import ema_teacher
 from ..ops.dino_loss import dino_loss
 from ..schedules import linspace_at
+from ..validate import check_int
 from .dino_head import DINOHead
 from .teacher import EmaTeacherMixin
 from .vit import VisionTransformer, without_drop_path
@@ -44,7 +45,11 @@ class DINO(EmaTeacherMixin, nn.Module):
         self.encoder, self.backend = encoder, backend
         gsize = global_size or encoder.img_size
         lsize = local_size or max(encoder.patch_size, round(gsize * 96 / 224 / encoder.patch_size) * encoder.patch_size)
-        self.global_size, self.local_size, self.num_local = gsize, lsize, num_local
+        for name, size in (("global_size", gsize), ("local_size", lsize)):  # a crop of at least one patch
+            for side in size if isinstance(size, (tuple, list)) else (size,):
+                check_int(f"DINO: {name}", side, ge=encoder.patch_size)
+        self.global_size, self.local_size = gsize, lsize
+        self.num_local = check_int("DINO: num_local", num_local, ge=0)
         self.head = DINOHead(encoder.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer,
                              use_bn=use_bn_in_head)
         # main_dino.py builds the teacher ViT without drop_path_rate.

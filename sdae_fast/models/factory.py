@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..validate import check_int
 from .dino import DINO
 from .mae import MAE
 from .mixedae import MixedAE
@@ -49,6 +50,12 @@ ENCODER_KEYS = ("mlp_ratio", "qkv_bias", "pos_embed", "topk", "attn_impl", "drop
 # Options that only shape a new built-in ViT; with ``encoder=`` the given encoder's configuration stands.
 BUILTIN_ONLY = tuple(k for k in ("img_size", "patch_size", "in_chans", *ENCODER_KEYS) if k not in ("topk", "attn_impl"))
 
+
+
+def _homologous_topk(kw: dict) -> float:
+    """MixedAE's default top-K, 1 / group_size of the keys (homologous attention, K ≈ N / r), with
+    the group size checked first (its model checks it too, but only after this division)."""
+    return 1.0 / check_int("MixedAE: group_size", kw.get("group_size", 4), ge=2)
 
 def build(method: str, size: str = "micro", *, img_size: int | None = None, patch_size: int | None = None,
           in_chans: int | None = None, backend: str | None = None, encoder: nn.Module | None = None,
@@ -83,7 +90,7 @@ def build(method: str, size: str = "micro", *, img_size: int | None = None, patc
         enc_kw.setdefault("drop_path_rate", 0.1)
         enc_kw.setdefault("weight_init", "trunc_normal")  # DINO vision_transformer.py: trunc-normal 0.02 linears
     if method == "mixedae":
-        enc_kw.setdefault("topk", 1.0 / kw.get("group_size", 4))  # homologous attention, K ≈ N / r
+        enc_kw.setdefault("topk", _homologous_topk(kw))
     if "attn_impl" in enc_kw and method != "dino":
         kw.setdefault("attn_impl", enc_kw["attn_impl"])
     encoder = VisionTransformer(**enc_kw, backend=backend)
@@ -114,7 +121,7 @@ def _build_on(method: str, size: str, encoder: nn.Module, *, backend, **kw) -> n
         kw.pop(k, None)
     if method == "dino" and "attn_impl" in kw:
         raise ValueError("attn_impl picks the built-in ViT's attention; DINO on a given encoder has no decoder to take it")
-    topk = kw.pop("topk", 1.0 / kw.get("group_size", 4) if method == "mixedae" else None)
+    topk = kw.pop("topk", _homologous_topk(kw) if method == "mixedae" else None)
     encoder = as_encoder(encoder, topk=topk, backend=backend)
     return METHODS[method](encoder, backend=backend, **_method_defaults(method, size, kw))
 

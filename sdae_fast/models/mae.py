@@ -12,6 +12,7 @@ from torch import nn
 
 from ..ops.masked_mse_loss import masked_mse_loss
 from ..ops.masking import gather_tokens, random_masking
+from ..validate import check_float
 from .decoder import MaskedDecoder
 from .vit import VisionTransformer
 
@@ -24,6 +25,11 @@ class MAE(nn.Module):
                  attn_impl: str = "sdpa", backend: str | None = None):
         super().__init__()
         self.encoder, self.mask_ratio, self.norm_pix_loss, self.backend = encoder, mask_ratio, norm_pix_loss, backend
+        length = encoder.num_patches
+        if length - int(length * (1 - check_float("MAE: mask_ratio", mask_ratio, ge=0.0, lt=1.0))) < 1:
+            # The loss is a mean over the masked patches: with none it is 0 / 0.
+            raise ValueError(f"MAE: mask_ratio {mask_ratio} masks none of the {length} patches; the loss averages "
+                             f"over masked patches")
         p, c = encoder.patch_size, encoder.in_chans
         self.decoder = MaskedDecoder(encoder.num_patches, encoder.embed_dim, p * p * c, decoder_dim, decoder_depth,
                                      decoder_heads, attn_impl=attn_impl, backend=backend)

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..ops.cosine_loss import cosine_loss
 from ..ops.masking import gather_tokens, random_masking
+from ..validate import check_int
 from .decoder import MaskedDecoder
 from .teacher import EmaTeacherMixin
 from .vit import VisionTransformer, without_drop_path
@@ -67,7 +68,7 @@ class SdAE(EmaTeacherMixin, nn.Module):
         if teacher_init not in ("random", "student"):
             raise ValueError(f"SdAE: teacher_init must be 'random' or 'student', got {teacher_init!r}")
         self.encoder, self.mask_ratio, self.loss_dim, self.backend = encoder, mask_ratio, loss_dim, backend
-        self.num_folds = 1 if num_folds is None else int(num_folds)
+        self.num_folds = 1 if num_folds is None else check_int("SdAE: num_folds", num_folds, ge=1)
         self.decoder = MaskedDecoder(encoder.num_patches, encoder.embed_dim, encoder.embed_dim, decoder_dim,
                                      decoder_depth, decoder_heads, attn_impl=attn_impl, backend=backend)
         if teacher_init == "random":  # models_teacher.vit_*(drop_path_rate=0.0): timm init, learnable table

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validate import check_float
 from .topk_attention import TopKAttention
 
 ATTN_IMPLS = ("sdpa", "xformers", "flash")
@@ -242,6 +243,7 @@ class VisionTransformer(nn.Module):
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                            pos_embed=pos_embed, topk=topk, attn_impl=attn_impl, drop_path_rate=drop_path_rate,
                            weight_init=weight_init)
+        check_float("drop_path_rate", drop_path_rate, ge=0.0, lt=1.0)  # 1 would drop every residual branch
         if weight_init not in WEIGHT_INITS:
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
         if img_size % patch_size:
