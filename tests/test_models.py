@@ -384,6 +384,7 @@ def test_method_options(method, kw):
     ("mae", dict(mask_ratio=1.0), "MAE: mask_ratio must be a finite float in \\[0, 1\\)"),
     ("mae", dict(decoder_depth=-1), "decoder_depth must be an int >= 0, got -1"),
     ("sdae", dict(num_folds=0), "SdAE: num_folds must be an int >= 1, got 0"),
+    ("sdae", dict(num_folds=48), "SdAE: loss_dim=1 takes the cosine over each fold's tokens"),
     ("mixedae", dict(group_size=0), "MixedAE: group_size must be an int >= 2, got 0"),
     ("mae", dict(drop_path_rate=1.0), "drop_path_rate must be a finite float in \\[0, 1\\), got 1.0"),
     ("dino", dict(local_size=2), "DINO: local_size must be an int >= 4, got 2"),

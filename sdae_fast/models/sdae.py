@@ -90,6 +90,11 @@ class SdAE(EmaTeacherMixin, nn.Module):
             if self.fold_size < 1:
                 raise ValueError(f"SdAE: shrink_num {self.shrink_num} leaves no token per fold for "
                                  f"{self.num_folds} folds")
+            if self.fold_size == 1 and loss_dim == 1:
+                # The official cosine runs over each fold's tokens: over one token it is ±1, a flat loss.
+                raise ValueError(f"SdAE: loss_dim=1 takes the cosine over each fold's tokens, and {self.num_folds} "
+                                 f"folds of {self.shrink_num} tokens leave one token a fold (a constant loss); "
+                                 f"use fewer folds or loss_dim=-1")
 
     def forward(self, imgs: torch.Tensor) -> dict:
         enc, b = self.encoder, imgs.shape[0]
