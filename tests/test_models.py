@@ -396,3 +396,12 @@ def test_configurations_that_cannot_train_are_refused_at_build(method, kw, messa
     interpolate error at the first step."""
     with pytest.raises(ValueError, match=message):
         build(method, "micro", **kw)
+
+
+@pytest.mark.parametrize("method", ["mae", "sdae", "mixedae"])
+def test_masked_methods_refuse_images_of_another_size(method):
+    """Their position table, masks and decoder are the built size's: 32x48 images failed deep inside
+    (MixedAE: a reshape of mismatched sizes; MAE/SdAE: an add of mismatched tables)."""
+    model = build(method, "micro")
+    with pytest.raises(ValueError, match=r"the images are 32x48 px, the model is built for 32x32 \(img_size\)"):
+        model(torch.randn(4, 1, 32, 48))

@@ -14,7 +14,7 @@ from ..ops.masked_mse_loss import masked_mse_loss
 from ..ops.masking import gather_tokens, random_masking
 from ..validate import check_float
 from .decoder import MaskedDecoder
-from .vit import VisionTransformer
+from .vit import VisionTransformer, fixed_grid_tokens
 
 
 class MAE(nn.Module):
@@ -37,7 +37,7 @@ class MAE(nn.Module):
     def forward_encoder(self, imgs: torch.Tensor):
         """Encode the visible patches: (B, 1 + K, D) and the masking indices."""
         enc = self.encoder
-        tokens = enc.patch_tokens(imgs)
+        tokens = fixed_grid_tokens(enc, imgs, "MAE")
         b, length, _ = tokens.shape
         m = random_masking(b, length, self.mask_ratio, device=imgs.device)
         pos = enc.pos_embed[0]

@@ -33,7 +33,7 @@ from ..ops.masked_mse_loss import masked_mse_loss
 from ..ops.masking import gather_tokens, random_masking
 from .decoder import MaskedDecoder
 from .topk_attention import TopKAttention
-from .vit import VisionTransformer
+from .vit import VisionTransformer, fixed_grid_tokens
 
 
 class MixedAE(nn.Module):
@@ -80,7 +80,7 @@ class MixedAE(nn.Module):
         if b % r:
             raise ValueError(f"MixedAE mixes groups of {r} images: the batch {b} must be divisible by {r}")
         enc, g = self.encoder, b // r
-        tokens = enc.patch_tokens(imgs)  # (B, L, D)
+        tokens = fixed_grid_tokens(enc, imgs, "MixedAE")  # (B, L, D)
         length, dim = tokens.shape[1:]
         labels, ids_keep, ids_restore, mask = self.mixing(g, length, imgs.device)
 

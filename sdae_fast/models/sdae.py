@@ -46,7 +46,7 @@ from ..ops.masking import gather_tokens, random_masking
 from ..validate import check_int
 from .decoder import MaskedDecoder
 from .teacher import EmaTeacherMixin
-from .vit import VisionTransformer, without_drop_path
+from .vit import VisionTransformer, fixed_grid_tokens, without_drop_path
 
 EMA_OPS = {"per_epoch": "epoch", "per_ite": "iteration"}
 
@@ -98,7 +98,7 @@ class SdAE(EmaTeacherMixin, nn.Module):
 
     def forward(self, imgs: torch.Tensor) -> dict:
         enc, b = self.encoder, imgs.shape[0]
-        tokens = enc.patch_tokens(imgs)
+        tokens = fixed_grid_tokens(enc, imgs, "SdAE")
         m = random_masking(b, tokens.shape[1], self.mask_ratio, device=imgs.device)
         pos = enc.pos_embed[0]
         x = gather_tokens(tokens, m.ids_keep, pos_embed=pos[1:], prefix=enc.cls_prefix(pos), backend=self.backend)

@@ -197,6 +197,17 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def fixed_grid_tokens(encoder, imgs: torch.Tensor, method: str) -> torch.Tensor:
+    """The patch tokens (B, L, D) of images at the encoder's own size. The masked methods index its
+    fixed position table, masks and decoder by position, so another size is refused by name (it
+    failed deep inside, in a reshape or an add of mismatched tables)."""
+    size = encoder.img_size
+    if tuple(imgs.shape[-2:]) != (size, size):
+        raise ValueError(f"{method}: the images are {imgs.shape[-2]}x{imgs.shape[-1]} px, the model is built for "
+                         f"{size}x{size} (img_size)")
+    return encoder.patch_tokens(imgs)
+
+
 def make_blocks(depth, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, topk=None, attn_impl="sdpa",
                 drop_path_rate=0.0, backend=None) -> nn.ModuleList:
     """``depth`` blocks; ``topk`` is one value for every block or a per-layer sequence (None = dense)."""
