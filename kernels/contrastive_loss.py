@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from sdae_fast.alloc import empty
-from sdae_fast.library import kernel_op, launch
+from sdae_fast.library import kernel_op, launch, refuse_double_backward
 
 
 @triton.jit
@@ -267,6 +267,7 @@ def _contrastive_setup(ctx, inputs, output):
 
 
 def _contrastive_backward(ctx, grad_output, *_):
+    refuse_double_backward("sdae_fast::homologous_contrastive_loss_triton")
     z, labels, r, r3, lse, cnt, n_valid = ctx.saved_tensors
     dz = torch.ops.sdae_fast.homologous_contrastive_loss_triton_backward(
         grad_output, z, labels, r, r3, lse, cnt, n_valid, ctx.temperature, ctx.normalize)

@@ -62,6 +62,14 @@ def launch(kernel):
     return wrap_triton(kernel)
 
 
+def refuse_double_backward(name) -> None:
+    """Raise, inside a kernel op's backward, when autograd records it (create_graph=True): the
+    backward kernels have no derivative of their own, and the error should say so and where to go."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(f"{name}: no double backward through the fused kernel; use backend='torch' for "
+                                  "second derivatives")
+
+
 def register_saved_grad_autograd(op, scale) -> None:
     """Autograd of a Liger-style loss kernel op whose outputs are ``(loss, grad, factor)``: the
     forward already wrote d loss / d (first input) for a unit upstream gradient, so the backward is
@@ -80,11 +88,9 @@ def register_saved_grad_autograd(op, scale) -> None:
     def backward(ctx, grad_loss, _grad, _factor):
         if grad_loss is None:  # the loss itself took no gradient
             return (None,) * ctx.num_inputs
-        if torch.is_grad_enabled():
-            # create_graph=True: a second derivative would need d grad / d input, which the kernel
-            # never forms; the saved gradient is a constant, so going on would give a silent zero.
-            raise NotImplementedError(f"{getattr(op, '_qualname', op)}: no double backward through the fused "
-                                      "loss kernel; use backend='torch' for second derivatives")
+        # create_graph=True: a second derivative would need d grad / d input, which the kernel
+        # never forms; the saved gradient is a constant, so going on would give a silent zero.
+        refuse_double_backward(getattr(op, "_qualname", op))
         grad, factor = ctx.saved_tensors
         return (scale(grad, grad_loss, factor),) + (None,) * (ctx.num_inputs - 1)
 

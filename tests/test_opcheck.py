@@ -139,19 +139,24 @@ def test_public_op_triton(name):
 
 
 @interpreter
-@pytest.mark.parametrize("name", ["cosine_loss", "masked_mse_loss", "dino_loss"])
-def test_fused_losses_refuse_a_double_backward(name):
-    """The Liger-style kernels write d loss / d input in the forward, a constant to autograd: a
-    second derivative through them must fail loudly, not come back as zero."""
+@pytest.mark.parametrize("name", ["cosine_loss", "masked_mse_loss", "dino_loss", "gather_tokens", "unshuffle_tokens",
+                                  "topk_attention", "homologous_contrastive_loss"])
+def test_fused_ops_refuse_a_double_backward(name):
+    """The Liger-style losses write d loss / d input in the forward, a constant to autograd, and the
+    other kernels' backward ops have no derivative: a second derivative through any of them must
+    fail loudly, naming the op and the way out, not come back as zero or a generic autograd error."""
     op, args, kwargs = public_cases()[name]
     args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
     kwargs = dict(kwargs, update_center=False) if name == "dino_loss" else kwargs  # the same centre each call
     x = args[0].detach().requires_grad_()
-    (g,) = torch.autograd.grad(op(x, *args[1:], **kwargs, backend="triton"), x)  # first order: fine
-    with pytest.raises(NotImplementedError, match="no double backward through the fused loss kernel"):
-        torch.autograd.grad(op(x, *args[1:], **kwargs, backend="triton"), x, create_graph=True)
-    (h,) = torch.autograd.grad(op(x, *args[1:], **kwargs, backend="torch"), x, create_graph=True)
-    assert h.requires_grad and torch.allclose(h.detach(), g, atol=1e-5)  # the reference serves it
+    (g,) = torch.autograd.grad(op(x, *args[1:], **kwargs, backend="triton").sum(), x)  # first order: fine
+    refused = f"sdae_fast::{name}_triton: no double backward through the fused kernel"
+    with pytest.raises(NotImplementedError, match=refused):
+        torch.autograd.grad(op(x, *args[1:], **kwargs, backend="triton").sum(), x, create_graph=True)
+    (h,) = torch.autograd.grad(op(x, *args[1:], **kwargs, backend="torch").sum(), x, create_graph=True)
+    # The reference serves it (the gather and unshuffle are linear: their gradient is a constant).
+    assert torch.allclose(h.detach(), g, atol=1e-5)
+    assert h.requires_grad or name in ("gather_tokens", "unshuffle_tokens")
 
 
 @interpreter
