@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from sdae_fast.alloc import empty
-from sdae_fast.library import kernel_op, launch, refuse_double_backward
+from sdae_fast.library import kernel_op, launch, register_kernel_autograd
 
 
 @triton.jit
@@ -267,14 +267,13 @@ def _contrastive_setup(ctx, inputs, output):
 
 
 def _contrastive_backward(ctx, grad_output, *_):
-    refuse_double_backward("sdae_fast::homologous_contrastive_loss_triton")
     z, labels, r, r3, lse, cnt, n_valid = ctx.saved_tensors
     dz = torch.ops.sdae_fast.homologous_contrastive_loss_triton_backward(
         grad_output, z, labels, r, r3, lse, cnt, n_valid, ctx.temperature, ctx.normalize)
     return dz, None, None, None
 
 
-contrastive_loss_triton.register_autograd(_contrastive_backward, setup_context=_contrastive_setup)
+register_kernel_autograd(contrastive_loss_triton, _contrastive_backward, _contrastive_setup)
 
 
 def homologous_contrastive_loss(z, labels, *, temperature=0.07, normalize=True):

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from sdae_fast.alloc import empty, zeros
-from sdae_fast.library import kernel_op, launch, refuse_double_backward
+from sdae_fast.library import kernel_op, launch, register_kernel_autograd
 
 _INT32_LIMIT = 2**31 - 1
 
@@ -351,7 +351,6 @@ def _gather_setup(ctx, inputs, output):
 
 
 def _gather_backward(ctx, grad_out):
-    refuse_double_backward("sdae_fast::gather_tokens_triton")
     (index,) = ctx.saved_tensors
     batch, length, p, groups, x_dtype, pos_dtype, pre_dtype, deterministic = ctx.meta
     need_x, _, need_pos, need_pre = ctx.needs_input_grad[:4]
@@ -365,7 +364,7 @@ def _gather_backward(ctx, grad_out):
             _cast(dparam[:p], pre_dtype) if need_pre else None, None, None)
 
 
-gather_tokens_triton.register_autograd(_gather_backward, setup_context=_gather_setup)
+register_kernel_autograd(gather_tokens_triton, _gather_backward, _gather_setup)
 
 
 def gather_tokens(x, index, *, pos_embed=None, prefix=None, groups=1, deterministic=False):

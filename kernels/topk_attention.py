@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from sdae_fast.alloc import empty
-from sdae_fast.library import kernel_op, launch, refuse_double_backward
+from sdae_fast.library import kernel_op, launch, register_kernel_autograd
 
 # FP32_MAX_N and why_not are part of this module's interface (ops/attention.py, tests).
 from .topk_attention_configs import (BWD_CONFIGS, FP32_MAX_N, FWD_CONFIGS, _prune_bwd_dkdv,  # noqa: F401
@@ -397,13 +397,12 @@ def _topk_setup(ctx, inputs, output):
 
 
 def _topk_backward(ctx, do, *_):
-    refuse_double_backward("sdae_fast::topk_attention_triton")
     q, k, v, o, tau, tau_col, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.sdae_fast.topk_attention_triton_backward(q, k, v, o, do, tau, tau_col, lse, ctx.scale)
     return dq, dk, dv, None, None
 
 
-topk_attention_triton.register_autograd(_topk_backward, setup_context=_topk_setup)
+register_kernel_autograd(topk_attention_triton, _topk_backward, _topk_setup)
 
 
 def topk_attention(q, k, v, topk: int, *, scale=None):

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from sdae_fast.alloc import empty, zeros
-from sdae_fast.library import kernel_op, launch, refuse_double_backward
+from sdae_fast.library import kernel_op, launch, register_kernel_autograd
 
 from .gather_tokens import (_cast, batch_chunk, feature_block, index_rows, interpreting, launch_options, narrowed,
                             needs_wide_offsets, row_block, rows_contiguous, segment_sums)
@@ -202,7 +202,6 @@ def _unshuffle_setup(ctx, inputs, output):
 
 
 def _unshuffle_backward(ctx, grad_out):
-    refuse_double_backward("sdae_fast::unshuffle_tokens_triton")
     (ids_restore,) = ctx.saved_tensors
     rows_in, num_prefix, x_dtype, mask_dtype, pos_dtype, deterministic = ctx.meta
     need_x, _, need_mask, need_pos = ctx.needs_input_grad[:4]
@@ -216,7 +215,7 @@ def _unshuffle_backward(ctx, grad_out):
             _cast(dpos, pos_dtype) if need_pos else None, None, None)
 
 
-unshuffle_tokens_triton.register_autograd(_unshuffle_backward, setup_context=_unshuffle_setup)
+register_kernel_autograd(unshuffle_tokens_triton, _unshuffle_backward, _unshuffle_setup)
 
 
 def unshuffle_tokens(x_vis, ids_restore, mask_token, *, pos_embed=None, num_prefix=0, deterministic=False):

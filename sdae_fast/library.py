@@ -70,6 +70,18 @@ def refuse_double_backward(name) -> None:
                                   "second derivatives")
 
 
+def register_kernel_autograd(op, backward, setup_context) -> None:
+    """``op.register_autograd`` for a kernel op whose backward launches kernels of its own: a
+    second derivative through it is refused by name (:func:`refuse_double_backward`)."""
+    name = getattr(op, "_qualname", op)
+
+    def refusing_double_backward(ctx, *grads):
+        refuse_double_backward(name)
+        return backward(ctx, *grads)
+
+    op.register_autograd(refusing_double_backward, setup_context=setup_context)
+
+
 def register_saved_grad_autograd(op, scale) -> None:
     """Autograd of a Liger-style loss kernel op whose outputs are ``(loss, grad, factor)``: the
     forward already wrote d loss / d (first input) for a unit upstream gradient, so the backward is
