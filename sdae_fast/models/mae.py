@@ -12,6 +12,7 @@ from torch import nn
 
 from ..ops.masked_mse_loss import masked_mse_loss
 from ..ops.masking import gather_tokens, random_masking
+from ..reference.masking import num_kept
 from ..validate import check_float
 from .decoder import MaskedDecoder
 from .vit import VisionTransformer, fixed_grid_tokens
@@ -26,7 +27,7 @@ class MAE(nn.Module):
         super().__init__()
         self.encoder, self.mask_ratio, self.norm_pix_loss, self.backend = encoder, mask_ratio, norm_pix_loss, backend
         length = encoder.num_patches
-        if length - int(length * (1 - check_float("MAE: mask_ratio", mask_ratio, ge=0.0, lt=1.0))) < 1:
+        if length - num_kept(length, check_float("MAE: mask_ratio", mask_ratio, ge=0.0, lt=1.0)) < 1:
             # The loss is a mean over the masked patches: with none it is 0 / 0.
             raise ValueError(f"MAE: mask_ratio {mask_ratio} masks none of the {length} patches; the loss averages "
                              f"over masked patches")

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..ops.cosine_loss import cosine_loss
 from ..ops.masking import gather_tokens, random_masking
+from ..reference.masking import num_kept
 from ..validate import check_int
 from .decoder import MaskedDecoder
 from .teacher import EmaTeacherMixin
@@ -80,7 +81,7 @@ class SdAE(EmaTeacherMixin, nn.Module):
                        cadence=EMA_OPS[ema_op], every=ema_frequent, warmup_epochs=momentum_warmup_epochs,
                        warmup_start=momentum_warmup)
         length = encoder.num_patches
-        masked = length - int(length * (1 - mask_ratio))
+        masked = length - num_kept(length, mask_ratio)
         self.shrink_num = masked if shrink_num == "all" else shrink_num
         if self.shrink_num is not None:
             if not 1 <= self.shrink_num <= masked:

@@ -15,6 +15,12 @@ class MaskingIndices(NamedTuple):
     mask: torch.Tensor  # (B, L) float, 1 where the patch is removed
 
 
+def num_kept(L: int, mask_ratio: float) -> int:
+    """MAE's count of visible patches, ``K = int(L · (1 - mask_ratio))`` (rounded down); the other
+    ``L - K`` are masked. One formula for the masking and for the models that size from it."""
+    return int(L * (1 - mask_ratio))
+
+
 def random_masking(B: int, L: int, mask_ratio: float, *, noise=None, generator=None, device=None) -> MaskingIndices:
     """MAE's ``random_masking`` index generation; the same ``noise`` gives MAE's exact indices."""
     if not 0.0 <= mask_ratio < 1.0:
@@ -23,7 +29,7 @@ def random_masking(B: int, L: int, mask_ratio: float, *, noise=None, generator=N
         noise = torch.rand(B, L, generator=generator, device=device)
     elif tuple(noise.shape) != (B, L):
         raise ValueError(f"noise must have shape ({B}, {L}), got {tuple(noise.shape)}")
-    keep = int(L * (1 - mask_ratio))
+    keep = num_kept(L, mask_ratio)
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small is keep, large is remove
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     mask = torch.ones(B, L, device=noise.device)
