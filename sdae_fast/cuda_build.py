@@ -67,15 +67,10 @@ def _load():
     except ImportError:
         pass
     try:
-        import torch
         from torch.utils.cpp_extension import load
 
-        if not torch.cuda.is_available():
-            return None, "no CUDA device is available"
-        if not sources():
-            return None, "csrc/ holds no sources"
-        if missing := _toolchain_reason():
-            return None, missing
+        if cannot := _cannot_build_reason():
+            return None, cannot
         build_dir = jit_build_dir()
         build_dir.mkdir(parents=True, exist_ok=True)
         # One build per node: every rank takes the lock; the first builds, the others find the
@@ -90,6 +85,17 @@ def _load():
         return module, None
     except Exception as exc:  # a failed build must not break the other backends
         return None, f"the CUDA extension could not be built or loaded: {type(exc).__name__}: {_clip(str(exc))}"
+
+
+def _cannot_build_reason() -> str | None:
+    """Why no just-in-time build can start here (no device, no sources, no toolchain), or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if not sources():
+        return "csrc/ holds no sources"
+    return _toolchain_reason()
 
 
 def _toolchain_reason() -> str | None:
@@ -204,12 +210,8 @@ def without_jit_build():
 
 def unavailable_reason() -> str | None:
     if not _JIT_BUILD and _load.cache_info().currsize == 0 and not _built():
-        import torch
-
-        if not torch.cuda.is_available():
-            return "no CUDA device is available"
-        return _toolchain_reason() or ("the CUDA extension is not built yet: the first op on a CUDA device "
-                                       "builds it just in time (sdae-fast info does not)")
+        return _cannot_build_reason() or ("the CUDA extension is not built yet: the first op on a CUDA device "
+                                          "builds it just in time (sdae-fast info does not)")
     return _load()[1]
 
 
