@@ -51,11 +51,11 @@ ENCODER_KEYS = ("mlp_ratio", "qkv_bias", "pos_embed", "topk", "attn_impl", "drop
 BUILTIN_ONLY = tuple(k for k in ("img_size", "patch_size", "in_chans", *ENCODER_KEYS) if k not in ("topk", "attn_impl"))
 
 
-
 def _homologous_topk(kw: dict) -> float:
     """MixedAE's default top-K, 1 / group_size of the keys (homologous attention, K ≈ N / r), with
     the group size checked first (its model checks it too, but only after this division)."""
     return 1.0 / check_int("MixedAE: group_size", kw.get("group_size", 4), ge=2)
+
 
 def build(method: str, size: str = "micro", *, img_size: int | None = None, patch_size: int | None = None,
           in_chans: int | None = None, backend: str | None = None, encoder: nn.Module | None = None,
