@@ -33,13 +33,14 @@ class BackendUnavailable(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # Reasons common to every op of a backend. Each returns a list of human-readable reasons.
 # --------------------------------------------------------------------------------------------
-_TRITON_FOUND: list = []  # find_spec's answer, looked up once (a list, not lru_cache, which Dynamo warns it skips)
+_TRITON_FOUND: bool | None = None  # find_spec's answer, looked up once (not lru_cache: Dynamo warns it skips that)
 
 
 def triton_installed() -> bool:
-    if not _TRITON_FOUND:
-        _TRITON_FOUND.append(importlib.util.find_spec("triton") is not None)
-    return _TRITON_FOUND[0]
+    global _TRITON_FOUND
+    if _TRITON_FOUND is None:
+        _TRITON_FOUND = importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def cuda_graph_capturing() -> bool:
