@@ -91,6 +91,11 @@ def test_unshuffle_tokens(dtype):
         assert_bitwise(x_vis.grad[b:b + 1], xb.grad, f"dx_vis[{b}]")
 
 
+def pick(b):
+    """The batch's rows of sample ``b`` (all of them for ``None``), for batch-major inputs."""
+    return slice(None) if b is None else slice(b, b + 1)
+
+
 def _scaled_grad_matches(loss_fn, pred, rows_of, extra_of):
     """The gradient of B times the batch's loss equals each sample's gradient alone (see the module
     docstring; the factor goes in as the upstream gradient, not onto the 16-bit result, where 1/B of
@@ -107,7 +112,6 @@ def test_masked_mse_loss(dtype):
     length, patch = 16, 12
     pred, target = leaf(rand(B, length, patch, dtype=dtype)), rand(B, length, patch, dtype=dtype)
     mask = torch.stack([(torch.randperm(length, device=DEVICE) < 12).float() for _ in range(B)])
-    pick = lambda b: slice(None) if b is None else slice(b, b + 1)  # noqa: E731
     _scaled_grad_matches(lambda p, t, m: sdae_fast.masked_mse_loss(p, t, m, backend="triton"), pred, pick,
                          lambda b: (target[pick(b)], mask[pick(b)]))
 
@@ -116,7 +120,6 @@ def test_masked_mse_loss(dtype):
 @pytest.mark.parametrize("dim", [-1, 1], ids=["paper", "official"])
 def test_cosine_loss(dim, dtype):
     pred, target = leaf(rand(B, 10, 16, dtype=dtype)), rand(B, 10, 16, dtype=dtype)
-    pick = lambda b: slice(None) if b is None else slice(b, b + 1)  # noqa: E731
     _scaled_grad_matches(lambda p, t: sdae_fast.cosine_loss(p, t, dim=dim, backend="triton"), pred, pick,
                          lambda b: (target[pick(b)],))
 
@@ -144,7 +147,6 @@ def test_homologous_contrastive_loss(dtype):
     """Every image has 12 anchors, each with positives: the loss's mean over anchors is B · 12."""
     z = leaf(rand(B, 12, 16, dtype=dtype))
     labels = torch.arange(3, device=DEVICE).repeat(4)[torch.randperm(12, device=DEVICE)].repeat(B, 1)
-    pick = lambda b: slice(None) if b is None else slice(b, b + 1)  # noqa: E731
     _scaled_grad_matches(lambda x, lab: sdae_fast.homologous_contrastive_loss(x, lab, backend="triton"), z, pick,
                          lambda b: (labels[pick(b)],))
 
