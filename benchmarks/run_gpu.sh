@@ -65,9 +65,9 @@ GPU_FIRST="tests/test_ema.py tests/test_masking_triton.py tests/test_dino_loss.p
 GPU_LAST="tests/test_compile.py tests/test_topk_attention.py"
 SKIP="tests/test_sm90_static.py"  # named files escape --ignore: left out of the list instead
 # shellcheck disable=SC2086  # the lists are words
+LISTED=" $(echo $GPU_FIRST $GPU_LAST $SKIP) "  # one line, spaces around every name
 step tests-gpu ${GPU_TEST_TIMEOUT:-150} tests-gpu.log python3 -m pytest -q -m gpu -p no:cacheprovider \
-  $GPU_FIRST $(for f in tests/test_*.py; do
-    case " $(echo $GPU_FIRST $GPU_LAST $SKIP) " in *" $f "*) ;; *) echo "$f" ;; esac; done) $GPU_LAST
+  $GPU_FIRST $(for f in tests/test_*.py; do case "$LISTED" in *" $f "*) ;; *) echo "$f" ;; esac; done) $GPU_LAST
 step tests-rest ${TEST_TIMEOUT:-30} tests-rest.log python3 -m pytest -q -x -m "not gpu and not slow" \
   -p no:cacheprovider --ignore=tests/test_sm90_static.py tests
 # No case starts after BENCH_BUDGET s (default: the limit less 45 s for the case in flight and the
